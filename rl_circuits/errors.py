@@ -1,0 +1,21 @@
+"""User-facing errors: each message says what went wrong, where, and what to do."""
+
+
+class RLCircuitsError(Exception):
+    """Base class; the CLI prints the message (no traceback) and exits with status 2."""
+
+
+class CheckpointError(RLCircuitsError):
+    """A model checkpoint cannot be found, read or converted."""
+
+
+class ConfigError(RLCircuitsError):
+    """A run config or pair registry entry is invalid."""
+
+
+class DataError(RLCircuitsError):
+    """A dataset file or stored record is malformed."""
+
+
+class NumericalError(RLCircuitsError):
+    """A loss or score is NaN or infinite."""

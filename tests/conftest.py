@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny random checkpoints of every supported architecture (no network)."""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from rl_circuits.tiny import ARCHITECTURES, make_tiny_checkpoint  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, object]:
+    """architecture name -> directory of a tiny random checkpoint."""
+    root = tmp_path_factory.mktemp("ckpt")
+    return {arch: make_tiny_checkpoint(root / arch, arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def tiny_checkpoint(request, tiny_checkpoints):
+    return tiny_checkpoints[request.param]
