@@ -174,7 +174,7 @@ def _buffers(model, graph: Graph, batch: int, pos: int, dtype) -> list[tuple[int
 
 
 class _Hooks:
-    """Hooks at the graph's downstream sites and upstream outputs; `embed_scale` scales the input."""
+    """State shared by the hooks of one pass: call counts per module, the input scale."""
 
     def __init__(self):
         self.calls: dict[str, int] = {}

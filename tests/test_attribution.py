@@ -76,10 +76,13 @@ def test_eap_equals_central_difference(models64, graph):
         picks = torch.randperm(len(edges), generator=gen)[:8].tolist()
         picks.append(len(edges) - 1)  # always an edge into the logits node
         for u, d in (edges[i] for i in picks):
-            eps = 1e-4
-            plus = hand_ablated_loss(model, tokens, mask, scores.downstream[d], outs[u], eps)
-            minus = hand_ablated_loss(model, tokens, mask, scores.downstream[d], outs[u], -eps)
-            fd = (plus - minus) / (2 * eps)  # d/d eps of L(H_d - eps O_u)
+            # Five-point central difference of L(H_d - h O_u) at 0: O(h^4) truncation.
+            h = 1e-3
+            f = {
+                k: hand_ablated_loss(model, tokens, mask, scores.downstream[d], outs[u], k * h)
+                for k in (-2, -1, 1, 2)
+            }
+            fd = (8 * (f[1] - f[-1]) - (f[2] - f[-2])) / (12 * h)
             got = scores.values[:, u, d].double()
             scale = scores.values.abs().amax(dim=(1, 2)).double()
             rel = ((got - fd).abs() / torch.maximum(fd.abs(), 1e-3 * scale)).max().item()
@@ -218,7 +221,7 @@ def test_eap_ig(models64):
     for k in range(1, steps + 1):
         saved = {}
 
-        def keep(act, hook):
+        def keep(act, hook, saved=saved):
             act.retain_grad()
             saved[hook.name] = act
 
