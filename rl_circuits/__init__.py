@@ -1,1 +1,28 @@
-"""rl-circuits: edge attribution patching to compare a model before and after post-training."""
+"""rl-circuits: edge attribution patching to compare a model before and after post-training.
+
+model = rl_circuits.load_model("RLHFlow/Qwen2.5-7B-SFT", dtype=torch.bfloat16)
+scores = rl_circuits.attribute(model, tokens, loss_mask, graph="paper", method="eap")
+run = rl_circuits.load_run("runs/paper"); run.table1()
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "load_model": "rl_circuits.loading",
+    "attribute": "rl_circuits.attribution",
+    "EdgeScores": "rl_circuits.attribution",
+    "masked_nll": "rl_circuits.attribution",
+    "build_graph": "rl_circuits.graph",
+    "load_run": "rl_circuits.analysis",
+    "compare": "rl_circuits.stats",
+    "table1": "rl_circuits.analysis",
+    "load_config": "rl_circuits.config",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Import on first use: `import rl_circuits` stays cheap for the CLI and tools."""
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'rl_circuits' has no attribute {name!r}")

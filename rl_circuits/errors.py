@@ -19,3 +19,15 @@ class DataError(RLCircuitsError):
 
 class NumericalError(RLCircuitsError):
     """A loss or score is NaN or infinite."""
+
+
+class SelectionError(RLCircuitsError):
+    """No question survives the selection filters."""
+
+
+class StoreError(RLCircuitsError):
+    """A run directory cannot be written or read (disk full, path outside the run, closed store)."""
+
+
+class LockedError(StoreError):
+    """Another process (or another open store in this one) holds the run directory's lock."""

@@ -66,9 +66,17 @@ def tiny_config(architecture: str, vocab_size: int, **overrides):
 
 
 def make_tiny_checkpoint(
-    path: str | Path, architecture: str = "Qwen2ForCausalLM", seed: int = 0, **overrides
+    path: str | Path,
+    architecture: str = "Qwen2ForCausalLM",
+    seed: int = 0,
+    answer: str | None = None,
+    **overrides,
 ) -> Path:
-    """Save a randomly initialised tiny checkpoint (safetensors + tokenizer) to `path`."""
+    """Save a tiny checkpoint (safetensors + tokenizer) to `path`.
+
+    Random weights; with `answer`, briefly trained to reply `answer` to any question, so that
+    a pipeline run on it has questions answered correctly.
+    """
     import transformers
 
     path = Path(path)
@@ -80,6 +88,34 @@ def make_tiny_checkpoint(
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0, 0.1)
+    if answer is not None:
+        _fit_answer(model, tokenizer, answer, seed)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def _fit_answer(model, tokenizer, answer: str, seed: int, steps: int = 150) -> None:
+    """Teach the model to reply `answer` + end-of-sequence after any `Q: ...?\nA:` prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    target = tokenizer(answer).input_ids + [tokenizer.eos_token_id]
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        rows = []
+        for _ in range(8):
+            n = int(torch.randint(3, 12, (1,), generator=gen))
+            chars = "".join(CHARACTERS[int(i)] for i in torch.randint(0, 62, (n,), generator=gen))
+            rows.append(tokenizer(f"Q: {chars}?\nA:").input_ids)
+        width = max(map(len, rows)) + len(target)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+        labels = torch.full_like(ids, -100)
+        for i, prompt in enumerate(rows):
+            seq = prompt + target
+            ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, len(prompt) : len(seq)] = torch.tensor(target)
+        loss = model(input_ids=ids, labels=labels).loss
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    model.eval()

@@ -1,0 +1,204 @@
+"""The analyze and report stages, and `load_run`: stored edge scores -> Table 1 and figures.
+
+Table 1 uses the paper's "all" reading of Eqs. 14-16 by default (every entry of the
+n_upstream x n_downstream matrix, zeros of non-edges included); `analyze.edges = "valid"`
+restricts every metric to existing edges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rl_circuits.config import RunConfig, parse_config
+from rl_circuits.metrics import output_entropy
+from rl_circuits.pipeline import ROLES, ModelRun, attribution_dir
+from rl_circuits.plots import (
+    diversity_bars,
+    metric_vs_alpha,
+    output_entropy_lines,
+    relative_change_heatmap,
+)
+from rl_circuits.report import export_pngs, write_report
+from rl_circuits.selection import Selection
+from rl_circuits.stats import Table1, compare
+from rl_circuits.stats import table1 as layout_table1
+from rl_circuits.store import RunStore, Scores
+
+TABLE_METRICS = ("activation_intensity", "information_complexity", "distribution_kurtosis")
+
+
+def _cells(cfg: RunConfig, store: RunStore) -> Iterator[tuple[str, str, float, Scores, Scores]]:
+    """(pair, dataset, alpha, before scores, after scores) for every finished cell."""
+    for pair in cfg.pairs.values():
+        for dataset in cfg["run"]["datasets"]:
+            for alpha in cfg.alphas:
+                files = [
+                    f"{attribution_dir(pair.name, role, dataset, alpha)}/scores.safetensors"
+                    for role in ROLES
+                ]
+                if all(store.exists(f) for f in files):
+                    before, after = (store.read_scores(f) for f in files)
+                    if list(before.ids) != list(after.ids):
+                        raise ValueError(f"{files}: before and after hold different questions")
+                    yield pair.name, dataset, alpha, before, after
+
+
+def stage_analyze(cfg: RunConfig, store: RunStore) -> None:
+    """Each metric before/after with paired bootstrap intervals, per pair x dataset x alpha."""
+    a = cfg["analyze"]
+    rows, entropy = [], {}
+    for pair, dataset, alpha, before, after in _cells(cfg, store):
+        mask = before.edge_mask.numpy() if a["edges"] == "valid" else None
+        frame = compare(
+            before.values.numpy(),
+            after.values.numpy(),
+            edge_mask=mask,
+            metrics=[*TABLE_METRICS, "sample_diversity"],
+            n_resamples=a["n_resamples"],
+            seed=a["seed"],
+        )
+        info = {"pair": pair, "algorithm": cfg.pairs[pair].algorithm, "dataset": dataset}
+        for record in frame.to_dict("records"):
+            rows.append({**info, "alpha": alpha, **_plain(record)})
+        entropy[f"{pair}|{dataset}|{alpha:g}"] = {
+            "upstream": list(before.upstream),
+            "before": output_entropy(before.values.numpy(), mask).tolist(),
+            "after": output_entropy(after.values.numpy(), mask).tolist(),
+        }
+    if not rows:
+        raise ValueError("no finished attribution cell to analyze; run the attribute stage")
+    store.write_jsonl("analysis/compare.jsonl", rows)
+    store.write_json("analysis/output_entropy.json", entropy)
+    table = layout_table1(rows)
+    store.write_text("analysis/table1.md", table.to_markdown())
+    store.write_text("analysis/table1.tex", table.to_latex())
+    store.mark_done("analyze", {"cells": len(rows)})
+
+
+def _plain(record: dict) -> dict:
+    """JSON-ready values: numpy scalars as Python ones, NaN (an undefined metric) as null."""
+    out = {}
+    for key, value in record.items():
+        value = value.item() if isinstance(value, np.generic) else value
+        out[key] = None if isinstance(value, float) and not np.isfinite(value) else value
+    return out
+
+
+def stage_report(cfg: RunConfig, store: RunStore) -> Path:
+    """One self-contained HTML file with Table 1 and every figure (PNGs where possible)."""
+    run = Run(store.root, cfg, store)
+    figures = run.figures()
+    path = write_report(
+        store.path("report/report.html"),
+        title=f"rl-circuits: {', '.join(cfg.pairs)} on {', '.join(cfg['run']['datasets'])}",
+        table=run.table1(),
+        figures=figures,
+        notes=_notes(cfg),
+    )
+    export_pngs(figures, store.path("report/png"))
+    store.mark_done("report", {"path": "report/report.html"})
+    print(f"report: {path}")
+    return path
+
+
+def _notes(cfg: RunConfig) -> str:
+    a = cfg["analyze"]
+    return (
+        f"Metrics over {a['edges']} entries of each edge matrix; graph {cfg['attribute']['graph']}"
+        f", method {cfg['attribute']['method']}. Intervals: paired bootstrap over questions "
+        f"({a['n_resamples']} resamples, 95%); p: paired permutation test. "
+        "↑/↓ direction of the change after post-training, * interval excludes 0."
+    )
+
+
+@dataclass
+class Run:
+    """A run directory loaded for notebooks: selections, grades, scores and Table 1."""
+
+    root: Path
+    config: RunConfig
+    store: RunStore
+
+    def selection(self, pair: str, dataset: str) -> Selection:
+        return Selection.from_dict(self.store.read_json(f"select/{pair}/{dataset}.json"))
+
+    def generations(self, pair: str, role: str, dataset: str) -> list[dict]:
+        key = ModelRun(self.config.pairs[pair], role).key
+        return self.store.records(f"generate/{key}/{dataset}").load()
+
+    def grades(self, pair: str, role: str, dataset: str) -> list[dict]:
+        key = ModelRun(self.config.pairs[pair], role).key
+        return self.store.records(f"grade/{key}/{dataset}").load()
+
+    def scores(self, pair: str, role: str, dataset: str, alpha: float) -> Scores:
+        """Edge scores [n, n_upstream, n_downstream] with node names and question ids."""
+        rel = f"{attribution_dir(pair, role, dataset, alpha)}/scores.safetensors"
+        return self.store.read_scores(rel)
+
+    def comparisons(self) -> pd.DataFrame:
+        return pd.DataFrame(self.store.read_jsonl("analysis/compare.jsonl"))
+
+    def table1(self) -> Table1:
+        return layout_table1(self.comparisons())
+
+    def figures(self) -> dict:
+        df = self.comparisons()
+        figures = {}
+        for pair, dataset, alpha, before, after in _cells(self.config, self.store):
+            if alpha != max(self.config.alphas):
+                continue
+            figures[f"Relative change: {pair}, {dataset}, alpha={alpha:g}"] = (
+                relative_change_heatmap(
+                    before.values.numpy(),
+                    after.values.numpy(),
+                    before.upstream,
+                    before.downstream,
+                    before.edge_mask.numpy(),
+                    title=f"Relative change of mean |W| after {self.config.pairs[pair].algorithm}"
+                    f" ({pair}, {dataset}, alpha={alpha:g})",
+                )
+            )
+        figures["Sample diversity"] = diversity_bars(df)
+        entropy = self.store.read_json("analysis/output_entropy.json")
+        for key, value in entropy.items():
+            pair, dataset, alpha = key.split("|")
+            if float(alpha) == max(self.config.alphas):
+                figures[f"Output-edge entropy: {pair}, {dataset}, alpha={alpha}"] = (
+                    output_entropy_lines(
+                        value["before"],
+                        value["after"],
+                        value["upstream"],
+                        title=f"Output-edge entropy per node ({pair}, {dataset}, alpha={alpha})",
+                    )
+                )
+        for metric in TABLE_METRICS:
+            figures[f"{metric} vs alpha"] = metric_vs_alpha(df, metric)
+        return figures
+
+
+def load_run(path: str | Path) -> Run:
+    """Open a finished (or partial) run directory read-only, for notebooks and scripts."""
+    store = RunStore.read_only(Path(path))
+    cfg = parse_config(_unresolve(store.read_json("config.json")), str(path))
+    return Run(Path(path), cfg, store)
+
+
+def _unresolve(resolved: dict) -> dict:
+    """Turn a stored resolved config back into a config document (pairs inline)."""
+    doc = {k: v for k, v in resolved.items() if k not in ("run", "pairs")}
+    doc.update(resolved["run"])
+    doc["pairs_inline"] = {
+        name: {k: v for k, v in pair.items() if k != "name" and v is not None}
+        for name, pair in resolved["pairs"].items()
+    }
+    return doc
+
+
+def table1(run: Run | str | Path) -> Table1:
+    """The paper's Table 1 for a run (a loaded `Run` or its directory)."""
+    return (run if isinstance(run, Run) else load_run(run)).table1()

@@ -1,0 +1,176 @@
+"""Run configs: TOML files validated on load, one clear error per problem.
+
+A config names the pairs (from the registry, or defined inline under `[pairs.NAME]`), the
+datasets, and the settings of each stage; every key has a type, a default and a range.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rl_circuits.errors import ConfigError
+from rl_circuits.pairs import Pair, load_pairs, parse_pairs
+
+_POSITIVE = ("> 0", lambda v: v > 0)
+_NON_NEGATIVE = (">= 0", lambda v: v >= 0)
+_AT_LEAST_ONE = (">= 1", lambda v: v >= 1)
+
+
+def _one_of(*choices):
+    return (f"one of {', '.join(map(repr, choices))}", lambda v: v in choices)
+
+
+# section -> key -> (type, default, (range text, check) or None)
+SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any, Any]]] = {
+    "run": {
+        "run_dir": (str, "runs/default", None),
+        "pairs": (list, [], None),
+        "datasets": (list, [], None),
+        "data_dir": (str, "", None),
+        "split": (str, "test", None),
+        "limit": (int, 0, _NON_NEGATIVE),
+    },
+    "model": {
+        "dtype": (str, "bfloat16", _one_of("float32", "bfloat16", "float16", "float64")),
+        "device": (str, "auto", None),
+        "n_devices": (int, 1, _AT_LEAST_ONE),
+        "allow_pickle": (bool, False, None),
+    },
+    "generate": {
+        "backend": (str, "hf", _one_of("hf", "vllm")),
+        "batch_size": (int, 8, _AT_LEAST_ONE),
+        "temperature": ((int, float), 0.0, _NON_NEGATIVE),
+        "seed": (int, 0, None),
+        "max_new_tokens": (int, 0, _NON_NEGATIVE),  # 0: the pair's own limit
+        "chunk_size": (int, 64, _AT_LEAST_ONE),
+    },
+    "grade": {"timeout": ((int, float), 5.0, _POSITIVE)},
+    "select": {
+        "n": (int, 100, _AT_LEAST_ONE),
+        "seed": (int, 42, None),
+        "alphas": (list, [0.03, 0.1, 0.3, 0.5], None),
+        "beta": ((int, float), 0.5, _POSITIVE),
+        "gamma": ((int, float), 1.5, _POSITIVE),
+        "delta": ((int, float), 0.5, ("in (0, 1]", lambda v: 0 < v <= 1)),
+        "reference": (str, "min", _one_of("min", "mean")),
+        "window": (str, "pair_mean", _one_of("pair_mean", "each")),
+    },
+    "attribute": {
+        "graph": (str, "paper", _one_of("paper", "block", "residual")),
+        "method": (str, "eap", _one_of("eap", "eap-ig", "exact")),
+        "ig_steps": (int, 8, _AT_LEAST_ONE),
+        "batch_size": (int, 1, _AT_LEAST_ONE),
+        "efficient_attention": (bool, True, None),
+        "checkpoint": (bool, False, None),
+    },
+    "analyze": {
+        "n_resamples": (int, 1000, _AT_LEAST_ONE),
+        "seed": (int, 0, None),
+        "bins": (int, 100, _AT_LEAST_ONE),
+        "edges": (str, "all", _one_of("all", "valid")),
+    },
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A validated config: `values[section][key]`, the pairs it uses, and where it came from."""
+
+    values: dict[str, dict[str, Any]]
+    pairs: dict[str, Pair]
+    source: str
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.values[section]
+
+    @property
+    def alphas(self) -> list[float]:
+        return [float(a) for a in self.values["select"]["alphas"]]
+
+    def resolved(self) -> dict[str, Any]:
+        """Everything that determines the results, for the run store's config check."""
+        pairs = {name: vars(pair) for name, pair in sorted(self.pairs.items())}
+        return {**self.values, "pairs": pairs}
+
+
+def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    """Read and validate a TOML config file (`overrides` replace keys, as the CLI's flags do)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    return parse_config(raw, str(path), overrides)
+
+
+def parse_config(
+    raw: dict[str, Any], source: str, overrides: dict[str, dict[str, Any]] | None = None
+) -> RunConfig:
+    """Validate a config document; the top-level keys form the `[run]` section."""
+    raw = dict(raw)
+    inline_pairs = parse_pairs({"pairs": raw.pop("pairs_inline", {})}, source)
+    sections = {name: raw.pop(name) for name in list(raw) if isinstance(raw[name], dict)}
+    sections["run"] = raw
+    for section, table in (overrides or {}).items():
+        sections.setdefault(section, {}).update(table)
+    values: dict[str, dict[str, Any]] = {}
+    for section, table in sections.items():
+        if section not in SCHEMA:
+            raise ConfigError(
+                f"{source}: unknown section [{section}]; allowed: {', '.join(SCHEMA)}"
+            )
+        values[section] = _validate_section(section, table, source)
+    for section in SCHEMA:
+        values.setdefault(section, _validate_section(section, {}, source))
+    _check_cross_fields(values, source)
+    return RunConfig(values, _pairs(values["run"]["pairs"], inline_pairs, source), source)
+
+
+def _validate_section(section: str, table: dict, source: str) -> dict[str, Any]:
+    schema = SCHEMA[section]
+    out = {}
+    for key, value in table.items():
+        where = f"{source}: {key}" if section == "run" else f"{source}: {section}.{key}"
+        if key not in schema:
+            raise ConfigError(f"{where} is not a known key; allowed: {', '.join(schema)}")
+        kind, _, check = schema[key]
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            expected = kind.__name__ if isinstance(kind, type) else "number"
+            raise ConfigError(f"{where} must be a {expected}, got {value!r}")
+        if check is not None and not check[1](value):
+            raise ConfigError(f"{where} = {value!r} is out of range: must be {check[0]}")
+        out[key] = value
+    return {key: out.get(key, default) for key, (_, default, _) in schema.items()}
+
+
+def _check_cross_fields(values: dict[str, dict[str, Any]], source: str) -> None:
+    select, run = values["select"], values["run"]
+    if select["beta"] > select["gamma"]:
+        raise ConfigError(
+            f"{source}: select.beta = {select['beta']} > select.gamma = {select['gamma']}; "
+            "the length window needs beta <= gamma"
+        )
+    alphas = select["alphas"]
+    if not alphas or any(
+        isinstance(a, bool) or not isinstance(a, int | float) or a <= 0 for a in alphas
+    ):
+        raise ConfigError(f"{source}: select.alphas must be a non-empty list of numbers > 0")
+    for key in ("pairs", "datasets"):
+        if not run[key] or not all(isinstance(v, str) and v for v in run[key]):
+            raise ConfigError(f"{source}: {key} must be a non-empty list of names")
+
+
+def _pairs(names: list[str], inline: dict[str, Pair], source: str) -> dict[str, Pair]:
+    registry = {**load_pairs(), **inline}
+    unknown = [name for name in names if name not in registry]
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown pair {', '.join(map(repr, unknown))}; registered: "
+            f"{', '.join(sorted(registry))} (or define it under [pairs_inline.NAME])"
+        )
+    return {name: registry[name] for name in names}

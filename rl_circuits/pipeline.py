@@ -1,0 +1,391 @@
+"""The experiment's stages over a run store: datasets, generate, grade, select, attribute.
+
+Each stage is a function of (config, store) that skips finished work, so any stage killed at
+any point and started again completes with the same final outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from rl_circuits.config import RunConfig
+from rl_circuits.datasets import dataset_file, dataset_hash, load_dataset
+from rl_circuits.errors import NumericalError, RLCircuitsError
+from rl_circuits.generation import GenerationSettings, make_generator
+from rl_circuits.grading import grade
+from rl_circuits.pairs import Pair
+from rl_circuits.selection import Selection, select
+from rl_circuits.store import RunStore
+
+ROLES = ("before", "after")
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One model answering with one pair's template: the unit of generation and grading."""
+
+    pair: Pair
+    role: str
+
+    @property
+    def path(self) -> str:
+        return self.pair.before if self.role == "before" else self.pair.after
+
+    @property
+    def revision(self) -> str | None:
+        return self.pair.revision_before if self.role == "before" else self.pair.revision_after
+
+    @property
+    def key(self) -> str:
+        """Shared by pairs that use the same model, revision, template and token limit."""
+        ident = json.dumps([self.path, self.revision, self.pair.template, self.pair.max_new_tokens])
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.path.rstrip("/").split("/")[-1])[-40:]
+        return f"{slug}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
+
+
+def model_runs(cfg: RunConfig) -> Iterator[ModelRun]:
+    for pair in cfg.pairs.values():
+        for role in ROLES:
+            yield ModelRun(pair, role)
+
+
+def device_of(cfg: RunConfig) -> str:
+    device = cfg["model"]["device"]
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _data_dir(cfg: RunConfig) -> str | None:
+    return cfg["run"]["data_dir"] or None
+
+
+def stage_datasets(cfg: RunConfig, store: RunStore) -> None:
+    """Normalise each dataset to {id, question, gold} records in `datasets/NAME.jsonl`."""
+    limit = cfg["run"]["limit"] or None
+    hashes = {}
+    for name in cfg["run"]["datasets"]:
+        rel = f"datasets/{name}.jsonl"
+        if not store.exists(rel):
+            records = load_dataset(
+                name, data_dir=_data_dir(cfg), split=cfg["run"]["split"], limit=limit
+            )
+            store.write_jsonl(rel, [r.to_dict() for r in records])
+        if _data_dir(cfg):
+            hashes[name] = dataset_hash(dataset_file(name, _data_dir(cfg), cfg["run"]["split"]))
+    store.update_manifest({"dataset_hashes": hashes})
+    store.mark_done("datasets", {"datasets": cfg["run"]["datasets"]})
+
+
+def questions(store: RunStore, dataset: str) -> list[dict]:
+    return store.read_jsonl(f"datasets/{dataset}.jsonl")
+
+
+def stage_generate(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
+    """Each model answers each question with its pair's template; chunked and resumable."""
+    gen_cfg = cfg["generate"]
+    seen = set()
+    for run in model_runs(cfg):
+        if run.key in seen:
+            continue
+        seen.add(run.key)
+        todo = {}
+        for dataset in cfg["run"]["datasets"]:
+            stage = store.records(f"generate/{run.key}/{dataset}")
+            if stage.is_done():
+                continue
+            done = stage.done_ids()
+            todo[dataset] = (stage, [q for q in questions(store, dataset) if q["id"] not in done])
+        if not todo:
+            continue
+        generator = make_generator(
+            gen_cfg["backend"],
+            run.path,
+            revision=run.revision,
+            dtype=DTYPES[cfg["model"]["dtype"]],
+            device=device_of(cfg),
+            allow_pickle=cfg["model"]["allow_pickle"],
+        )
+        settings = GenerationSettings(
+            max_new_tokens=gen_cfg["max_new_tokens"] or run.pair.max_new_tokens,
+            temperature=float(gen_cfg["temperature"]),
+            seed=gen_cfg["seed"],
+            batch_size=gen_cfg["batch_size"],
+        )
+        for dataset, (stage, pending) in todo.items():
+            bar = tqdm(
+                total=len(pending), desc=f"generate {run.key} {dataset}", disable=not progress
+            )
+            for start in range(0, len(pending), gen_cfg["chunk_size"]):
+                chunk = pending[start : start + gen_cfg["chunk_size"]]
+                prompts = [run.pair.prompt(q["question"]) for q in chunk]
+                results = list(generator.generate(prompts, settings))
+                stage.write_chunk(
+                    [{"id": q["id"], **r} for q, r in zip(chunk, results, strict=True)]
+                )
+                bar.update(len(chunk))
+            bar.close()
+            stage.finalize([q["id"] for q in questions(store, dataset)])
+        del generator
+    store.mark_done("generate", {})
+
+
+def stage_grade(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
+    """Grade every generation: the extracted answer, the gold, and the verdict."""
+    seen = set()
+    for run in model_runs(cfg):
+        if run.key in seen:
+            continue
+        seen.add(run.key)
+        for dataset in cfg["run"]["datasets"]:
+            stage = store.records(f"grade/{run.key}/{dataset}")
+            if stage.is_done():
+                continue
+            golds = {q["id"]: q["gold"] for q in questions(store, dataset)}
+            done = stage.done_ids()
+            gens = [
+                g
+                for g in store.records(f"generate/{run.key}/{dataset}").load()
+                if g["id"] not in done
+            ]
+            rows = []
+            for g in tqdm(gens, desc=f"grade {run.key} {dataset}", disable=not progress):
+                result = grade(g["answer"], golds[g["id"]], timeout=cfg["grade"]["timeout"])
+                rows.append({"id": g["id"], **result.to_dict()})
+            if rows:
+                stage.write_chunk(rows)
+            stage.finalize(list(golds))
+    store.mark_done("grade", {})
+
+
+def stage_select(cfg: RunConfig, store: RunStore) -> None:
+    """Per pair and dataset: the questions both models got right, filtered and sampled."""
+    s = cfg["select"]
+    for pair in cfg.pairs.values():
+        before, after = ModelRun(pair, "before"), ModelRun(pair, "after")
+        for dataset in cfg["run"]["datasets"]:
+            rel = f"select/{pair.name}/{dataset}.json"
+            if store.exists(rel):
+                continue
+            gens = {
+                r: _by_id(store.records(f"generate/{m.key}/{dataset}").load())
+                for r, m in (("before", before), ("after", after))
+            }
+            grades = {
+                r: _by_id(store.records(f"grade/{m.key}/{dataset}").load())
+                for r, m in (("before", before), ("after", after))
+            }
+            rows = [
+                {
+                    "id": q["id"],
+                    "prompt_len_before": len(gens["before"][q["id"]]["prompt_ids"]),
+                    "prompt_len_after": len(gens["after"][q["id"]]["prompt_ids"]),
+                    "len_before": len(gens["before"][q["id"]]["answer_ids"]),
+                    "len_after": len(gens["after"][q["id"]]["answer_ids"]),
+                    "correct_before": grades["before"][q["id"]]["verdict"] == "correct",
+                    "correct_after": grades["after"][q["id"]]["verdict"] == "correct",
+                }
+                for q in questions(store, dataset)
+            ]
+            try:
+                selection = select(
+                    rows,
+                    n=s["n"],
+                    seed=s["seed"],
+                    beta=s["beta"],
+                    gamma=s["gamma"],
+                    delta=s["delta"],
+                    reference=s["reference"],
+                    window=s["window"],
+                    alphas=cfg.alphas,
+                )
+            except RLCircuitsError as exc:
+                raise type(exc)(f"pair {pair.name}, dataset {dataset}: {exc}") from exc
+            store.write_json(rel, selection.to_dict())
+    store.mark_done("select", {})
+
+
+def _by_id(records: list[dict]) -> dict[str, dict]:
+    return {r["id"]: r for r in records}
+
+
+def attribution_dir(pair: str, role: str, dataset: str, alpha: float) -> str:
+    return f"attribute/{pair}/{role}/{dataset}/alpha-{alpha:g}"
+
+
+def stage_attribute(
+    cfg: RunConfig, store: RunStore, progress: bool = True, shard: tuple[int, int] = (0, 1)
+) -> None:
+    """Edge scores of each model on its own first T_cut answer tokens (paper Eq. 13).
+
+    One file per question (so a killed run resumes), merged in selection order when all exist.
+    `shard=(i, n)` processes every n-th question starting at i, for one worker per GPU.
+    """
+    from rl_circuits.loading import load_model
+
+    a = cfg["attribute"]
+    for pair in cfg.pairs.values():
+        for role in ROLES:
+            run = ModelRun(pair, role)
+            jobs = list(_attribution_jobs(cfg, store, run, shard))
+            if not any(todo for *_, todo in jobs):
+                _merge_all(cfg, store, run, jobs)
+                continue
+            max_len = max(len(t) for *_, todo in jobs for _, t, _ in todo)
+            model = load_model(
+                run.path,
+                revision=run.revision,
+                dtype=DTYPES[cfg["model"]["dtype"]],
+                device=device_of(cfg),
+                n_devices=cfg["model"]["n_devices"],
+                max_seq_len=max_len,
+                allow_pickle=cfg["model"]["allow_pickle"],
+            )
+            for dataset, alpha, todo in jobs:
+                out = attribution_dir(pair.name, role, dataset, alpha)
+                bar = tqdm(
+                    total=len(todo),
+                    desc=f"attribute {pair.name}/{role} {dataset} alpha={alpha:g}",
+                    disable=not progress,
+                )
+                for batch in _batches(sorted(todo, key=lambda j: len(j[1])), a["batch_size"]):
+                    for qid, scores in _attribute_batch(model, batch, a, dataset):
+                        store.write_scores(
+                            f"{out}/q/{qid}.safetensors",
+                            scores["values"],
+                            ids=[qid],
+                            upstream=scores["upstream"],
+                            downstream=scores["downstream"],
+                            edge_mask=scores["edge_mask"],
+                            meta=scores["meta"],
+                        )
+                    bar.update(len(batch))
+                bar.close()
+            del model
+            _merge_all(cfg, store, run, jobs)
+    if shard == (0, 1):
+        store.mark_done("attribute", {})
+
+
+def _attribution_jobs(cfg: RunConfig, store: RunStore, run: ModelRun, shard):
+    """(dataset, alpha, [(id, tokens, t_cut) still to do]) for one model."""
+    index, count = shard
+    for dataset in cfg["run"]["datasets"]:
+        selection = Selection.from_dict(store.read_json(f"select/{run.pair.name}/{dataset}.json"))
+        gens = {
+            role: _by_id(store.records(f"generate/{ModelRun(run.pair, role).key}/{dataset}").load())
+            for role in ROLES
+        }
+        for alpha in cfg.alphas:
+            out = attribution_dir(run.pair.name, run.role, dataset, alpha)
+            cut = selection.t_cut[alpha]
+            # Both models skip a question either answered in fewer than T_cut tokens: the
+            # comparison stays paired.
+            skipped = {
+                qid: f"the {role} model's answer has {n} tokens, fewer than T_cut = {cut}"
+                for qid in selection.ids
+                for role in ROLES
+                if (n := len(gens[role][qid]["answer_ids"])) < cut
+            }
+            if not store.exists(f"{out}/skipped.json"):
+                store.write_json(f"{out}/skipped.json", skipped)
+            todo = []
+            for i, qid in enumerate(selection.ids):
+                if qid in skipped or i % count != index:
+                    continue
+                if store.exists(f"{out}/q/{qid}.safetensors"):
+                    continue
+                gen = gens[run.role][qid]
+                todo.append((qid, gen["prompt_ids"] + gen["answer_ids"][:cut], cut))
+            yield dataset, alpha, todo
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _attribute_batch(model, batch, a: dict, dataset: str):
+    """Right-padded batch -> per-question scores; halves the batch on CUDA out-of-memory."""
+    from rl_circuits.attribution import attribute
+
+    width = max(len(t) for _, t, _ in batch)
+    tokens = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.bool)
+    for row, (_, toks, cut) in enumerate(batch):
+        tokens[row, : len(toks)] = torch.tensor(toks)
+        mask[row, len(toks) - cut : len(toks)] = True
+    ids = [qid for qid, _, _ in batch]
+    try:
+        scores = attribute(
+            model,
+            tokens,
+            mask,
+            graph=a["graph"],
+            method=a["method"],
+            ig_steps=a["ig_steps"],
+            sample_ids=[f"question {q} of {dataset}" for q in ids],
+        )
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        if len(batch) == 1:
+            raise RLCircuitsError(
+                f"CUDA out of memory attributing question {ids[0]} of {dataset} "
+                f"({width} tokens) at batch size 1. Options: attribute.efficient_attention = "
+                "true, attribute.checkpoint = true, model.n_devices > 1, or a smaller alpha."
+            ) from None
+        half = len(batch) // 2
+        yield from _attribute_batch(model, batch[:half], a, dataset)
+        yield from _attribute_batch(model, batch[half:], a, dataset)
+        return
+    except NumericalError as exc:
+        raise NumericalError(f"attribute stage: {exc}") from exc
+    for row, qid in enumerate(ids):
+        yield (
+            qid,
+            {
+                "values": scores.values[row : row + 1],
+                "upstream": scores.upstream,
+                "downstream": scores.downstream,
+                "edge_mask": scores.edge_mask,
+                "meta": {
+                    "loss": float(scores.loss[row]),
+                    "t_cut": batch[row][2],
+                    "graph": scores.graph,
+                    "method": scores.method,
+                },
+            },
+        )
+
+
+def _merge_all(cfg: RunConfig, store: RunStore, run: ModelRun, jobs) -> None:
+    for dataset, alpha, _ in jobs:
+        out = attribution_dir(run.pair.name, run.role, dataset, alpha)
+        if store.exists(f"{out}/scores.safetensors"):
+            continue
+        selection = Selection.from_dict(store.read_json(f"select/{run.pair.name}/{dataset}.json"))
+        skipped = store.read_json(f"{out}/skipped.json")
+        order = [q for q in selection.ids if q not in skipped]
+        files = [f"{out}/q/{q}.safetensors" for q in order]
+        if order and all(store.exists(f) for f in files):
+            metas = [store.read_scores(f).meta for f in files]
+            meta = {
+                "graph": cfg["attribute"]["graph"],
+                "method": cfg["attribute"]["method"],
+                "t_cut": selection.t_cut[alpha],
+                "loss": {q: m["loss"] for q, m in zip(order, metas, strict=True)},
+            }
+            store.merge_scores(files, f"{out}/scores.safetensors", order, meta=meta)

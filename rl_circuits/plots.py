@@ -1,0 +1,209 @@
+"""Plotly figures of the paper: Figure 2 (per-edge relative change), Figure 3a/3b, metric vs alpha.
+
+Each function takes arrays or `compare`-style DataFrames and returns a `go.Figure`; nothing is
+shown or written here (see `rl_circuits.report`). Node axes carry the TransformerLens hook names,
+so a cell can be traced back to the hook that produced it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from rl_circuits.metrics import Mask, Scores, check_mask, check_scores, relative_change
+from rl_circuits.stats import METRIC_LABELS
+
+__all__ = ["diversity_bars", "metric_vs_alpha", "output_entropy_lines", "relative_change_heatmap"]
+
+BEFORE_COLOUR, AFTER_COLOUR = "#1f77b4", "#d62728"
+
+
+def relative_change_heatmap(
+    W_before: Scores,
+    W_after: Scores,
+    upstream: Sequence[str],
+    downstream: Sequence[str],
+    edge_mask: Mask,
+    title: str | None = None,
+) -> go.Figure:
+    """Figure 2: relative change of mean |W| per edge, upstream rows x downstream columns.
+
+    Diverging colours centred on 0 (red: stronger after); non-edges are NaN, left blank. Hover
+    shows both node names, both models' mean |W| and the relative change.
+    """
+    before, after = check_scores(W_before), check_scores(W_after)
+    mask = check_mask(edge_mask, before)
+    if (len(upstream), len(downstream)) != before.shape[1:]:
+        raise ValueError(
+            f"{len(upstream)} upstream x {len(downstream)} downstream names for matrices "
+            f"{before.shape[1:]}"
+        )
+    change = np.where(mask, relative_change(before, after), np.nan)
+    means = np.stack([np.abs(before).mean(axis=0), np.abs(after).mean(axis=0)], axis=-1)
+    figure = go.Figure(
+        go.Heatmap(
+            z=change,
+            x=list(downstream),
+            y=list(upstream),
+            customdata=means,
+            colorscale="RdBu_r",
+            zmid=0,
+            colorbar={"title": {"text": "relative change"}, "tickformat": "+.0%"},
+            hoverongaps=False,
+            hovertemplate=(
+                "upstream %{y}<br>downstream %{x}<br>"
+                "before mean |W| %{customdata[0]:.3e}<br>after mean |W| %{customdata[1]:.3e}<br>"
+                "relative change %{z:+.1%}<extra></extra>"
+            ),
+        )
+    )
+    figure.update_layout(
+        title=title or "Relative change of edge strength (after vs before)",
+        xaxis={"title": {"text": "downstream node"}, "tickangle": -60, "tickfont": {"size": 9}},
+        yaxis={
+            "title": {"text": "upstream node"},
+            "autorange": "reversed",
+            "tickfont": {"size": 9},
+        },
+        height=max(450, 160 + 14 * len(upstream)),
+        plot_bgcolor="white",
+    )
+    return figure
+
+
+def _model_error(df: pd.DataFrame, model: str) -> dict | None:
+    """Plotly error_y from a model's bootstrap interval columns, when compare wrote them."""
+    low, high = f"{model}_ci_low", f"{model}_ci_high"
+    if low not in df or high not in df:
+        return None
+    return {
+        "type": "data",
+        "symmetric": False,
+        "array": (df[high] - df[model]).to_numpy(),
+        "arrayminus": (df[model] - df[low]).to_numpy(),
+    }
+
+
+def diversity_bars(df: pd.DataFrame) -> go.Figure:
+    """Figure 3a: sample diversity before vs after for each pair / dataset / alpha.
+
+    `df` holds compare rows plus pair, dataset, alpha (rows of other metrics are ignored).
+    """
+    if "metric" in df:
+        df = df[df["metric"] == "sample_diversity"]
+    if df.empty:
+        raise ValueError("no sample_diversity rows to plot")
+    df = df.sort_values(["pair", "dataset", "alpha"], kind="stable")
+    labels = [
+        f"{p}<br>{d} α={a:g}"
+        for p, d, a in zip(df["pair"], df["dataset"], df["alpha"], strict=True)
+    ]
+    figure = go.Figure()
+    for model, colour in (("before", BEFORE_COLOUR), ("after", AFTER_COLOUR)):
+        figure.add_bar(
+            x=labels,
+            y=df[model].to_numpy(),
+            name=model,
+            marker_color=colour,
+            error_y=_model_error(df, model),
+        )
+    figure.update_layout(
+        title="Sample diversity (1 − mean pairwise correlation)",
+        barmode="group",
+        yaxis={"title": {"text": "sample diversity"}},
+    )
+    return figure
+
+
+def output_entropy_lines(
+    entropy_before: Sequence[float] | np.ndarray,
+    entropy_after: Sequence[float] | np.ndarray,
+    upstream: Sequence[str],
+    title: str | None = None,
+) -> go.Figure:
+    """Figure 3b: output-edge entropy per upstream node, before vs after."""
+    before, after = np.asarray(entropy_before, float), np.asarray(entropy_after, float)
+    if not len(before) == len(after) == len(upstream):
+        raise ValueError(f"{len(before)}, {len(after)} entropies for {len(upstream)} nodes")
+    figure = go.Figure()
+    for model, values, colour in (
+        ("before", before, BEFORE_COLOUR),
+        ("after", after, AFTER_COLOUR),
+    ):
+        figure.add_scatter(
+            x=list(upstream), y=values, mode="lines+markers", name=model, line_color=colour
+        )
+    figure.update_layout(
+        title=title or "Output-edge entropy per upstream node",
+        xaxis={"title": {"text": "upstream node"}, "tickangle": -60, "tickfont": {"size": 9}},
+        yaxis={"title": {"text": "entropy (nats)"}},
+    )
+    return figure
+
+
+def _band(x: np.ndarray, low: np.ndarray, high: np.ndarray, colour: str, group: str) -> go.Scatter:
+    """A closed polygon between low and high over x."""
+    red, green, blue = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
+    return go.Scatter(
+        x=np.concatenate([x, x[::-1]]),
+        y=np.concatenate([high, low[::-1]]),
+        fill="toself",
+        fillcolor=f"rgba({red},{green},{blue},0.2)",
+        line={"width": 0},
+        hoverinfo="skip",
+        legendgroup=group,
+        showlegend=False,
+    )
+
+
+def metric_vs_alpha(df: pd.DataFrame, metric: str) -> go.Figure:
+    """One metric before/after against alpha, a panel per dataset (rows) x pair (columns).
+
+    Bands are each model's bootstrap interval (`before_ci_low` ... columns of `compare`).
+    """
+    df = df[df["metric"] == metric] if "metric" in df else df
+    if df.empty:
+        raise ValueError(f"no rows for metric {metric!r}")
+    datasets = list(dict.fromkeys(df["dataset"]))
+    pairs = list(dict.fromkeys(df["pair"]))
+    figure = make_subplots(
+        rows=len(datasets),
+        cols=len(pairs),
+        subplot_titles=[f"{p} · {d}" for d in datasets for p in pairs],
+        shared_xaxes=True,
+    )
+    for row, dataset in enumerate(datasets, start=1):
+        for col, pair in enumerate(pairs, start=1):
+            part = df[(df["dataset"] == dataset) & (df["pair"] == pair)].sort_values("alpha")
+            if part.empty:
+                continue
+            x = part["alpha"].to_numpy(float)
+            first = row == 1 and col == 1
+            for model, colour in (("before", BEFORE_COLOUR), ("after", AFTER_COLOUR)):
+                low, high = f"{model}_ci_low", f"{model}_ci_high"
+                if low in part and high in part:
+                    band = _band(
+                        x, part[low].to_numpy(float), part[high].to_numpy(float), colour, model
+                    )
+                    figure.add_trace(band, row=row, col=col)
+                figure.add_scatter(
+                    x=x,
+                    y=part[model].to_numpy(float),
+                    mode="lines+markers",
+                    name=model,
+                    line_color=colour,
+                    legendgroup=model,
+                    showlegend=first,
+                    row=row,
+                    col=col,
+                )
+    figure.update_xaxes(title_text="α (truncation scale)", row=len(datasets))
+    figure.update_yaxes(title_text=METRIC_LABELS.get(metric, metric), col=1)
+    figure.update_layout(
+        title=f"{METRIC_LABELS.get(metric, metric)} vs α", height=280 * len(datasets) + 120
+    )
+    return figure

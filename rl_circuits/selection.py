@@ -1,0 +1,280 @@
+"""Question selection and truncation lengths of the paper's Section 3.3 (pure functions).
+
+Keeps questions both models answer correctly with equal prompt lengths and comparable,
+typical answer lengths, draws a seeded sample, and derives T_cut for each alpha.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from rl_circuits.errors import ConfigError, DataError, SelectionError
+
+REFERENCES = ("min", "mean")
+WINDOWS = ("pair_mean", "each")
+DEFAULT_ALPHAS = (0.03, 0.1, 0.3, 0.5)
+_INT_FIELDS = ("prompt_len_before", "prompt_len_after", "len_before", "len_after")
+_BOOL_FIELDS = ("correct_before", "correct_after")
+
+
+@dataclass(frozen=True)
+class _Row:
+    id: str
+    prompt_before: int
+    prompt_after: int
+    before: int
+    after: int
+    correct_before: bool
+    correct_after: bool
+
+    @property
+    def pair_mean(self) -> float:
+        return (self.before + self.after) / 2
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Selected question ids (in input order), reference length, T_cut per alpha, and report."""
+
+    ids: tuple[str, ...]
+    refer: float
+    t_cut: dict[float, int]
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form; alpha keys become strings such as "0.03"."""
+        return {
+            "ids": list(self.ids),
+            "refer": self.refer,
+            "t_cut": {str(alpha): cut for alpha, cut in self.t_cut.items()},
+            "report": self.report,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Selection:
+        """Inverse of `to_dict`."""
+        return cls(
+            ids=tuple(data["ids"]),
+            refer=float(data["refer"]),
+            t_cut={float(alpha): int(cut) for alpha, cut in data["t_cut"].items()},
+            report=dict(data.get("report", {})),
+        )
+
+
+def t_cut(alpha: float, refer: float) -> int:
+    """Truncation length for one alpha: `max(int(alpha * refer), 1)`."""
+    return max(int(alpha * refer), 1)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise ConfigError(f"selection {name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"selection {name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _validate(
+    n: int,
+    seed: int,
+    beta: float,
+    gamma: float,
+    delta: float,
+    reference: str,
+    window: str,
+    alphas: Sequence[float],
+) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"selection n must be an integer >= 1, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"selection seed must be an integer >= 0, got {seed!r}")
+    if _number("beta", beta) < 0:
+        raise ConfigError(f"selection beta must be >= 0, got {beta!r}")
+    if _number("gamma", gamma) < beta:
+        raise ConfigError(
+            f"selection beta must not exceed gamma (0 <= beta <= gamma), got beta {beta!r} "
+            f"and gamma {gamma!r}"
+        )
+    if not 0 < _number("delta", delta) <= 1:
+        raise ConfigError(f"selection delta must lie in (0, 1], got {delta!r}")
+    if reference not in REFERENCES:
+        raise ConfigError(f"selection reference must be one of {REFERENCES}, got {reference!r}")
+    if window not in WINDOWS:
+        raise ConfigError(f"selection window must be one of {WINDOWS}, got {window!r}")
+    for alpha in alphas:
+        if _number("alpha", alpha) <= 0:
+            raise ConfigError(f"selection alpha must be > 0, got {alpha!r}")
+
+
+def _count(value: Any, key: str, index: int, qid: Any) -> int:
+    """A token count (integer >= 0) from a row, else DataError."""
+    if isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    if isinstance(value, float | np.floating) and value.is_integer() and value >= 0:
+        return int(value)
+    raise DataError(
+        f"selection row {index} (id {qid}): {key} must be a token count (integer >= 0), "
+        f"got {value!r}"
+    )
+
+
+def _flag(value: Any, key: str, index: int, qid: Any) -> bool:
+    """A correctness flag (bool, or 0/1) from a row, else DataError."""
+    if isinstance(value, bool | np.bool_) or (
+        isinstance(value, int | np.integer) and value in (0, 1)
+    ):
+        return bool(value)
+    raise DataError(f"selection row {index} (id {qid}): {key} must be a bool, got {value!r}")
+
+
+def _rows(rows: Iterable[Mapping[str, Any]]) -> list[_Row]:
+    parsed = []
+    seen: set[str] = set()
+    for index, row in enumerate(rows):
+        missing = [key for key in ("id", *_INT_FIELDS, *_BOOL_FIELDS) if key not in row]
+        if missing:
+            raise DataError(f"selection row {index}: missing field(s) {', '.join(missing)}")
+        values = {key: _count(row[key], key, index, row["id"]) for key in _INT_FIELDS}
+        qid = str(row["id"])
+        if qid in seen:
+            raise DataError(f"selection row {index}: duplicate id {qid!r}")
+        seen.add(qid)
+        parsed.append(
+            _Row(
+                qid,
+                values["prompt_len_before"],
+                values["prompt_len_after"],
+                values["len_before"],
+                values["len_after"],
+                _flag(row["correct_before"], "correct_before", index, qid),
+                _flag(row["correct_after"], "correct_after", index, qid),
+            )
+        )
+    return parsed
+
+
+def _reference(rows: Sequence[_Row], rule: str) -> float:
+    if rule == "min":
+        return min(
+            float(np.mean([r.before for r in rows])), float(np.mean([r.after for r in rows]))
+        )
+    return float(np.mean([r.pair_mean for r in rows]))
+
+
+def reference_length(rows: Iterable[Mapping[str, Any]], rule: str = "min") -> float:
+    """Reference answer length of rows: `min` of the two models' mean lengths (authors' code)
+    or `mean` of the per-question pair means (paper Eq. 10)."""
+    if rule not in REFERENCES:
+        raise ConfigError(f"selection reference must be one of {REFERENCES}, got {rule!r}")
+    parsed = _rows(rows)
+    if not parsed:
+        raise DataError("cannot compute a reference length from no questions")
+    return _reference(parsed, rule)
+
+
+def _in_window(row: _Row, low: float, high: float, window: str) -> bool:
+    if window == "pair_mean":
+        return low <= row.pair_mean <= high
+    return low <= row.before <= high and low <= row.after <= high
+
+
+def _balanced(row: _Row, delta: float) -> bool:
+    if row.before + row.after == 0:
+        return False
+    return abs(row.before - row.after) / row.pair_mean <= delta
+
+
+def _stats(values: Sequence[int]) -> dict[str, float | int]:
+    return {"mean": float(np.mean(values)), "min": int(min(values)), "max": int(max(values))}
+
+
+def _failure(stages: list[dict[str, Any]], entering: int) -> SelectionError:
+    counts = ", ".join(f"{stage['filter']} removed {stage['removed']}" for stage in stages)
+    return SelectionError(
+        f"no question survives selection: {entering} entered, {counts}. Check the grading of "
+        "both models' answers, loosen beta, gamma or delta, or use more questions"
+    )
+
+
+def select(
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    n: int = 100,
+    seed: int = 42,
+    beta: float = 0.5,
+    gamma: float = 1.5,
+    delta: float = 0.5,
+    reference: str = "min",
+    window: str = "pair_mean",
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+) -> Selection:
+    """Select questions as in Section 3.3 and compute T_cut per alpha.
+
+    Filters, in order: both correct; equal prompt lengths; length window around the reference
+    length (computed after the first two filters); balance; a seeded sample of `n`.
+    """
+    _validate(n, seed, beta, gamma, delta, reference, window, alphas)
+    parsed = _rows(rows)
+    stages: list[dict[str, Any]] = []
+
+    def apply(name: str, kept: list[_Row], before: list[_Row]) -> list[_Row]:
+        stages.append({"filter": name, "entering": len(before), "removed": len(before) - len(kept)})
+        return kept
+
+    current = apply(
+        "both_correct", [r for r in parsed if r.correct_before and r.correct_after], parsed
+    )
+    current = apply(
+        "equal_prompt_len", [r for r in current if r.prompt_before == r.prompt_after], current
+    )
+    if not current:
+        raise _failure(stages, len(parsed))
+    refer = _reference(current, reference)
+    low, high = beta * refer, gamma * refer
+    current = apply(
+        "length_window", [r for r in current if _in_window(r, low, high, window)], current
+    )
+    current = apply("balance", [r for r in current if _balanced(r, delta)], current)
+    if not current:
+        raise _failure(stages, len(parsed))
+    if len(current) > n:
+        drawn = np.random.default_rng(seed).choice(len(current), size=n, replace=False)
+        sampled = [current[i] for i in sorted(int(i) for i in drawn)]
+    else:
+        sampled = current
+    current = apply("sample", sampled, current)
+
+    cuts = {float(alpha): t_cut(alpha, refer) for alpha in alphas}
+    short = {}
+    for alpha, cut in cuts.items():
+        too_short = [r.id for r in current if min(r.before, r.after) < cut]
+        short[str(alpha)] = {"count": len(too_short), "ids": too_short}
+    report = {
+        "params": {
+            "n": n,
+            "seed": seed,
+            "beta": float(beta),
+            "gamma": float(gamma),
+            "delta": float(delta),
+            "reference": reference,
+            "window": window,
+            "alphas": [float(alpha) for alpha in alphas],
+        },
+        "entering": len(parsed),
+        "filters": stages,
+        "kept": len(current),
+        "refer": refer,
+        "window_bounds": [low, high],
+        "lengths": {
+            "before": _stats([r.before for r in current]),
+            "after": _stats([r.after for r in current]),
+        },
+        "t_cut": {str(alpha): cut for alpha, cut in cuts.items()},
+        "shorter_than_t_cut": short,
+    }
+    return Selection(tuple(r.id for r in current), refer, cuts, report)

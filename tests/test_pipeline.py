@@ -1,0 +1,136 @@
+"""The whole pipeline on tiny checkpoints on CPU: every stage, idempotence, resume after kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rl_circuits.cli import main
+from rl_circuits.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Tiny models + dataset, a config pointing at them, and one complete run."""
+    base = tmp_path_factory.mktemp("pipeline")
+    assert main(["tiny-models", str(base / "models")]) == 0
+    text = (ROOT / "configs" / "tiny.toml").read_text()
+    text = text.replace('"runs/tiny-models', f'"{base / "models"}')
+    text = text.replace('run_dir = "runs/tiny"', f'run_dir = "{base / "run"}"')
+    config = base / "tiny.toml"
+    config.write_text(text)
+    assert main(["run", str(config)]) == 0
+    return base, config
+
+
+def _files(run_dir: Path) -> dict[str, float]:
+    return {
+        str(p.relative_to(run_dir)): p.stat().st_mtime_ns
+        for p in run_dir.rglob("*")
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def test_every_stage_writes_its_outputs(tiny_run):
+    base, _ = tiny_run
+    run = base / "run"
+    for rel in (
+        "config.json",
+        "manifest.json",
+        "datasets/sevens.jsonl",
+        "select/tiny/sevens.json",
+        "analysis/compare.jsonl",
+        "analysis/table1.md",
+        "report/report.html",
+    ):
+        assert (run / rel).is_file(), rel
+    selection = json.loads((run / "select/tiny/sevens.json").read_text())
+    assert len(selection["ids"]) == 4  # 5 both-correct questions, n = 4
+    from rl_circuits import load_run
+
+    loaded = load_run(run)
+    scores = loaded.scores("tiny", "after", "sevens", 1.0)
+    assert scores.values.shape[0] == 4 and scores.values.shape[1:] == (5, 9)
+    assert scores.upstream[0] == "hook_embed"
+    assert scores.downstream[-1] == "blocks.1.hook_resid_post"
+    grades = loaded.grades("tiny", "before", "sevens")
+    assert sum(g["verdict"] == "correct" for g in grades) == 5
+    assert "Act. Intens." in loaded.table1().to_markdown()
+
+
+def test_second_run_does_nothing(tiny_run, capsys):
+    base, config = tiny_run
+    before = _files(base / "run")
+    assert main(["run", str(config)]) == 0
+    assert _files(base / "run") == before
+    out = capsys.readouterr().out
+    assert out.count(": done") == 7
+
+
+def test_changed_config_is_refused(tiny_run, tmp_path, capsys):
+    base, config = tiny_run
+    changed = tmp_path / "changed.toml"
+    changed.write_text(config.read_text().replace("beta = 0.1", "beta = 0.2"))
+    assert main(["run", str(changed), "--run-dir", str(base / "run")]) == 2
+    assert "select.beta" in capsys.readouterr().err
+
+
+def test_killed_attribution_resumes_to_identical_scores(tiny_run, tmp_path):
+    base, config = tiny_run
+    run_dir = tmp_path / "run"
+    for stage in ("datasets", "generate", "grade", "select"):
+        assert main([stage, str(config), "--run-dir", str(run_dir)]) == 0
+    slow = (
+        "import time, sys; import rl_circuits.pipeline as p; f = p._attribute_batch\n"
+        "def slow(*a, **k):\n    time.sleep(0.4); yield from f(*a, **k)\n"
+        "p._attribute_batch = slow\n"
+        "from rl_circuits.cli import main; sys.exit(main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", slow, "attribute", str(config), "--run-dir", str(run_dir)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    deadline = time.time() + 120
+    first = None
+    while time.time() < deadline and first is None:
+        first = next(run_dir.glob("attribute/**/q/*.safetensors"), None)
+        time.sleep(0.05)
+    assert first is not None, "no per-question score file appeared"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(run_dir.glob("attribute/**/scores.safetensors"))  # killed part way
+    assert main(["attribute", str(config), "--run-dir", str(run_dir)]) == 0
+    reference = base / "run" / "attribute"
+    merged = sorted(reference.glob("**/scores.safetensors"))
+    assert len(merged) == 4  # 2 models x 2 alphas
+    for path in merged:
+        resumed = run_dir / "attribute" / path.relative_to(reference)
+        assert resumed.read_bytes() == path.read_bytes()
+
+
+def test_config_errors_name_the_key(tmp_path):
+    from rl_circuits.config import load_config
+
+    cases = {
+        "[select]\nalphas = [0.0]": "alphas",
+        "[select]\nbeta = 2.0\ngamma = 1.0": "beta",
+        "[select]\ndelta = 1.5": "select.delta",
+        "[select]\nn = 0": "select.n",
+        "[select]\ncolour = 1": "colour",
+        "[attribute]\nbatch_size = 'two'": "attribute.batch_size",
+    }
+    for body, key in cases.items():
+        path = tmp_path / "c.toml"
+        path.write_text('pairs = ["mistral"]\ndatasets = ["gsm8k"]\n' + body)
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(path)
+    path.write_text('pairs = ["no-such-pair"]\ndatasets = ["gsm8k"]\n')
+    with pytest.raises(ConfigError, match="no-such-pair"):
+        load_config(path)
