@@ -6,6 +6,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -24,3 +26,19 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, object]:
 @pytest.fixture(params=ARCHITECTURES)
 def tiny_checkpoint(request, tiny_checkpoints):
     return tiny_checkpoints[request.param]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """Tiny trained models + dataset, configs/tiny.toml pointed at them, and one complete run."""
+    from rl_circuits.cli import main
+
+    base = tmp_path_factory.mktemp("pipeline")
+    assert main(["tiny-models", str(base / "models")]) == 0
+    text = (Path(__file__).resolve().parents[1] / "configs" / "tiny.toml").read_text()
+    text = text.replace('"runs/tiny-models', f'"{base / "models"}')
+    text = text.replace('run_dir = "runs/tiny"', f'run_dir = "{base / "run"}"')
+    config = base / "tiny.toml"
+    config.write_text(text)
+    assert main(["run", str(config)]) == 0
+    return base, config

@@ -16,20 +16,6 @@ from rl_circuits.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """Tiny models + dataset, a config pointing at them, and one complete run."""
-    base = tmp_path_factory.mktemp("pipeline")
-    assert main(["tiny-models", str(base / "models")]) == 0
-    text = (ROOT / "configs" / "tiny.toml").read_text()
-    text = text.replace('"runs/tiny-models', f'"{base / "models"}')
-    text = text.replace('run_dir = "runs/tiny"', f'run_dir = "{base / "run"}"')
-    config = base / "tiny.toml"
-    config.write_text(text)
-    assert main(["run", str(config)]) == 0
-    return base, config
-
-
 def _files(run_dir: Path) -> dict[str, float]:
     return {
         str(p.relative_to(run_dir)): p.stat().st_mtime_ns
