@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from rl_circuits.config import RunConfig, parse_config
+from rl_circuits.errors import RLCircuitsError
 from rl_circuits.metrics import output_entropy
 from rl_circuits.pipeline import ROLES, ModelRun, attribution_dir
 from rl_circuits.plots import (
@@ -23,7 +24,7 @@ from rl_circuits.plots import (
     output_entropy_lines,
     relative_change_heatmap,
 )
-from rl_circuits.report import export_pngs, write_report
+from rl_circuits.report import png_images, render_report
 from rl_circuits.selection import Selection
 from rl_circuits.stats import Table1, compare
 from rl_circuits.stats import table1 as layout_table1
@@ -44,7 +45,10 @@ def _cells(cfg: RunConfig, store: RunStore) -> Iterator[tuple[str, str, float, S
                 if all(store.exists(f) for f in files):
                     before, after = (store.read_scores(f) for f in files)
                     if list(before.ids) != list(after.ids):
-                        raise ValueError(f"{files}: before and after hold different questions")
+                        raise RLCircuitsError(
+                            f"{files[0]} and {files[1]} hold different questions; delete "
+                            "them and rerun the attribute stage"
+                        )
                     yield pair.name, dataset, alpha, before, after
 
 
@@ -52,7 +56,11 @@ def stage_analyze(cfg: RunConfig, store: RunStore) -> None:
     """Each metric before/after with paired bootstrap intervals, per pair x dataset x alpha."""
     a = cfg["analyze"]
     rows, entropy = [], {}
+    skipped = {}
     for pair, dataset, alpha, before, after in _cells(cfg, store):
+        if len(before.ids) < 2:  # diversity and the bootstrap need two questions
+            skipped[f"{pair}|{dataset}|{alpha:g}"] = f"{len(before.ids)} question(s) left"
+            continue
         mask = before.edge_mask.numpy() if a["edges"] == "valid" else None
         frame = compare(
             before.values.numpy(),
@@ -71,7 +79,11 @@ def stage_analyze(cfg: RunConfig, store: RunStore) -> None:
             "after": output_entropy(after.values.numpy(), mask).tolist(),
         }
     if not rows:
-        raise ValueError("no finished attribution cell to analyze; run the attribute stage")
+        raise RLCircuitsError(
+            "no attribution cell with at least two questions to analyze "
+            f"(skipped: {skipped or 'none finished'}); run the attribute stage or select more"
+        )
+    store.write_json("analysis/skipped_cells.json", skipped)
     store.write_jsonl("analysis/compare.jsonl", rows)
     store.write_json("analysis/output_entropy.json", entropy)
     table = layout_table1(rows)
@@ -93,14 +105,15 @@ def stage_report(cfg: RunConfig, store: RunStore) -> Path:
     """One self-contained HTML file with Table 1 and every figure (PNGs where possible)."""
     run = Run(store.root, cfg, store)
     figures = run.figures()
-    path = write_report(
-        store.path("report/report.html"),
+    html = render_report(
         title=f"rl-circuits: {', '.join(cfg.pairs)} on {', '.join(cfg['run']['datasets'])}",
         table=run.table1(),
         figures=figures,
         notes=_notes(cfg),
     )
-    export_pngs(figures, store.path("report/png"))
+    path = store.write_text("report/report.html", html)
+    for name, image in png_images(figures).items():
+        store.write_bytes(f"report/png/{name}", image)
     store.mark_done("report", {"path": "report/report.html"})
     print(f"report: {path}")
     return path

@@ -10,7 +10,7 @@ site contracts its gradient with the buffer prefix of nodes that write before it
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +18,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens import HookedTransformer
 
+from rl_circuits import efficient
 from rl_circuits.errors import NumericalError
 from rl_circuits.graph import Graph, build_graph
 
@@ -68,6 +69,8 @@ def attribute(
     ig_steps: int = 8,
     metric: Metric = masked_nll,
     sample_ids: Sequence[str] | None = None,
+    efficient_attention: bool = True,
+    checkpoint: bool = False,
 ) -> EdgeScores:
     """Score every edge of `graph` for each sample of the batch.
 
@@ -77,12 +80,18 @@ def attribute(
     backward), `eap-ig` (gradients averaged over `ig_steps` inputs on the path from a zero
     embedding to the real one, Hanna et al. 2024), `exact` (one forward per edge with O_u
     really removed from H_d; for validation on small models).
+
+    `efficient_attention` computes attention with fused kernels (memory linear in pos, no
+    pattern tensors; hooks on `hook_pattern`/`hook_attn_scores` then raise): same scores.
+    `checkpoint` recomputes each block in the backward pass: less memory, one more forward.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     g = build_graph(graph, model.cfg.n_layers)
     tokens, loss_mask = _check_inputs(model, tokens, loss_mask)
-    with _frozen(model), torch.enable_grad():
+    attention = efficient.efficient_attention(model) if efficient_attention else nullcontext()
+    blocks = efficient.checkpoint_blocks(model) if checkpoint else nullcontext()
+    with _frozen(model), torch.enable_grad(), attention, blocks:
         if method == "exact":
             values, loss = _exact_scores(model, tokens, loss_mask, g, metric)
         else:
@@ -179,6 +188,7 @@ class _Hooks:
     def __init__(self):
         self.calls: dict[str, int] = {}
         self.embed_scale = 1.0
+        self.recorded: set[int] = set()  # upstream outputs already copied in this pass
 
 
 @contextmanager
@@ -227,8 +237,11 @@ def _hooks(
                 handles.append(hook)
 
         def on_output(u: int, out: torch.Tensor):
-            if record is not None:
+            # First write wins: a checkpointed block's recomputation in the backward pass
+            # calls this again (and the downstream sites' counters are past their calls then).
+            if record is not None and u not in state.recorded:
                 record[u].copy_(out.detach())
+                state.recorded.add(u)
             if u == 0:
                 out = out.detach().requires_grad_(torch.is_grad_enabled())
                 return out * state.embed_scale if state.embed_scale != 1.0 else out

@@ -85,20 +85,44 @@ def _download(hub_id: str, revision: str | None) -> Path:
 
 
 def weight_files(ckpt: Checkpoint, allow_pickle: bool = False) -> list[Path]:
-    """The checkpoint's weight files: safetensors, or pickle files only when allowed."""
+    """The checkpoint's weight files: safetensors, or pickle files only when allowed.
+
+    Each safetensors file's header is checked here (no tensor is read), so a truncated or
+    corrupted file is named before any model is built, whichever library loads it.
+    """
     files = sorted(ckpt.path.glob("*.safetensors"))
     if files:
+        for file in files:
+            _check_safetensors(file)
         return files
     pickles = sorted(ckpt.path.glob("*.bin")) + sorted(ckpt.path.glob("*.pt"))
     if pickles and not allow_pickle:
         raise CheckpointError(
             f"{ckpt.path} has only pickle weights ({', '.join(p.name for p in pickles)}). "
             "Unpickling can run arbitrary code, so it is refused: convert the checkpoint to "
-            "safetensors, or pass allow_pickle=True if you trust its source."
+            "safetensors, or, if you trust its source, set model.allow_pickle = true in the run "
+            "config (allow_pickle=True in Python)."
         )
     if not pickles:
         raise CheckpointError(f"{ckpt.path} has no weight files (*.safetensors).")
     return pickles
+
+
+def _corrupted(file: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"weight file {file} is truncated or corrupted ({exc}); download it again."
+    )
+
+
+def _check_safetensors(file: Path) -> None:
+    """Parse the header and check that the file holds every byte it declares."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise _corrupted(file, exc) from exc
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -118,9 +142,7 @@ def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 for name in handle.keys():
                     yield name, handle.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(
-                f"weight file {file} is truncated or corrupted ({exc}); download it again."
-            ) from exc
+            raise _corrupted(file, exc) from exc
 
 
 def load_tokenizer(path: str | Path):

@@ -6,6 +6,8 @@ datasets, and the settings of each stage; every key has a type, a default and a 
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,8 @@ from rl_circuits.pairs import Pair, load_pairs, parse_pairs
 _POSITIVE = ("> 0", lambda v: v > 0)
 _NON_NEGATIVE = (">= 0", lambda v: v >= 0)
 _AT_LEAST_ONE = (">= 1", lambda v: v >= 1)
+# Pair and dataset names become folders of the run directory: no '/', no leading '.'.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def _one_of(*choices):
@@ -139,9 +143,13 @@ def _validate_section(section: str, table: dict, source: str) -> dict[str, Any]:
         if key not in schema:
             raise ConfigError(f"{where} is not a known key; allowed: {', '.join(schema)}")
         kind, _, check = schema[key]
+        allowed = f" ({check[0]})" if check is not None else ""
         if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
             expected = kind.__name__ if isinstance(kind, type) else "number"
-            raise ConfigError(f"{where} must be a {expected}, got {value!r}")
+            article = "an" if expected[0] in "aeiou" else "a"
+            raise ConfigError(f"{where} must be {article} {expected}{allowed}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where} = {value!r} must be a finite number{allowed}")
         if check is not None and not check[1](value):
             raise ConfigError(f"{where} = {value!r} is out of range: must be {check[0]}")
         out[key] = value
@@ -157,12 +165,23 @@ def _check_cross_fields(values: dict[str, dict[str, Any]], source: str) -> None:
         )
     alphas = select["alphas"]
     if not alphas or any(
-        isinstance(a, bool) or not isinstance(a, int | float) or a <= 0 for a in alphas
+        isinstance(a, bool) or not isinstance(a, int | float) or not 0 < a < math.inf
+        for a in alphas
     ):
-        raise ConfigError(f"{source}: select.alphas must be a non-empty list of numbers > 0")
+        raise ConfigError(
+            f"{source}: select.alphas = {alphas!r} is out of range: must be a non-empty list of "
+            "finite numbers > 0"
+        )
     for key in ("pairs", "datasets"):
         if not run[key] or not all(isinstance(v, str) and v for v in run[key]):
             raise ConfigError(f"{source}: {key} must be a non-empty list of names")
+        bad = [v for v in run[key] if not _NAME.fullmatch(v)]
+        if bad:
+            raise ConfigError(
+                f"{source}: {key} entry {bad[0]!r} is not a plain name: it names folders of the "
+                "run directory, so use letters, digits, '_', '-' and '.' (not first), without "
+                "'/' or '..'"
+            )
 
 
 def _pairs(names: list[str], inline: dict[str, Pair], source: str) -> dict[str, Pair]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from rl_circuits.checkpoints import load_tokenizer, resolve, weight_files
-from rl_circuits.errors import ConfigError
+from rl_circuits.errors import CheckpointError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -37,12 +37,24 @@ class HFGenerator:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(ckpt.path),
-            dtype=dtype,
-            use_safetensors=use_safetensors,
-            trust_remote_code=False,
-        ).to(device)
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                str(ckpt.path),
+                dtype=dtype,
+                use_safetensors=use_safetensors,
+                trust_remote_code=False,
+            ).to(device)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise CheckpointError(
+                f"transformers cannot load the checkpoint {ckpt.path} for generation: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        rows = self.model.get_input_embeddings().num_embeddings
+        if len(self.tokenizer) > rows:
+            raise CheckpointError(
+                f"tokenizer in {ckpt.path} has {len(self.tokenizer)} tokens but the model's "
+                f"embedding has only {rows} rows; the tokenizer does not belong to this model."
+            )
         self.model.eval()
         self.device = device
 

@@ -96,7 +96,14 @@ def questions(store: RunStore, dataset: str) -> list[dict]:
 
 def stage_generate(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
     """Each model answers each question with its pair's template; chunked and resumable."""
+    from rl_circuits.checkpoints import resolve
+    from rl_circuits.loading import model_map_for
+
     gen_cfg = cfg["generate"]
+    # An architecture the attribute stage cannot load fails now, not after hours of generation.
+    for run in model_runs(cfg):
+        if not all(store.stage_done(f"generate/{run.key}/{d}") for d in cfg["run"]["datasets"]):
+            model_map_for(resolve(run.path, run.revision))
     seen = set()
     for run in model_runs(cfg):
         if run.key in seen:
@@ -126,18 +133,18 @@ def stage_generate(cfg: RunConfig, store: RunStore, progress: bool = True) -> No
             batch_size=gen_cfg["batch_size"],
         )
         for dataset, (stage, pending) in todo.items():
-            bar = tqdm(
+            # `with`: a bar is closed before an error message is printed, not after it
+            with tqdm(
                 total=len(pending), desc=f"generate {run.key} {dataset}", disable=not progress
-            )
-            for start in range(0, len(pending), gen_cfg["chunk_size"]):
-                chunk = pending[start : start + gen_cfg["chunk_size"]]
-                prompts = [run.pair.prompt(q["question"]) for q in chunk]
-                results = list(generator.generate(prompts, settings))
-                stage.write_chunk(
-                    [{"id": q["id"], **r} for q, r in zip(chunk, results, strict=True)]
-                )
-                bar.update(len(chunk))
-            bar.close()
+            ) as bar:
+                for start in range(0, len(pending), gen_cfg["chunk_size"]):
+                    chunk = pending[start : start + gen_cfg["chunk_size"]]
+                    prompts = [run.pair.prompt(q["question"]) for q in chunk]
+                    results = list(generator.generate(prompts, settings))
+                    stage.write_chunk(
+                        [{"id": q["id"], **r} for q, r in zip(chunk, results, strict=True)]
+                    )
+                    bar.update(len(chunk))
             stage.finalize([q["id"] for q in questions(store, dataset)])
         del generator
     store.mark_done("generate", {})
@@ -162,9 +169,10 @@ def stage_grade(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
                 if g["id"] not in done
             ]
             rows = []
-            for g in tqdm(gens, desc=f"grade {run.key} {dataset}", disable=not progress):
-                result = grade(g["answer"], golds[g["id"]], timeout=cfg["grade"]["timeout"])
-                rows.append({"id": g["id"], **result.to_dict()})
+            with tqdm(gens, desc=f"grade {run.key} {dataset}", disable=not progress) as bar:
+                for g in bar:
+                    result = grade(g["answer"], golds[g["id"]], timeout=cfg["grade"]["timeout"])
+                    rows.append({"id": g["id"], **result.to_dict()})
             if rows:
                 stage.write_chunk(rows)
             stage.finalize(list(golds))
@@ -256,24 +264,24 @@ def stage_attribute(
             )
             for dataset, alpha, todo in jobs:
                 out = attribution_dir(pair.name, role, dataset, alpha)
-                bar = tqdm(
+                with tqdm(
                     total=len(todo),
                     desc=f"attribute {pair.name}/{role} {dataset} alpha={alpha:g}",
                     disable=not progress,
-                )
-                for batch in _batches(sorted(todo, key=lambda j: len(j[1])), a["batch_size"]):
-                    for qid, scores in _attribute_batch(model, batch, a, dataset):
-                        store.write_scores(
-                            f"{out}/q/{qid}.safetensors",
-                            scores["values"],
-                            ids=[qid],
-                            upstream=scores["upstream"],
-                            downstream=scores["downstream"],
-                            edge_mask=scores["edge_mask"],
-                            meta=scores["meta"],
-                        )
-                    bar.update(len(batch))
-                bar.close()
+                ) as bar:
+                    batches = _batches(sorted(todo, key=lambda j: len(j[1])), a["batch_size"])
+                    for batch in batches:
+                        for qid, scores in _attribute_batch(model, batch, a, dataset):
+                            store.write_scores(
+                                f"{out}/q/{qid}.safetensors",
+                                scores["values"],
+                                ids=[qid],
+                                upstream=scores["upstream"],
+                                downstream=scores["downstream"],
+                                edge_mask=scores["edge_mask"],
+                                meta=scores["meta"],
+                            )
+                        bar.update(len(batch))
             del model
             _merge_all(cfg, store, run, jobs)
     if shard == (0, 1):
@@ -338,6 +346,8 @@ def _attribute_batch(model, batch, a: dict, dataset: str):
             method=a["method"],
             ig_steps=a["ig_steps"],
             sample_ids=[f"question {q} of {dataset}" for q in ids],
+            efficient_attention=a["efficient_attention"],
+            checkpoint=a["checkpoint"],
         )
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()

@@ -20,7 +20,7 @@ from plotly.offline import get_plotlyjs
 
 from rl_circuits.stats import Table1
 
-__all__ = ["export_pngs", "render_report", "write_report"]
+__all__ = ["png_images", "render_report", "write_report"]
 
 STYLE = """
 body { font-family: system-ui, sans-serif; color: #222; }
@@ -94,8 +94,8 @@ def write_report(
     return path
 
 
-def export_pngs(figures: Mapping[str, go.Figure], directory: str | os.PathLike) -> list[Path]:
-    """PNG per figure (`<name>.png`) if kaleido is importable; else [] and a one-line notice."""
+def png_images(figures: Mapping[str, go.Figure]) -> dict[str, bytes]:
+    """`<slug>.png` -> PNG bytes per figure if kaleido works; else {} and a one-line notice."""
     try:
         import kaleido  # noqa: F401
     except ImportError:
@@ -104,16 +104,12 @@ def export_pngs(figures: Mapping[str, go.Figure], directory: str | os.PathLike) 
             "the HTML report has every figure.",
             file=sys.stderr,
         )
-        return []
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
+        return {}
+    images = {}
     for name, figure in figures.items():
-        target = directory / f"{_slug(name)}.png"
         try:
-            figure.write_image(target, format="png")
+            images[f"{_slug(name)}.png"] = figure.to_image(format="png")
         except Exception as error:  # kaleido present but unusable (e.g. no Chrome for kaleido 1)
             print(f"PNG export stopped: {type(error).__name__}: {error}", file=sys.stderr)
             break
-        written.append(target)
-    return written
+    return images

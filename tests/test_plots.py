@@ -17,7 +17,7 @@ from rl_circuits.plots import (
     output_entropy_lines,
     relative_change_heatmap,
 )
-from rl_circuits.report import export_pngs, render_report, write_report
+from rl_circuits.report import png_images, render_report, write_report
 from rl_circuits.stats import compare, table1
 
 UPSTREAM = ("hook_embed", "blocks.0.hook_attn_out", "blocks.0.hook_mlp_out")
@@ -145,11 +145,10 @@ def test_report_is_self_contained_with_table(tmp_path):
     assert render_report(title="t", table=None, figures={}).count(bundle) == 1
 
 
-def test_export_pngs_without_kaleido_returns_empty(monkeypatch, tmp_path, capsys):
+def test_png_images_without_kaleido_returns_empty(monkeypatch, capsys):
     import sys
 
     monkeypatch.setitem(sys.modules, "kaleido", None)  # makes `import kaleido` fail
-    assert export_pngs(_figures(), tmp_path / "png") == []
+    assert png_images(_figures()) == {}
     message = capsys.readouterr().err.strip()
     assert len(message.splitlines()) == 1 and "kaleido" in message
-    assert not (tmp_path / "png").exists()

@@ -1,0 +1,254 @@
+"""Memory-efficient attention and per-block activation checkpointing for a HookedTransformer.
+
+TransformerLens's attention builds [batch, heads, pos, pos] scores and patterns and keeps them
+for the backward pass, so the memory of one attribution grows with pos^2: at 8k tokens these
+dwarf everything else in a 7B model. `efficient_attention(model)` swaps each attention layer's
+forward for one that calls `torch.nn.functional.scaled_dot_product_attention` (flash or
+memory-efficient kernels: no pattern is ever stored), while every hook that edge attribution
+reads still fires with the values TransformerLens would give it: `hook_q`, `hook_k`, `hook_v`,
+`hook_rot_q`, `hook_rot_k`, `hook_z`, `hook_attn_out`, the residual hooks and the three `ln1`
+calls of each block (query, key and value inputs, in that order). Only `hook_attn_scores` and
+`hook_pattern` cannot fire, because nothing computes them: a hook on either is refused.
+
+`checkpoint_blocks(model)` recomputes each block's activations during the backward pass
+instead of keeping them (torch.utils.checkpoint, non-reentrant), trading one more forward for
+memory that no longer grows with the number of layers.
+
+Both are context managers that patch module instances only while active (an instance
+attribute `forward` shadowing the class method) and restore them on exit, even on error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+
+import einops
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch.utils.checkpoint import checkpoint
+from transformer_lens import HookedTransformer
+from transformer_lens.components import AbstractAttention, GroupedQueryAttention
+
+from rl_circuits.errors import RLCircuitsError
+
+# scaled_dot_product_attention shares key/value heads itself from torch 2.5 (enable_gqa).
+_SDPA_SHARES_HEADS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
+_OFF = "pass efficient_attention=False to attribute() (or leave the efficient_attention context)"
+_QK_NORM_ON_FULL_VECTORS = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+
+class EfficientAttentionError(RLCircuitsError):
+    """The efficient attention path cannot run this model or this call as asked."""
+
+
+@contextmanager
+def efficient_attention(model: HookedTransformer) -> Iterator[None]:
+    """Run every attention layer of `model` with fused scaled-dot-product attention.
+
+    Same function and same hook values as TransformerLens (up to floating-point rounding of
+    the fused kernel), causal, with grouped-query heads, qkv biases, rotary embeddings and
+    sliding-window (`local`) layers; memory linear in the sequence length. Hooks on
+    `hook_attn_scores` / `hook_pattern` raise `EfficientAttentionError`, on entry or when
+    added later, as do a KV cache and a padding attention mask. Nests; restores each layer's
+    own forward on exit, also after an exception.
+    """
+    attns = [block.attn for block in model.blocks]
+    for layer, attn in enumerate(attns):
+        _check_supported(attn, layer)
+        _refuse_pattern_hooks(attn, layer)
+    masks: dict[tuple, torch.Tensor] = {}  # one sliding-window mask per shape, shared by layers
+    saved: list[tuple[AbstractAttention, Callable | None]] = []
+    try:
+        for layer, attn in enumerate(attns):
+            saved.append((attn, attn.__dict__.get("forward")))
+            attn.forward = partial(_sdpa_forward, attn, layer, masks)
+        yield
+    finally:
+        for attn, previous in reversed(saved):
+            if previous is None:
+                del attn.forward
+            else:
+                attn.forward = previous
+
+
+@contextmanager
+def checkpoint_blocks(model: HookedTransformer) -> Iterator[None]:
+    """Recompute each TransformerBlock's activations in the backward pass (non-reentrant).
+
+    Saves every activation inside a block except its input; costs one more forward per block.
+    Forward hooks inside a block fire again during that recomputation, on tensors whose graph
+    is discarded (their gradient hooks never fire); a hook that writes a side buffer must
+    tolerate the second call, as the attribution engine's do (first write wins). Without
+    gradients (e.g. under torch.no_grad) blocks run as usual. Restores the blocks on exit.
+    """
+    saved: list[tuple[torch.nn.Module, Callable | None]] = []
+    try:
+        for block in model.blocks:
+            previous = block.__dict__.get("forward")
+            inner = previous if previous is not None else type(block).forward.__get__(block)
+            saved.append((block, previous))
+            block.forward = partial(_checkpointed, inner)
+        yield
+    finally:
+        for block, previous in reversed(saved):
+            if previous is None:
+                del block.forward
+            else:
+                block.forward = previous
+
+
+def _checkpointed(forward: Callable, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def _check_supported(attn: torch.nn.Module, layer: int) -> None:
+    """Refuse, on entry, every attention variant the fused path does not reproduce exactly."""
+    where = f"blocks.{layer}.attn"
+    if not isinstance(attn, AbstractAttention):
+        raise EfficientAttentionError(f"{where} is a {type(attn).__name__}; {_OFF}.")
+    if type(attn).forward is not AbstractAttention.forward or type(attn).calculate_z_scores not in (
+        AbstractAttention.calculate_z_scores,
+        GroupedQueryAttention.calculate_z_scores,
+    ):
+        raise EfficientAttentionError(
+            f"{where} ({type(attn).__name__}) has its own attention computation; {_OFF}."
+        )
+    cfg = attn.cfg
+    cap = cfg.attn_scores_soft_cap
+    unsupported = {
+        "4-bit weights (load_in_4bit)": cfg.load_in_4bit,
+        "per-head results (use_attn_result)": cfg.use_attn_result,
+        f"{cfg.positional_embedding_type} positional embeddings": (
+            cfg.positional_embedding_type not in ("standard", "rotary", "shortformer")
+        ),
+        "attention-score soft capping": cap is not None and cap > 0,
+        "attention sinks": cfg.use_attention_sinks,
+        "clip_qkv": cfg.clip_qkv is not None,
+        "log-n query scaling (use_logn_attn)": cfg.use_logn_attn,
+        "QK norm on whole projections (OLMo)": cfg.original_architecture
+        in _QK_NORM_ON_FULL_VECTORS,
+        "non-causal attention": (attn._attention_dir_override or cfg.attention_dir) != "causal",
+    }
+    found = [name for name, present in unsupported.items() if present]
+    if found:
+        raise EfficientAttentionError(
+            f"{where}: the efficient attention path does not support {', '.join(found)}; {_OFF}."
+        )
+
+
+def _refuse_pattern_hooks(attn: AbstractAttention, layer: int) -> None:
+    for name in ("hook_attn_scores", "hook_pattern"):
+        hook = getattr(attn, name)
+        if (
+            hook._forward_hooks
+            or hook._forward_pre_hooks
+            or hook._backward_hooks
+            or hook._backward_pre_hooks
+        ):
+            raise EfficientAttentionError(
+                f"a hook is registered on blocks.{layer}.attn.{name}, but efficient attention "
+                f"computes no attention scores or pattern, so it could never fire; {_OFF}."
+            )
+
+
+def _sdpa_forward(
+    attn: AbstractAttention,
+    layer: int,
+    masks: dict[tuple, torch.Tensor],
+    query_input: Float[torch.Tensor, "batch pos d_model"]
+    | Float[torch.Tensor, "batch pos head d_model"],
+    key_input: Float[torch.Tensor, "batch pos d_model"]
+    | Float[torch.Tensor, "batch pos kv_head d_model"],
+    value_input: Float[torch.Tensor, "batch pos d_model"]
+    | Float[torch.Tensor, "batch pos kv_head d_model"],
+    past_kv_cache_entry=None,
+    additive_attention_mask: torch.Tensor | None = None,
+    attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+    position_bias: torch.Tensor | None = None,
+) -> Float[torch.Tensor, "batch pos d_model"]:
+    """AbstractAttention.forward (TransformerLens 3.9) for the supported cases, with SDPA.
+
+    The steps and hooks are TransformerLens's own, in its order: `calculate_qkv_matrices`
+    (hook_q, hook_k, hook_v), `apply_rotary` (hook_rot_q, hook_rot_k), attention, hook_z, and
+    the output projection `F.linear(z, W_O, b_O)`. Only the middle differs: no scores or
+    pattern tensor, and key/value heads are shared by query groups inside the kernel.
+    """
+    _refuse_pattern_hooks(attn, layer)
+    if past_kv_cache_entry is not None:
+        raise EfficientAttentionError(
+            f"blocks.{layer}.attn: a KV cache (generation) is not supported by efficient "
+            f"attention; {_OFF}."
+        )
+    if additive_attention_mask is not None or position_bias is not None:
+        raise EfficientAttentionError(
+            f"blocks.{layer}.attn: additive masks and position biases are not supported by "
+            f"efficient attention; {_OFF}."
+        )
+    if attention_mask is not None:
+        # TransformerLens passes a mask whenever the tokenizer pads on the left; an all-ones
+        # mask changes nothing (positions 0..pos-1, plain causal mask), any other does.
+        if not bool(attention_mask.bool().all()):
+            raise EfficientAttentionError(
+                f"blocks.{layer}.attn: a padding attention mask is not supported by efficient "
+                f"attention; pad on the right (causal attention never sees right padding), or "
+                f"{_OFF}."
+            )
+        attention_mask = None
+
+    q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)
+    if attn.cfg.positional_embedding_type == "rotary":
+        q = attn.hook_rot_q(attn.apply_rotary(q, 0, None))
+        k = attn.hook_rot_k(attn.apply_rotary(k, 0, None))
+
+    batch, pos, n_heads, d_head = q.shape
+    q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))  # [batch, head, pos, d_head]
+    k_ = k_.to(q_.device)
+    v_ = v_.to(device=q_.device, dtype=q_.dtype)
+    mask = _window_mask(attn, pos, q_.device, masks)
+    grouped = k_.shape[1] != n_heads
+    if grouped and (mask is not None or not _SDPA_SHARES_HEADS):
+        # Fused kernels with an explicit mask may not share heads: repeat (linear memory).
+        repeats = n_heads // k_.shape[1]
+        k_ = k_.repeat_interleave(repeats, dim=1)
+        v_ = v_.repeat_interleave(repeats, dim=1)
+        grouped = False
+    z = F.scaled_dot_product_attention(
+        q_,
+        k_,
+        v_,
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=1.0 / attn.attn_scale,
+        **({"enable_gqa": True} if grouped else {}),
+    )
+    z = attn.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
+
+    w = einops.rearrange(attn.W_O, "head_index d_head d_model -> d_model (head_index d_head)")
+    w = w.contiguous().to(z.device)
+    b_O = attn.b_O.to(z.device)
+    z = z.to(w.dtype).reshape(batch, pos, n_heads * d_head)
+    return F.linear(z, w, b_O)
+
+
+def _window_mask(
+    attn: AbstractAttention, pos: int, device: torch.device, masks: dict[tuple, torch.Tensor]
+) -> Bool[torch.Tensor, "pos pos"] | None:
+    """Sliding-window causal mask (True: may attend), or None where plain causal is exact.
+
+    [pos, pos] booleans, built once per length and shared by every local layer of the pass
+    (so kept once for backward, not per layer); a local layer whose window covers the whole
+    sequence needs none.
+    """
+    window = attn.cfg.window_size
+    if attn.attn_type != "local" or pos <= window:
+        return None
+    key = (pos, window, device)
+    if key not in masks:
+        i = torch.arange(pos, device=device)
+        masks[key] = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    return masks[key]
