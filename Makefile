@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,zoo]"
+	$(PY) -m pip install --quiet -e ".[dev,zoo,ray]"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -113,7 +113,7 @@ def attribute(
 def _gradient_scores(model, tokens, loss_mask, graph: Graph, metric: Metric, scales):
     batch, pos = tokens.shape
     acc = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
-    chunks = _buffers(model, graph, batch, pos, acc)
+    chunks = _buffers(model, batch, pos, acc)
     scores = torch.zeros(batch, len(graph.upstream), len(graph.downstream), dtype=acc)
     scores = scores.to(tokens.device)
     weight = 1.0 / len(scales)
@@ -149,7 +149,7 @@ def _gradient_scores(model, tokens, loss_mask, graph: Graph, metric: Metric, sca
 def _exact_scores(model, tokens, loss_mask, graph: Graph, metric: Metric):
     batch, pos = tokens.shape
     acc = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
-    chunks = _buffers(model, graph, batch, pos, acc)
+    chunks = _buffers(model, batch, pos, acc)
     slots = [buf[:, i] for _, buf in chunks for i in range(buf.shape[1])]
     with torch.no_grad():
         with _hooks(model, graph, record=slots):
@@ -167,7 +167,7 @@ def _exact_scores(model, tokens, loss_mask, graph: Graph, metric: Metric):
     return scores, clean
 
 
-def _buffers(model, graph: Graph, batch: int, pos: int, dtype) -> list[tuple[int, torch.Tensor]]:
+def _buffers(model, batch: int, pos: int, dtype) -> list[tuple[int, torch.Tensor]]:
     """One buffer [batch, n, pos, d_model] per device for its contiguous run of upstream nodes."""
     devices = [model.embed.W_E.device]
     for block in model.blocks:

@@ -75,23 +75,89 @@ def stage_functions() -> dict:
 
 
 def cmd_stage(args) -> int:
-    from rl_circuits import pipeline
-
+    if getattr(args, "ray", None) is not None and args.shard:
+        print(
+            "error: --ray runs every shard itself; it cannot be used with --shard", file=sys.stderr
+        )
+        return 2
+    if getattr(args, "ray", None) is not None:
+        return cmd_ray(args)
+    if getattr(args, "workers", None) is not None:
+        return cmd_workers(args)
+    if getattr(args, "shard", None):
+        return cmd_shard(args)
     functions = stage_functions()
     cfg, store = _open(args)
     with store:
         stages = STAGES if args.command == "run" else (args.command,)
         for stage in stages:
-            if stage == "attribute" and args.command == "attribute" and args.shard:
-                i, n = (int(x) for x in args.shard.split("/"))
-                pipeline.stage_attribute(cfg, store, shard=(i, n))
-                continue
             if args.command == "run" and store.stage_done(stage):
                 print(f"{stage}: done")
                 continue
             functions[stage](cfg, store)
             print(f"{stage}: done")
     print(f"run directory: {store.root}")
+    return 0
+
+
+def cmd_shard(args) -> int:
+    """One shard worker (shared lock); then, if no other worker runs, the merge."""
+    from rl_circuits.distributed import merge_finished, parse_shard, run_shard
+
+    if args.force:
+        print(
+            "error: --force cannot be used with --shard: shard workers never change the "
+            "stored config; run the stage once without --shard --force first",
+            file=sys.stderr,
+        )
+        return 2
+    index, count = parse_shard(args.shard)
+    run_shard(args.command, args.config, args.run_dir, (index, count))
+    print(f"{args.command} shard {index}/{count}: done")
+    if args.no_merge:
+        return 0
+    merged = merge_finished(args.command, args.config, args.run_dir)
+    if merged is None:
+        print(
+            f"{args.command}: other shard workers still run (or one is merging); the last one "
+            "to finish merges"
+        )
+    elif merged:
+        print(f"{args.command}: done (shards merged)")
+    else:
+        print(
+            f"{args.command}: merged the finished part; other shards' questions are missing: "
+            "run their workers (or the stage without --shard) to finish"
+        )
+    return 0
+
+
+def cmd_workers(args) -> int:
+    """Launcher: one shard worker process per visible GPU (or --workers N), then the merge."""
+    from rl_circuits.distributed import run_stage_workers
+
+    count = run_stage_workers(
+        args.command, args.config, args.run_dir, args.workers or None, force=args.force
+    )
+    print(f"{args.command}: done" + (f" ({count} workers)" if count else ""))
+    return 0
+
+
+def cmd_ray(args) -> int:
+    """Ray backend: one task per shard on a Ray cluster (or a local instance), then the merge."""
+    from rl_circuits.distributed import run_stage_on_ray
+
+    results = run_stage_on_ray(
+        args.command,
+        args.config,
+        args.run_dir,
+        args.workers or None,
+        args.ray or None,
+        force=args.force,
+    )
+    for result in results:
+        print(f"shard {result['shard']}: {result['seconds']:.1f} s on {result['host']}")
+    print(f"{args.command}: done" + (f" ({len(results)} Ray tasks)" if results else ""))
     return 0
 
 
@@ -126,6 +192,48 @@ def cmd_tiny_models(args) -> int:
     return 0
 
 
+def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    """--shard, --workers, --ray: data parallel over questions (rl_circuits.distributed)."""
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="be shard worker I of N: process every N-th chunk (generate) or batch (attribute) "
+        "of questions from I, alongside the other workers on the same run directory; the last "
+        "one to finish merges",
+    )
+    mode.add_argument(
+        "--workers",
+        metavar="N",
+        nargs="?",
+        type=int,
+        const=0,
+        help="start N shard workers here, one per visible GPU (default: as many as GPUs, 1 on "
+        "CPU), then merge; with --ray: the number of Ray tasks",
+    )
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        nargs="?",
+        const="",
+        help="run the shards as Ray tasks on the cluster at ADDRESS ('auto', "
+        "'ray://host:10001'; default: start a local instance), then merge (needs the ray extra)",
+    )
+    p.add_argument("--no-merge", action="store_true", help=argparse.SUPPRESS)
+
+
+def _zoo_main(argv: list[str]) -> int:
+    from rl_circuits.zoo import main as zoo_main
+
+    return zoo_main(argv)
+
+
+def _demo(run_dir: str) -> int:
+    from rl_circuits.demo import run_demo
+
+    return run_demo(run_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rl-circuits",
@@ -138,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="TOML run config, e.g. configs/paper.toml")
         p.add_argument("--run-dir", help="run directory (default: the config's run_dir)")
         p.add_argument("--force", action="store_true", help="accept a changed config")
-        if name == "attribute":
-            p.add_argument("--shard", help="i/n: process every n-th question from i (one GPU)")
+        if name in ("generate", "attribute"):
+            _add_parallel_flags(p)
         p.set_defaults(func=cmd_stage)
     p = sub.add_parser("check-model", help="load a checkpoint both ways and compare logits")
     p.add_argument("path", help="checkpoint directory or hub id")
@@ -148,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--tolerance", type=float, default=1e-3)
     p.set_defaults(func=cmd_check_model)
+    p = sub.add_parser("zoo", help="the demo's SFT/GRPO/DPO model zoo: `zoo build --help`")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("args", nargs=argparse.REMAINDER, help="options of `zoo build`")
+    p.set_defaults(func=lambda args: _zoo_main(args.args))
+    p = sub.add_parser("demo", help="build the zoo if absent and run the whole study on it")
+    p.add_argument("--run-dir", default="runs/demo")
+    p.set_defaults(func=lambda args: _demo(args.run_dir))
     p = sub.add_parser("tiny-models", help="write the tiny before/after checkpoints of tiny.toml")
     p.add_argument("directory")
     p.set_defaults(func=cmd_tiny_models)

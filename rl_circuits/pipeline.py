@@ -2,6 +2,14 @@
 
 Each stage is a function of (config, store) that skips finished work, so any stage killed at
 any point and started again completes with the same final outputs.
+
+Generate and attribute also run data-parallel: `shard=(i, n)` (or a store opened as shard
+worker i of n) processes every n-th unit of work from i and only adds per-question outputs; the
+merge (`merge_stage`: finalised records, merged score files, stage markers) runs in an
+exclusive store once every shard's work is there. The units are the calls a single process
+makes (a chunk of `generate.chunk_size` questions, a batch of `attribute.batch_size`
+questions), fixed by the full question list, so every question is computed in the same batch
+whoever computes it, and the merged files are byte-identical to those of one process.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from tqdm.auto import tqdm
 
 from rl_circuits.config import RunConfig
 from rl_circuits.datasets import dataset_file, dataset_hash, load_dataset
-from rl_circuits.errors import NumericalError, RLCircuitsError
+from rl_circuits.errors import ConfigError, NumericalError, RLCircuitsError
 from rl_circuits.generation import GenerationSettings, make_generator
 from rl_circuits.grading import grade
 from rl_circuits.pairs import Pair
@@ -94,12 +102,44 @@ def questions(store: RunStore, dataset: str) -> list[dict]:
     return store.read_jsonl(f"datasets/{dataset}.jsonl")
 
 
-def stage_generate(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
-    """Each model answers each question with its pair's template; chunked and resumable."""
+def shard_of(store: RunStore, shard: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The slice (i, n) a stage call processes: `shard`, else the store's, else everything."""
+    if shard is None:
+        return store.shard or (0, 1)
+    index, count = shard
+    if not 0 <= index < count:
+        raise ConfigError(f"shard {index}/{count} is out of range: need 0 <= i < n")
+    if store.shard is not None and (index, count) != store.shard:
+        raise ConfigError(
+            f"shard {index}/{count} differs from the store's shard "
+            f"{store.shard[0]}/{store.shard[1]}"
+        )
+    return index, count
+
+
+def _in_shard(position: int, shard: tuple[int, int]) -> bool:
+    return position % shard[1] == shard[0]
+
+
+def stage_generate(
+    cfg: RunConfig,
+    store: RunStore,
+    progress: bool = True,
+    shard: tuple[int, int] | None = None,
+) -> None:
+    """Each model answers each question with its pair's template; chunked and resumable.
+
+    The questions of a dataset form fixed chunks of `generate.chunk_size`, one generator call
+    each. `shard=(i, n)` answers only every n-th chunk from i (one vLLM or HF instance per
+    GPU). A shard worker's store stops there; an exclusive store then finalises every record
+    stage whose questions are all answered (`merge_generate`).
+    """
     from rl_circuits.checkpoints import resolve
     from rl_circuits.loading import model_map_for
 
+    part = shard_of(store, shard)
     gen_cfg = cfg["generate"]
+    size = gen_cfg["chunk_size"]
     # An architecture the attribute stage cannot load fails now, not after hours of generation.
     for run in model_runs(cfg):
         if not all(store.stage_done(f"generate/{run.key}/{d}") for d in cfg["run"]["datasets"]):
@@ -115,7 +155,14 @@ def stage_generate(cfg: RunConfig, store: RunStore, progress: bool = True) -> No
             if stage.is_done():
                 continue
             done = stage.done_ids()
-            todo[dataset] = (stage, [q for q in questions(store, dataset) if q["id"] not in done])
+            every = questions(store, dataset)
+            chunks = [
+                [q for q in every[start : start + size] if q["id"] not in done]
+                for unit, start in enumerate(range(0, len(every), size))
+                if _in_shard(unit, part)
+            ]
+            if any(chunks):
+                todo[dataset] = (stage, [chunk for chunk in chunks if chunk])
         if not todo:
             continue
         generator = make_generator(
@@ -132,22 +179,46 @@ def stage_generate(cfg: RunConfig, store: RunStore, progress: bool = True) -> No
             seed=gen_cfg["seed"],
             batch_size=gen_cfg["batch_size"],
         )
-        for dataset, (stage, pending) in todo.items():
+        for dataset, (stage, chunks) in todo.items():
             # `with`: a bar is closed before an error message is printed, not after it
             with tqdm(
-                total=len(pending), desc=f"generate {run.key} {dataset}", disable=not progress
+                total=sum(map(len, chunks)),
+                desc=f"generate {run.key} {dataset}",
+                disable=not progress,
             ) as bar:
-                for start in range(0, len(pending), gen_cfg["chunk_size"]):
-                    chunk = pending[start : start + gen_cfg["chunk_size"]]
+                for chunk in chunks:
                     prompts = [run.pair.prompt(q["question"]) for q in chunk]
                     results = list(generator.generate(prompts, settings))
                     stage.write_chunk(
                         [{"id": q["id"], **r} for q, r in zip(chunk, results, strict=True)]
                     )
                     bar.update(len(chunk))
-            stage.finalize([q["id"] for q in questions(store, dataset)])
         del generator
-    store.mark_done("generate", {})
+    if store.shard is None:
+        merge_generate(cfg, store)
+
+
+def merge_generate(cfg: RunConfig, store: RunStore) -> bool:
+    """Finalise each generation record stage whose questions all have an answer (in dataset
+    order, whoever wrote them); mark `generate` done and return True once all are."""
+    complete = True
+    seen = set()
+    for run in model_runs(cfg):
+        if run.key in seen:
+            continue
+        seen.add(run.key)
+        for dataset in cfg["run"]["datasets"]:
+            stage = store.records(f"generate/{run.key}/{dataset}")
+            if stage.is_done():
+                continue
+            order = [q["id"] for q in questions(store, dataset)]
+            if set(order) <= stage.done_ids():
+                stage.finalize(order)
+            else:
+                complete = False
+    if complete:
+        store.mark_done("generate", {})
+    return complete
 
 
 def stage_grade(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
@@ -235,24 +306,33 @@ def attribution_dir(pair: str, role: str, dataset: str, alpha: float) -> str:
 
 
 def stage_attribute(
-    cfg: RunConfig, store: RunStore, progress: bool = True, shard: tuple[int, int] = (0, 1)
+    cfg: RunConfig,
+    store: RunStore,
+    progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> None:
     """Edge scores of each model on its own first T_cut answer tokens (paper Eq. 13).
 
     One file per question (so a killed run resumes), merged in selection order when all exist.
-    `shard=(i, n)` processes every n-th question starting at i, for one worker per GPU.
+    A cell's questions, sorted by length, form fixed batches of `attribute.batch_size`; a batch
+    with any file missing is computed whole, so each question's scores come from the same
+    batch on every run. `shard=(i, n)` processes every n-th batch from i, for one worker per
+    GPU; a shard worker's store leaves the merging to an exclusive one (`merge_attribute`).
     """
     from rl_circuits.loading import load_model
 
+    part = shard_of(store, shard)
+    merge = store.shard is None
     a = cfg["attribute"]
     for pair in cfg.pairs.values():
         for role in ROLES:
             run = ModelRun(pair, role)
-            jobs = list(_attribution_jobs(cfg, store, run, shard))
-            if not any(todo for *_, todo in jobs):
-                _merge_all(cfg, store, run, jobs)
+            jobs = list(_attribution_jobs(cfg, store, run, part))
+            if not any(batches for *_, batches in jobs):
+                if merge:
+                    _merge_all(cfg, store, run)
                 continue
-            max_len = max(len(t) for *_, todo in jobs for _, t, _ in todo)
+            max_len = max(len(t) for *_, batches in jobs for b in batches for _, t, _ in b)
             model = load_model(
                 run.path,
                 revision=run.revision,
@@ -262,16 +342,17 @@ def stage_attribute(
                 max_seq_len=max_len,
                 allow_pickle=cfg["model"]["allow_pickle"],
             )
-            for dataset, alpha, todo in jobs:
+            for dataset, alpha, batches in jobs:
                 out = attribution_dir(pair.name, role, dataset, alpha)
                 with tqdm(
-                    total=len(todo),
+                    total=sum(map(len, batches)),
                     desc=f"attribute {pair.name}/{role} {dataset} alpha={alpha:g}",
                     disable=not progress,
                 ) as bar:
-                    batches = _batches(sorted(todo, key=lambda j: len(j[1])), a["batch_size"])
                     for batch in batches:
                         for qid, scores in _attribute_batch(model, batch, a, dataset):
+                            if store.exists(f"{out}/q/{qid}.safetensors"):
+                                continue  # same batch as before: the file has these bytes
                             store.write_scores(
                                 f"{out}/q/{qid}.safetensors",
                                 scores["values"],
@@ -283,14 +364,36 @@ def stage_attribute(
                             )
                         bar.update(len(batch))
             del model
-            _merge_all(cfg, store, run, jobs)
-    if shard == (0, 1):
+            if merge:
+                _merge_all(cfg, store, run)
+    if merge:
+        merge_attribute(cfg, store)
+
+
+def merge_attribute(cfg: RunConfig, store: RunStore) -> bool:
+    """Merge each (model, dataset, alpha) cell whose per-question files all exist; mark
+    `attribute` done and return True once every cell is merged."""
+    complete = True
+    for pair in cfg.pairs.values():
+        for role in ROLES:
+            complete &= _merge_all(cfg, store, ModelRun(pair, role))
+    if complete:
         store.mark_done("attribute", {})
+    return complete
+
+
+def merge_stage(stage: str, cfg: RunConfig, store: RunStore) -> bool:
+    """Merge what the shard workers of `stage` ("generate" or "attribute") have finished;
+    True once the whole stage is merged and marked done."""
+    merges = {"generate": merge_generate, "attribute": merge_attribute}
+    if stage not in merges:
+        raise ConfigError(f"stage {stage!r} does not run in shards; sharded: {sorted(merges)}")
+    return merges[stage](cfg, store)
 
 
 def _attribution_jobs(cfg: RunConfig, store: RunStore, run: ModelRun, shard):
-    """(dataset, alpha, [(id, tokens, t_cut) still to do]) for one model."""
-    index, count = shard
+    """(dataset, alpha, [batch of (id, tokens, t_cut)]) for one model: the batches of
+    `shard` with a question still to do."""
     for dataset in cfg["run"]["datasets"]:
         selection = Selection.from_dict(store.read_json(f"select/{run.pair.name}/{dataset}.json"))
         gens = {
@@ -310,15 +413,19 @@ def _attribution_jobs(cfg: RunConfig, store: RunStore, run: ModelRun, shard):
             }
             if not store.exists(f"{out}/skipped.json"):
                 store.write_json(f"{out}/skipped.json", skipped)
-            todo = []
-            for i, qid in enumerate(selection.ids):
-                if qid in skipped or i % count != index:
-                    continue
-                if store.exists(f"{out}/q/{qid}.safetensors"):
-                    continue
-                gen = gens[run.role][qid]
-                todo.append((qid, gen["prompt_ids"] + gen["answer_ids"][:cut], cut))
-            yield dataset, alpha, todo
+            items = []
+            for qid in selection.ids:
+                if qid not in skipped:
+                    gen = gens[run.role][qid]
+                    items.append((qid, gen["prompt_ids"] + gen["answer_ids"][:cut], cut))
+            items.sort(key=lambda item: len(item[1]))  # stable: ties keep selection order
+            batches = [
+                batch
+                for unit, batch in enumerate(_batches(items, cfg["attribute"]["batch_size"]))
+                if _in_shard(unit, shard)
+                and not all(store.exists(f"{out}/q/{qid}.safetensors") for qid, _, _ in batch)
+            ]
+            yield dataset, alpha, batches
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -381,16 +488,23 @@ def _attribute_batch(model, batch, a: dict, dataset: str):
         )
 
 
-def _merge_all(cfg: RunConfig, store: RunStore, run: ModelRun, jobs) -> None:
-    for dataset, alpha, _ in jobs:
+def _merge_all(cfg: RunConfig, store: RunStore, run: ModelRun) -> bool:
+    """Merge the complete cells of one model; True if none is left incomplete."""
+    complete = True
+    for dataset, alpha in ((d, a) for d in cfg["run"]["datasets"] for a in cfg.alphas):
         out = attribution_dir(run.pair.name, run.role, dataset, alpha)
         if store.exists(f"{out}/scores.safetensors"):
+            continue
+        if not store.exists(f"{out}/skipped.json"):  # no worker has reached this cell yet
+            complete = False
             continue
         selection = Selection.from_dict(store.read_json(f"select/{run.pair.name}/{dataset}.json"))
         skipped = store.read_json(f"{out}/skipped.json")
         order = [q for q in selection.ids if q not in skipped]
         files = [f"{out}/q/{q}.safetensors" for q in order]
-        if order and all(store.exists(f) for f in files):
+        if not all(store.exists(f) for f in files):
+            complete = False
+        elif order:
             metas = [store.read_scores(f).meta for f in files]
             meta = {
                 "graph": cfg["attribute"]["graph"],
@@ -399,3 +513,4 @@ def _merge_all(cfg: RunConfig, store: RunStore, run: ModelRun, jobs) -> None:
                 "loss": {q: m["loss"] for q, m in zip(order, metas, strict=True)},
             }
             store.merge_scores(files, f"{out}/scores.safetensors", order, meta=meta)
+    return complete

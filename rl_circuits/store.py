@@ -10,6 +10,12 @@ gets killed, resumed and re-run. Every stage gets the same guarantees from this 
   computed under, so callers can tell stale stages);
 * one writer at a time: an exclusive, non-blocking ``flock`` on ``.lock``, which holds the
   writer's pid; the kernel releases it when the process dies;
+* or several shard workers at a time (``open(..., shard=(i, n))``, one per GPU or cluster
+  task): each holds a *shared* ``flock`` on ``.lock``, so they run alongside each other but
+  never alongside an exclusive writer. A shard worker only adds files (per-question outputs,
+  record chunks in its own ``s<i>-`` namespace); it never changes the config or manifest, and
+  everything that merges (``finalize``, ``merge_scores``, stage markers) needs the exclusive
+  lock, so the merged files are byte-identical to a single process's;
 * atomic writes: a hidden temp file in the same directory, fsync, ``os.replace``. Readers and
   resumed runs see the old file or the new one, never half of one; a failed write (disk full)
   raises `StoreError` naming the file and leaves the previous version intact;
@@ -27,6 +33,7 @@ Layout of a run directory::
     manifest.json                versions, platform, times, config hash, extras, history
     stages/<stage>.json          completion markers (mark_done)
     <stage>/chunks/00001.jsonl   record chunks of an unfinished stage
+    <stage>/chunks/s0001-00001.jsonl   ... written by shard worker 1
     <stage>/records.jsonl        the finalised records of a stage
 """
 
@@ -42,6 +49,7 @@ import re
 import secrets
 import socket
 import sys
+import time
 import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -66,6 +74,7 @@ MARKER_DIR = "stages"
 RESERVED_NAMES = frozenset({LOCK_NAME, CONFIG_NAME, MANIFEST_NAME})
 MANIFEST_FORMAT = "rl-circuits-run/1"
 SCORES_FORMAT = "rl-circuits-scores/1"
+MERGE_PURPOSE = "merge"
 MANIFEST_RESERVED_KEYS = frozenset(
     {"format", "created_at", "updated_at", "config_hash", "package_version", "environment"}
     | {"history"}
@@ -73,7 +82,7 @@ MANIFEST_RESERVED_KEYS = frozenset(
 PACKAGES = ("rl-circuits", "torch", "transformers", "transformer-lens", "numpy", "safetensors")
 
 _TEMP_RE = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]+$")
-_CHUNK_RE = re.compile(r"^(\d+)\.jsonl$")
+_CHUNK_RE = re.compile(r"^(?:s(\d+)-)?(\d+)\.jsonl$")
 _STAGE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
 _WRITE_BLOCK = 1 << 20
 _SAFETENSORS_ALIGN = 8
@@ -237,11 +246,16 @@ def _atomic_write(target: Path, pieces: Iterable[bytes | memoryview], *, label: 
 # --------------------------------------------------------------------------- locking
 
 
-def _lock_holder(fd: int) -> str:
+def _lock_record(fd: int) -> list[str]:
+    """Fields of the lock file: pid, host and purpose of the last exclusive holder."""
     try:
-        fields = os.pread(fd, 256, 0).decode(errors="replace").split()
+        return os.pread(fd, 256, 0).decode(errors="replace").split()
     except OSError:
-        fields = []
+        return []
+
+
+def _lock_holder(fd: int) -> str:
+    fields = _lock_record(fd)
     if not fields:
         return "another process (pid not yet recorded)"
     pid, host = fields[0], (fields[1] if len(fields) > 1 else "")
@@ -250,30 +264,76 @@ def _lock_holder(fd: int) -> str:
     return f"process {pid}" + (f" on host {host}" if host else "")
 
 
-def _acquire_lock(root: Path) -> int:
-    """Exclusive non-blocking flock on root/.lock, which then holds our pid and host."""
+def _held_shared(fd: int) -> bool:
+    """Whether the processes holding the lock hold it shared (shard workers): we can join them."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+
+
+def _merging(fd: int) -> bool:
+    """Whether the exclusive holder is a short merge (or has not yet written its record)."""
+    fields = _lock_record(fd)
+    return not fields or fields[2:3] == [MERGE_PURPOSE]
+
+
+def _acquire_lock(
+    root: Path, *, shared: bool = False, purpose: str = "stage", wait: float = 0.0
+) -> int:
+    """Non-blocking flock on root/.lock: exclusive (then the file holds our pid, host and
+    purpose) or shared (shard workers, which leave the file alone). A shared request waits up
+    to `wait` seconds while the exclusive holder is a merge, so shard workers that start while
+    a finished one merges join after it instead of failing."""
     path = root / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise StoreError(f"cannot create the lock file {path}: {_reason(exc)}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _lock_holder(fd)
-        os.close(fd)
-        raise LockedError(
-            f"run directory {root} is locked by {holder} (lock file {path}): only one process "
-            "may write a run at a time. Wait for it to finish or stop it, or use another run "
-            "directory; RunStore.read_only() can read the run meanwhile."
-        ) from None
-    except OSError as exc:
-        os.close(fd)
-        raise StoreError(f"cannot lock {path}: {_reason(exc)}") from exc
-    with suppress(OSError):  # the pid is informative only; the flock is what excludes
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if shared and time.monotonic() < deadline and _merging(fd):
+                time.sleep(0.05)
+                continue
+            message = _locked_message(root, path, fd, shared)
+            os.close(fd)
+            raise LockedError(message) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"cannot lock {path}: {_reason(exc)}") from exc
+    if not shared:
+        with suppress(OSError):  # the pid is informative only; the flock is what excludes
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {purpose}\n".encode(), 0)
     return fd
+
+
+def _locked_message(root: Path, path: Path, fd: int, shared: bool) -> str:
+    """Why the lock was refused: an exclusive holder, or shard workers holding it shared."""
+    if shared:
+        return (
+            f"run directory {root} is locked by {_lock_holder(fd)} (lock file {path}), which "
+            "runs an exclusive stage: shard workers run alongside each other but not alongside "
+            "an exclusive stage. Wait for it to finish or stop it, then start the shard workers."
+        )
+    if _held_shared(fd):
+        return (
+            f"run directory {root} is in use by shard workers (processes holding a shared lock "
+            f"on {path}, e.g. `rl-circuits attribute --shard i/n` or `--workers`): an exclusive "
+            "stage cannot run until they end. Wait for them (the last one to finish merges "
+            "their outputs) or stop them; RunStore.read_only() can read the run meanwhile."
+        )
+    return (
+        f"run directory {root} is locked by {_lock_holder(fd)} (lock file {path}): only one "
+        "process may write a run at a time. Wait for it to finish or stop it, or use another "
+        "run directory; RunStore.read_only() can read the run meanwhile."
+    )
 
 
 def _release_lock(fd: int) -> None:
@@ -473,19 +533,24 @@ class RecordStage:
     def __repr__(self) -> str:
         return f"RecordStage({self.name!r}, run={str(self.store.root)!r})"
 
-    def _chunk_numbers(self) -> list[int]:
+    def _chunk_keys(self) -> list[tuple[int, int]]:
+        """(shard, number) of each chunk, sorted: a single writer's chunks (shard -1) first,
+        then each shard worker's, so reading them is deterministic whoever wrote them."""
         directory = self.store.path(self.chunks_rel)
         if not directory.is_dir():
             return []
-        numbers = []
+        keys = []
         for entry in os.scandir(directory):
             match = _CHUNK_RE.match(entry.name)
             if match and entry.is_file(follow_symlinks=False):
-                numbers.append(int(match.group(1)))
-        return sorted(numbers)
+                shard = -1 if match.group(1) is None else int(match.group(1))
+                keys.append((shard, int(match.group(2))))
+        return sorted(keys)
 
-    def _chunk_rel(self, number: int) -> str:
-        return f"{self.chunks_rel}/{number:05d}.jsonl"
+    def _chunk_rel(self, key: tuple[int, int]) -> str:
+        shard, number = key
+        prefix = "" if shard < 0 else f"s{shard:04d}-"
+        return f"{self.chunks_rel}/{prefix}{number:05d}.jsonl"
 
     def _read_records(self, rel: str) -> list[dict[str, Any]]:
         label = self.store.label(rel)
@@ -498,7 +563,7 @@ class RecordStage:
         """id -> record: the final file (if any), then chunks in order; the last write wins."""
         merged: dict[str, dict[str, Any]] = {}
         sources = [self.final_rel] if self.store.exists(self.final_rel) else []
-        sources += [self._chunk_rel(n) for n in self._chunk_numbers()]
+        sources += [self._chunk_rel(key) for key in self._chunk_keys()]
         for rel in sources:
             for record in self._read_records(rel):
                 merged[record["id"]] = record
@@ -516,7 +581,10 @@ class RecordStage:
         return list(self._merged().values())
 
     def write_chunk(self, records: Sequence[dict[str, Any]]) -> Path | None:
-        """Atomically write the next numbered chunk; returns its path (None if `records` empty)."""
+        """Atomically write the next numbered chunk; returns its path (None if `records` empty).
+
+        A shard worker numbers its chunks in its own namespace (``s<i>-<n>.jsonl``): workers
+        writing the same stage at once never pick the same name."""
         self.store._check_writable()
         if self.is_done():
             raise StoreError(
@@ -533,7 +601,9 @@ class RecordStage:
                 raise DataError(f"{where}: id {rid!r} appears twice in one chunk")
             seen.add(rid)
             lines.append(line)
-        rel = self._chunk_rel(max(self._chunk_numbers(), default=0) + 1)
+        shard = -1 if self.store.shard is None else self.store.shard[0]
+        last = max((n for s, n in self._chunk_keys() if s == shard), default=0)
+        rel = self._chunk_rel((shard, last + 1))
         self.store.write_bytes(rel, b"".join(lines))
         return self.store.path(rel)
 
@@ -548,9 +618,9 @@ class RecordStage:
 
         The file's bytes depend only on the records and `order`, never on the chunking. Every id
         in `order` must have a record; records whose id is not in `order` are an error unless
-        `allow_extra` (then they are left out).
+        `allow_extra` (then they are left out). Needs the exclusive lock (no shard workers).
         """
-        self.store._check_writable()
+        self.store._check_exclusive(f"finalising stage {self.name!r}")
         order = list(order)
         where = f"stage {self.name!r} of {self.store.root}"
         duplicates = sorted(i for i, count in Counter(order).items() if count > 1)
@@ -577,15 +647,15 @@ class RecordStage:
         return self.store.path(self.final_rel)
 
     def _remove_chunks(self) -> None:
-        for number in self._chunk_numbers():
+        for key in self._chunk_keys():
             with suppress(FileNotFoundError):
-                self.store.path(self._chunk_rel(number)).unlink()
+                self.store.path(self._chunk_rel(key)).unlink()
         with suppress(OSError):
             self.store.path(self.chunks_rel).rmdir()
 
     def reset(self) -> None:
         """Forget this stage: its marker, final file and chunks."""
-        self.store._check_writable()
+        self.store._check_exclusive(f"resetting stage {self.name!r}")
         self.store.clear_done(self.name)
         with suppress(FileNotFoundError):
             self.store.path(self.final_rel).unlink()
@@ -596,12 +666,21 @@ class RecordStage:
 
 
 class RunStore:
-    """One run directory. Create with `RunStore.open` (writer) or `RunStore.read_only`."""
+    """One run directory. Create with `RunStore.open` (writer, or shard worker with `shard=`)
+    or `RunStore.read_only`."""
 
-    def __init__(self, root: Path, *, lock_fd: int | None, config_bytes: bytes | None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        lock_fd: int | None,
+        config_bytes: bytes | None,
+        shard: tuple[int, int] | None = None,
+    ) -> None:
         """Internal: use `open` or `read_only`."""
         self.root = root
         self._config_bytes = config_bytes
+        self._shard = shard
         self._writable = lock_fd is not None
         self._closed = False
         self._release = (
@@ -618,6 +697,9 @@ class RunStore:
         *,
         force: bool = False,
         manifest_extra: dict[str, Any] | None = None,
+        shard: tuple[int, int] | None = None,
+        wait: float = 0.0,
+        merging: bool = False,
     ) -> RunStore:
         """Create or re-open `run_dir` for writing; holds its lock until `close()`.
 
@@ -625,15 +707,73 @@ class RunStore:
         unless `force` (the stored config is then replaced, the change recorded in the manifest
         history; existing results are kept, and whether they are stale is the caller's call —
         stage markers record the config hash they were made under).
+
+        `shard=(i, n)` joins an existing run as shard worker i of n (see `_open_shard`); `wait`
+        is how long it waits for a merge in progress. `merging` marks an exclusive store opened
+        only to merge finished shards, a short hold that shard workers wait for.
         """
+        if shard is not None:
+            if force or manifest_extra:
+                raise StoreError(
+                    "a shard worker cannot change the config or the manifest (force, "
+                    "manifest_extra): open the run without shard= first"
+                )
+            return cls._open_shard(run_dir, config, shard, wait)
         config_bytes = _config_bytes(config)
         extra = _check_extra(manifest_extra)
         root = _prepare_root(run_dir)
-        store = cls(root, lock_fd=_acquire_lock(root), config_bytes=config_bytes)
+        purpose = MERGE_PURPOSE if merging else "stage"
+        store = cls(root, lock_fd=_acquire_lock(root, purpose=purpose), config_bytes=config_bytes)
         try:
             store._remove_stale_temp_files()
             events = store._install_config(config_bytes, force=force)
             store._update_manifest(extra, events)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @classmethod
+    def _open_shard(
+        cls, run_dir: PathArg, config: dict[str, Any], shard: tuple[int, int], wait: float
+    ) -> RunStore:
+        """A shard worker's store: shared lock, the stored config must equal `config` exactly.
+
+        Why: several workers (one per GPU or cluster task) write one run at once. They share
+        the lock, so they exclude exclusive stages but not each other, and they never rewrite
+        config.json or manifest.json (which would race); nor do they remove temp files (those
+        may be another worker's writes in progress) — the next exclusive open does.
+        """
+        index, count = _check_shard(shard)
+        config_bytes = _config_bytes(config)
+        root = Path(run_dir).expanduser()
+        stored_path = root / CONFIG_NAME
+        if not stored_path.is_file():
+            raise StoreError(
+                f"run directory {root} has no {CONFIG_NAME}: shard workers join an existing "
+                "run, so run the earlier stages (or this stage without --shard) first"
+            )
+        root = root.resolve()
+        store = cls(
+            root,
+            lock_fd=_acquire_lock(root, shared=True, wait=wait),
+            config_bytes=config_bytes,
+            shard=(index, count),
+        )
+        try:
+            stored = stored_path.read_bytes()
+            if stored != config_bytes:
+                try:
+                    changes = config_diff(json.loads(stored), json.loads(config_bytes))
+                except ValueError as exc:
+                    changes = [f"(the stored config.json is unreadable: {exc})"]
+                listing = "\n".join(f"  {line}" for line in changes or ["(formatting only)"])
+                raise ConfigError(
+                    f"shard worker {index}/{count}: run directory {root} holds a different "
+                    f"config ({CONFIG_NAME}); differing keys:\n{listing}\nShard workers never "
+                    "change the stored config: open the run without a shard (with --force to "
+                    "accept the change) first."
+                )
         except BaseException:
             store.close()
             raise
@@ -664,11 +804,28 @@ class RunStore:
 
     def __repr__(self) -> str:
         mode = "closed" if self._closed else ("writer" if self._writable else "read-only")
+        if self._shard is not None and not self._closed:
+            mode = f"shard worker {self._shard[0]}/{self._shard[1]}"
         return f"RunStore({str(self.root)!r}, {mode})"
 
     @property
     def writable(self) -> bool:
         return self._writable and not self._closed
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        """(i, n) for shard worker i of n (shared lock); None if exclusive or read-only."""
+        return self._shard
+
+    def _check_exclusive(self, what: str) -> None:
+        """Merging and marking need the exclusive lock: no other writer may be half-way."""
+        self._check_writable()
+        if self._shard is not None:
+            raise StoreError(
+                f"{what} needs the exclusive lock on {self.root}, but this store is shard worker "
+                f"{self._shard[0]}/{self._shard[1]} (shared lock): shard workers only add files; "
+                "the merge runs in a store opened without shard= once the workers have ended"
+            )
 
     def _check_writable(self) -> None:
         if self._closed:
@@ -761,7 +918,7 @@ class RunStore:
 
     def update_manifest(self, extra: dict[str, Any]) -> None:
         """Deep-merge `extra` (e.g. model revisions, dataset hashes) into the manifest."""
-        self._check_writable()
+        self._check_exclusive("updating the manifest")
         self._update_manifest(_check_extra(extra), [])
 
     def _remove_stale_temp_files(self) -> None:
@@ -867,6 +1024,7 @@ class RunStore:
 
     def mark_done(self, stage: str, info: dict[str, Any] | None = None) -> None:
         """Record that `stage` completed; call it last, after all of the stage's files."""
+        self._check_exclusive(f"marking stage {stage!r} done")
         marker = {
             "stage": stage,
             "completed_at": _now(),
@@ -885,7 +1043,7 @@ class RunStore:
 
     def clear_done(self, stage: str) -> None:
         """Remove the marker so the stage runs again."""
-        self._check_writable()
+        self._check_exclusive(f"clearing stage {stage!r}")
         with suppress(FileNotFoundError):
             self._resolve(self._marker_rel(stage)).unlink()
 
@@ -930,8 +1088,8 @@ class RunStore:
     ) -> Path:
         """Stack the questions of several score files into one, in `order` (every stored id
         exactly once). The inputs must share node names and edge mask, and their meta unless
-        `meta` is given for the output."""
-        self._check_writable()
+        `meta` is given for the output. Needs the exclusive lock (no shard workers)."""
+        self._check_exclusive("merging score files")
         target = self._resolve(out_rel_path, for_write=True)
         label = self.label(out_rel_path)
         parts = [self.read_scores(rel) for rel in rel_paths]
@@ -974,6 +1132,17 @@ def _check_extra(extra: dict[str, Any] | None) -> dict[str, Any]:
         raise StoreError(f"manifest_extra cannot set the store's own manifest keys {clash}")
     _json_bytes(extra, what="manifest_extra")
     return extra
+
+
+def _check_shard(shard: Any) -> tuple[int, int]:
+    try:
+        index, count = shard
+    except (TypeError, ValueError):
+        raise StoreError(f"shard must be a pair (i, n), got {shard!r}") from None
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (index, count))
+    if not ints or not 0 <= index < count:
+        raise StoreError(f"shard {shard!r} is out of range: need integers 0 <= i < n")
+    return index, count
 
 
 def _prepare_root(run_dir: PathArg) -> Path:
