@@ -65,9 +65,14 @@ class ModelRun:
 
 
 def model_runs(cfg: RunConfig) -> Iterator[ModelRun]:
+    """Each model run once: pairs that share a model (and template) share its answers."""
+    seen = set()
     for pair in cfg.pairs.values():
         for role in ROLES:
-            yield ModelRun(pair, role)
+            run = ModelRun(pair, role)
+            if run.key not in seen:
+                seen.add(run.key)
+                yield run
 
 
 def device_of(cfg: RunConfig) -> str:
@@ -144,11 +149,7 @@ def stage_generate(
     for run in model_runs(cfg):
         if not all(store.stage_done(f"generate/{run.key}/{d}") for d in cfg["run"]["datasets"]):
             model_map_for(resolve(run.path, run.revision))
-    seen = set()
     for run in model_runs(cfg):
-        if run.key in seen:
-            continue
-        seen.add(run.key)
         todo = {}
         for dataset in cfg["run"]["datasets"]:
             stage = store.records(f"generate/{run.key}/{dataset}")
@@ -202,11 +203,7 @@ def merge_generate(cfg: RunConfig, store: RunStore) -> bool:
     """Finalise each generation record stage whose questions all have an answer (in dataset
     order, whoever wrote them); mark `generate` done and return True once all are."""
     complete = True
-    seen = set()
     for run in model_runs(cfg):
-        if run.key in seen:
-            continue
-        seen.add(run.key)
         for dataset in cfg["run"]["datasets"]:
             stage = store.records(f"generate/{run.key}/{dataset}")
             if stage.is_done():
@@ -223,11 +220,7 @@ def merge_generate(cfg: RunConfig, store: RunStore) -> bool:
 
 def stage_grade(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
     """Grade every generation: the extracted answer, the gold, and the verdict."""
-    seen = set()
     for run in model_runs(cfg):
-        if run.key in seen:
-            continue
-        seen.add(run.key)
         for dataset in cfg["run"]["datasets"]:
             stage = store.records(f"grade/{run.key}/{dataset}")
             if stage.is_done():
