@@ -35,7 +35,8 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any, Any]]] = {
         "datasets": (list, [], None),
         "data_dir": (str, "", None),
         "split": (str, "test", None),
-        "limit": (int, 0, _NON_NEGATIVE),
+        "limit": (int, 0, _NON_NEGATIVE),  # 0: every question
+        "ids": (list, [], None),  # only these question ids ("gsm8k-12", ...); []: all
     },
     "model": {
         "dtype": (str, "bfloat16", _one_of("float32", "bfloat16", "float16", "float64")),
@@ -182,6 +183,8 @@ def _check_cross_fields(values: dict[str, dict[str, Any]], source: str) -> None:
                 "run directory, so use letters, digits, '_', '-' and '.' (not first), without "
                 "'/' or '..'"
             )
+    if not all(isinstance(i, str) and i for i in run["ids"]):
+        raise ConfigError(f"{source}: ids must be a list of question ids such as 'gsm8k-12'")
 
 
 def _pairs(names: list[str], inline: dict[str, Pair], source: str) -> dict[str, Pair]:

@@ -93,8 +93,9 @@ def stage_datasets(cfg: RunConfig, store: RunStore) -> None:
     for name in cfg["run"]["datasets"]:
         rel = f"datasets/{name}.jsonl"
         if not store.exists(rel):
+            ids = [i for i in cfg["run"]["ids"] if i.startswith(f"{name}-")] or None
             records = load_dataset(
-                name, data_dir=_data_dir(cfg), split=cfg["run"]["split"], limit=limit
+                name, data_dir=_data_dir(cfg), split=cfg["run"]["split"], limit=limit, ids=ids
             )
             store.write_jsonl(rel, [r.to_dict() for r in records])
         if _data_dir(cfg):

@@ -120,3 +120,15 @@ def test_config_errors_name_the_key(tmp_path):
     path.write_text('pairs = ["no-such-pair"]\ndatasets = ["gsm8k"]\n')
     with pytest.raises(ConfigError, match="no-such-pair"):
         load_config(path)
+
+
+def test_ids_option_keeps_only_those_questions(tiny_run, tmp_path):
+    base, config = tiny_run
+    text = config.read_text().replace(
+        'data_dir = "', 'ids = ["sevens-1", "sevens-4"]\ndata_dir = "', 1
+    )
+    path = tmp_path / "ids.toml"
+    path.write_text(text)
+    assert main(["datasets", str(path), "--run-dir", str(tmp_path / "run")]) == 0
+    kept = [json.loads(line)["id"] for line in (tmp_path / "run/datasets/sevens.jsonl").open()]
+    assert kept == ["sevens-1", "sevens-4"]
