@@ -1,0 +1,484 @@
+"""Build (or reuse) the demo's model zoo: data, an SFT base model, its GRPO and DPO children.
+
+`build_zoo` writes, under one folder per config digest (`<home>/zoo/<digest>/`):
+
+    data/toy_math/{train,validation,test}.jsonl   the task (MATH-500 fields)
+    sft/  grpo/  dpo/                               Hugging Face checkpoints (safetensors,
+                                                    tokenizer, README.md, zoo_card.json)
+    zoo.json                                        manifest, written last
+
+and registers the pairs `toy-grpo` (sft -> grpo) and `toy-dpo` (sft -> dpo) in
+`<home>/pairs/toy.toml`. `zoo.json` is written atomically after everything else, so a folder
+without it (a killed build) is rebuilt from scratch, never half-used; a folder whose manifest
+records another config digest is rebuilt too (a non-empty folder that holds no zoo is
+refused, never emptied). The build runs on `num_threads` torch threads
+(default 1, restored afterwards): one thread is fastest for a 1M-parameter model on a shared
+CPU, and the thread count is part of what makes two builds bit-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+import tomllib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rl_circuits.pairs import home_dir
+from rl_circuits.zoo import dpo as dpo_stage
+from rl_circuits.zoo import grpo as grpo_stage
+from rl_circuits.zoo import sft as sft_stage
+from rl_circuits.zoo.config import ZOO_FORMAT, ZooConfig
+from rl_circuits.zoo.model import (
+    accuracy,
+    count_parameters,
+    init_model,
+    load_checkpoint,
+    make_tokenizer,
+    save_checkpoint,
+    sha256_file,
+)
+from rl_circuits.zoo.tasks import DATASET_NAME, generate_splits, summary, write_splits
+
+STAGES = ("sft", "grpo", "dpo")
+DONE_FILE = "zoo.json"
+STARTED_FILE = ".zoo-build"  # written first: marks a folder the zoo may empty and rebuild
+PAIRS_FILE = "toy.toml"
+ALGORITHMS = {"sft": "SFT", "grpo": "GRPO", "dpo": "DPO"}
+
+
+@dataclass(frozen=True)
+class Zoo:
+    """A finished zoo: checkpoint folders, data folder and greedy test accuracies."""
+
+    root: Path
+    config: ZooConfig
+    data_dir: Path
+    sft: Path
+    grpo: Path
+    dpo: Path
+    accuracy: dict[str, float]
+    pairs_file: Path | None = None
+    dataset: str = DATASET_NAME
+
+    @property
+    def template(self) -> str:
+        return self.config.task.template
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.config.task.max_new_tokens
+
+    def checkpoint(self, stage: str) -> Path:
+        return {"sft": self.sft, "grpo": self.grpo, "dpo": self.dpo}[stage]
+
+
+def default_root(config: ZooConfig) -> Path:
+    return home_dir() / "zoo" / config.digest()
+
+
+def build_zoo(
+    config: ZooConfig | None = None,
+    root: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+    *,
+    device: str | torch.device = "cpu",
+    num_threads: int | None = 1,
+    register: bool = True,
+) -> Zoo:
+    """Return the zoo for `config`, building it unless a finished one exists at `root`.
+
+    `root` defaults to `<home>/zoo/<config digest>/`; `force` rebuilds even a finished zoo.
+    `register` (re)writes `<home>/pairs/toy.toml` to point at this zoo. `num_threads=None`
+    leaves torch's thread setting alone.
+    """
+    config = config or ZooConfig()
+    root = Path(root) if root is not None else default_root(config)
+    with _locked(root):
+        zoo = None if force else load_zoo(root, config)
+        if zoo is None:
+            with _torch_threads(num_threads):
+                manifest = _build(config, root, progress=progress, device=device)
+            _write_atomic(root / DONE_FILE, json.dumps(manifest, indent=2))
+            zoo = load_zoo(root, config)
+            assert zoo is not None
+    if register:
+        zoo = dataclasses.replace(zoo, pairs_file=register_pairs(zoo))
+    return zoo
+
+
+def load_zoo(root: str | Path, config: ZooConfig | None = None) -> Zoo | None:
+    """The finished zoo at `root`, or None if unfinished or built from another config."""
+    root = Path(root)
+    try:
+        manifest = json.loads((root / DONE_FILE).read_text())
+        if manifest.get("format") != ZOO_FORMAT:
+            return None  # built by another version of this module
+        built = ZooConfig.from_dict(manifest["config"])
+        accuracy = {stage: manifest["stages"][stage]["test_accuracy"] for stage in STAGES}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # json.JSONDecodeError is a ValueError
+    if config is not None and built.digest() != config.digest():
+        return None
+    if not all((root / stage / "model.safetensors").is_file() for stage in STAGES):
+        return None
+    return Zoo(
+        root=root,
+        config=built,
+        data_dir=root / "data",
+        sft=root / "sft",
+        grpo=root / "grpo",
+        dpo=root / "dpo",
+        accuracy=accuracy,
+    )
+
+
+def register_pairs(zoo: Zoo) -> Path:
+    """Write `<home>/pairs/toy.toml` with `toy-grpo` and `toy-dpo` (atomically)."""
+    lines = [
+        "# Written by rl_circuits.zoo.build_zoo: the demo zoo's pairs (rewritten on each build).",
+        f"# Zoo: {zoo.root}  dataset: {zoo.dataset} (data_dir = {zoo.data_dir})",
+        "",
+    ]
+    for stage in ("grpo", "dpo"):
+        entry = {
+            "before": str(zoo.sft.resolve()),
+            "after": str(zoo.checkpoint(stage).resolve()),
+            "family": "toy-qwen2",
+            "algorithm": ALGORITHMS[stage],
+            "template": zoo.template,
+            "max_new_tokens": zoo.max_new_tokens,
+        }
+        lines.append(f"[pairs.toy-{stage}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in entry.items()]
+        lines.append("")
+    text = "\n".join(lines)
+    tomllib.loads(text)  # never write a file the registry cannot read
+    path = home_dir() / "pairs" / PAIRS_FILE
+    _write_atomic(path, text)
+    return path
+
+
+def _toml_value(value) -> str:
+    return str(value) if isinstance(value, int) else json.dumps(value)  # JSON strings are TOML
+
+
+def _build(config: ZooConfig, root: Path, *, progress: bool, device) -> dict:
+    """Build every stage into `root` (emptied first); returns the manifest."""
+    started = time.perf_counter()
+    if root.exists() and any(root.iterdir()):
+        if not ((root / DONE_FILE).exists() or (root / STARTED_FILE).exists()):
+            raise FileExistsError(
+                f"{root} is not empty and holds no zoo; give build_zoo a new or empty folder"
+            )
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / STARTED_FILE).write_text(config.digest() + "\n")
+    task = config.task
+    template, budget = task.template, task.max_new_tokens
+    log = _logger(progress)
+
+    log("data: generating splits")
+    sizes = {"train": task.train_size, "validation": task.validation_size, "test": task.test_size}
+    splits = generate_splits(task.seed, sizes, task.max_start, task.max_operand, task.step_weights)
+    write_splits(root / "data", splits)
+    tokenizer = make_tokenizer()
+    longest = max(
+        len(tokenizer(p.solution, add_special_tokens=False).input_ids) + 1
+        for split in splits.values()
+        for p in split
+    )
+    if longest > budget:
+        raise ValueError(f"max_new_tokens={budget} is below the longest solution ({longest})")
+    data_card = {name: summary(problems) for name, problems in splits.items()}
+    test, val = splits["test"], splits["validation"]
+
+    def evaluate(model, problems) -> float:
+        return accuracy(model.to(device), tokenizer, problems, template, budget)
+
+    stages: dict[str, dict] = {}
+
+    # SFT from scratch
+    model = init_model(config.model, tokenizer, config.init_seed).to(device)
+    base_test = evaluate(model, test)
+    log(f"sft: {count_parameters(model):,} parameters, untrained test accuracy {base_test:.3f}")
+    result = sft_stage.train_sft(
+        model,
+        tokenizer,
+        splits["train"],
+        val,
+        template,
+        budget,
+        config.sft,
+        device=device,
+        progress=progress,
+    )
+    path = save_checkpoint(result.model, tokenizer, root / "sft", budget)
+    model, _ = load_checkpoint(path, device)
+    stages["sft"] = {
+        "algorithm": "SFT",
+        "parent": None,
+        "settings": dataclasses.asdict(config.sft),
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "stopped": result.stopped,
+        "history": result.history,
+        "train_wall_s": round(result.wall_s, 1),
+        "test_accuracy_before": base_test,
+        "test_accuracy": evaluate(model, test),
+        "validation_accuracy": result.val_accuracy,
+    }
+    log(f"sft: test accuracy {stages['sft']['test_accuracy']:.3f} ({result.stopped})")
+    sft_test, sft_val = stages["sft"]["test_accuracy"], result.val_accuracy
+
+    # GRPO from SFT (online: samples from the current policy)
+    model, _ = load_checkpoint(root / "sft", device)
+    out = grpo_stage.train_grpo(
+        model,
+        tokenizer,
+        splits["train"],
+        template,
+        budget,
+        config.grpo,
+        device=device,
+        progress=progress,
+    )
+    path = save_checkpoint(out["model"], tokenizer, root / "grpo", budget)
+    model, _ = load_checkpoint(path, device)
+    stages["grpo"] = {
+        "algorithm": "GRPO",
+        "parent": "sft",
+        "settings": dataclasses.asdict(config.grpo),
+        "steps": out["steps"],
+        "history": out["history"],
+        "train_wall_s": round(out["wall_s"], 1),
+        "test_accuracy_before": sft_test,
+        "test_accuracy": evaluate(model, test),
+        "validation_accuracy_before": sft_val,
+        "validation_accuracy": evaluate(model, val),
+    }
+    log(f"grpo: test accuracy {sft_test:.3f} -> {stages['grpo']['test_accuracy']:.3f}")
+
+    # DPO from SFT (offline: pairs sampled once from the SFT model)
+    model, _ = load_checkpoint(root / "sft", device)
+    t0 = time.perf_counter()
+    pairs, pair_stats = dpo_stage.sample_pairs(
+        model, tokenizer, splits["train"], template, budget, config.dpo, progress=progress
+    )
+    pair_stats["wall_s"] = round(time.perf_counter() - t0, 1)
+    log(f"dpo: {pair_stats['pairs']} pairs from {pair_stats['prompts']} prompts")
+    out = dpo_stage.train_dpo(model, tokenizer, pairs, config.dpo, device=device, progress=progress)
+    path = save_checkpoint(out["model"], tokenizer, root / "dpo", budget)
+    with (path / "preference_pairs.jsonl").open("w") as handle:
+        for pair in pairs:
+            handle.write(json.dumps(dataclasses.asdict(pair)) + "\n")
+    model, _ = load_checkpoint(path, device)
+    stages["dpo"] = {
+        "algorithm": "DPO",
+        "parent": "sft",
+        "settings": dataclasses.asdict(config.dpo),
+        "recipe": "DPO + NLL on chosen (RPO)" if config.dpo.rpo_alpha > 0 else "plain DPO",
+        "loss_type": out["loss_type"],
+        "loss_weights": out["loss_weights"],
+        "pairs": pair_stats,
+        "steps": out["steps"],
+        "history": out["history"],
+        "train_wall_s": round(out["wall_s"], 1),
+        "test_accuracy_before": sft_test,
+        "test_accuracy": evaluate(model, test),
+        "validation_accuracy_before": sft_val,
+        "validation_accuracy": evaluate(model, val),
+    }
+    log(f"dpo: test accuracy {sft_test:.3f} -> {stages['dpo']['test_accuracy']:.3f}")
+
+    for stage, card in stages.items():
+        card["sha256"] = sha256_file(root / stage / "model.safetensors")
+    manifest = {
+        "format": ZOO_FORMAT,
+        "digest": config.digest(),
+        "config": config.to_dict(),
+        "dataset": {"name": DATASET_NAME, "data_dir": "data", "splits": data_card},
+        "template": template,
+        "max_new_tokens": budget,
+        "parameters": count_parameters(model),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "versions": _versions(),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "stages": stages,
+    }
+    for stage in STAGES:
+        _write_card(root / stage, stage, manifest)
+    log(f"zoo: built in {manifest['wall_s']:.0f} s at {root}")
+    return manifest
+
+
+def _write_card(path: Path, stage: str, manifest: dict) -> None:
+    """zoo_card.json (everything about this checkpoint) and a human-readable README.md."""
+    card = manifest["stages"][stage]
+    config = manifest["config"]
+    payload = {
+        "stage": stage,
+        **card,
+        "task": config["task"],
+        "model": config["model"],
+        "init_seed": config["init_seed"],
+        "parameters": manifest["parameters"],
+        "zoo_digest": manifest["digest"],
+        "device": manifest["device"],
+        "threads": manifest["threads"],
+        "versions": manifest["versions"],
+        "built_at": manifest["built_at"],
+    }
+    (path / "zoo_card.json").write_text(json.dumps(payload, indent=2) + "\n")
+    before = card["test_accuracy_before"]
+    parent = f"`{card['parent']}` checkpoint" if card["parent"] else "random initialisation"
+    lines = [
+        f"# toy-{stage}: {card['algorithm']} checkpoint of the rl-circuits demo zoo",
+        "",
+        f"A {manifest['parameters']:,}-parameter `Qwen2ForCausalLM` (character tokenizer), "
+        f"trained on CPU from the {parent} on `{DATASET_NAME}`, synthetic one- to three-step "
+        "arithmetic word problems whose solutions end in `\\boxed{N}`.",
+        "",
+        f"- algorithm: {card['algorithm']}"
+        + (
+            f" ({card['recipe']}, loss {card['loss_type']} x {card['loss_weights']})"
+            if "recipe" in card
+            else ""
+        ),
+        f"- prompt template: `{json.dumps(manifest['template'])}`; greedy decoding, at most "
+        f"{manifest['max_new_tokens']} new tokens",
+        f"- greedy test accuracy: {before:.3f} before -> {card['test_accuracy']:.3f} after "
+        f"({config['task']['test_size']} questions, exact integer in the last `\\boxed{{}}`)",
+        f"- steps: {card['steps']}; training wall time {card['train_wall_s']} s "
+        f"({manifest['threads']} thread(s), {manifest['device']})",
+        f"- seeds: data {config['task']['seed']}, init {config['init_seed']}, "
+        f"sft {config['sft']['seed']}"
+        + (f", {stage} {card['settings']['seed']}" if stage != "sft" else ""),
+        f"- weights sha256: `{card['sha256']}`",
+        f"- zoo config digest: `{manifest['digest']}`; full settings in `zoo_card.json`",
+    ]
+    if stage == "dpo":
+        pairs = card["pairs"]
+        lines.append(
+            f"- preference pairs: {pairs['pairs']} (sampled once from the SFT model: "
+            f"{pairs['samples']} samples of {pairs['prompts']} training questions, "
+            f"sample accuracy {pairs['sample_accuracy']:.3f}); see `preference_pairs.jsonl`"
+        )
+    if stage == "sft":
+        lines.append(
+            f"- stopping: {card['stopped']} (best validation accuracy "
+            f"{card['validation_accuracy']:.3f} at step {card['best_step']})"
+        )
+    (path / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def _versions() -> dict:
+    import transformers
+    import trl
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+    }
+
+
+def _logger(progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm.write if progress else (lambda _msg: None)
+
+
+@contextlib.contextmanager
+def _torch_threads(num_threads: int | None) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """Serialise builds of one zoo folder across processes (a lock file beside it)."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`rl-circuits zoo build [--root DIR] [--force] [--reduced] [--quiet] [--device D] ...`."""
+    parser = argparse.ArgumentParser(
+        prog="rl-circuits zoo build",
+        description="Build (or reuse) the demo's SFT/GRPO/DPO model zoo and register its pairs.",
+    )
+    parser.add_argument("--root", type=Path, help="zoo folder (default <home>/zoo/<digest>)")
+    parser.add_argument("--force", action="store_true", help="rebuild even a finished zoo")
+    parser.add_argument("--reduced", action="store_true", help="the small test-sized zoo")
+    parser.add_argument("--config", type=Path, help="TOML file overriding ZooConfig fields")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--no-register", action="store_true", help="do not write pairs/toy.toml")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    config = ZooConfig()
+    if args.config is not None:
+        config = ZooConfig.from_dict(tomllib.loads(args.config.read_text()).get("zoo", {}))
+    if args.reduced:
+        config = config.reduced()
+    zoo = build_zoo(
+        config,
+        root=args.root,
+        force=args.force,
+        progress=not args.quiet,
+        device=args.device,
+        num_threads=args.threads,
+        register=not args.no_register,
+    )
+    print(f"zoo: {zoo.root}")
+    print(f"data_dir: {zoo.data_dir} (dataset {zoo.dataset})")
+    for stage in STAGES:
+        print(f"{stage}: {zoo.checkpoint(stage)}  test accuracy {zoo.accuracy[stage]:.3f}")
+    if zoo.pairs_file is not None:
+        print(f"pairs: toy-grpo, toy-dpo registered in {zoo.pairs_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
