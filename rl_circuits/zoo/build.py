@@ -243,6 +243,20 @@ def _build(config: ZooConfig, root: Path, *, progress: bool, device) -> dict:
     log(f"sft: test accuracy {stages['sft']['test_accuracy']:.3f} ({result.stopped})")
     sft_test, sft_val = stages["sft"]["test_accuracy"], result.val_accuracy
 
+    def child_card(model, settings, out: dict) -> dict:
+        """Model-card entries of a stage trained from the SFT checkpoint."""
+        return {
+            "parent": "sft",
+            "settings": dataclasses.asdict(settings),
+            "steps": out["steps"],
+            "history": out["history"],
+            "train_wall_s": round(out["wall_s"], 1),
+            "test_accuracy_before": sft_test,
+            "test_accuracy": evaluate(model, test),
+            "validation_accuracy_before": sft_val,
+            "validation_accuracy": evaluate(model, val),
+        }
+
     # GRPO from SFT (online: samples from the current policy)
     model, _ = load_checkpoint(root / "sft", device)
     out = grpo_stage.train_grpo(
@@ -257,18 +271,7 @@ def _build(config: ZooConfig, root: Path, *, progress: bool, device) -> dict:
     )
     path = save_checkpoint(out["model"], tokenizer, root / "grpo", budget)
     model, _ = load_checkpoint(path, device)
-    stages["grpo"] = {
-        "algorithm": "GRPO",
-        "parent": "sft",
-        "settings": dataclasses.asdict(config.grpo),
-        "steps": out["steps"],
-        "history": out["history"],
-        "train_wall_s": round(out["wall_s"], 1),
-        "test_accuracy_before": sft_test,
-        "test_accuracy": evaluate(model, test),
-        "validation_accuracy_before": sft_val,
-        "validation_accuracy": evaluate(model, val),
-    }
+    stages["grpo"] = {"algorithm": "GRPO", **child_card(model, config.grpo, out)}
     log(f"grpo: test accuracy {sft_test:.3f} -> {stages['grpo']['test_accuracy']:.3f}")
 
     # DPO from SFT (offline: pairs sampled once from the SFT model)
@@ -287,19 +290,11 @@ def _build(config: ZooConfig, root: Path, *, progress: bool, device) -> dict:
     model, _ = load_checkpoint(path, device)
     stages["dpo"] = {
         "algorithm": "DPO",
-        "parent": "sft",
-        "settings": dataclasses.asdict(config.dpo),
         "recipe": "DPO + NLL on chosen (RPO)" if config.dpo.rpo_alpha > 0 else "plain DPO",
         "loss_type": out["loss_type"],
         "loss_weights": out["loss_weights"],
         "pairs": pair_stats,
-        "steps": out["steps"],
-        "history": out["history"],
-        "train_wall_s": round(out["wall_s"], 1),
-        "test_accuracy_before": sft_test,
-        "test_accuracy": evaluate(model, test),
-        "validation_accuracy_before": sft_val,
-        "validation_accuracy": evaluate(model, val),
+        **child_card(model, config.dpo, out),
     }
     log(f"dpo: test accuracy {sft_test:.3f} -> {stages['dpo']['test_accuracy']:.3f}")
 
