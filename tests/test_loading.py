@@ -86,3 +86,13 @@ def test_processing_options_keep_logits(tiny_checkpoints):
     with torch.no_grad():
         a, b = raw(tokens).log_softmax(-1), folded(tokens).log_softmax(-1)
     assert (a - b).abs().max() < 1e-6  # measured 1.8e-8: TransformerLens folds in float32
+
+
+def test_check_model_command(tiny_checkpoints, capsys):
+    from rl_circuits.cli import main
+
+    assert main(["check-model", str(tiny_checkpoints["MistralForCausalLM"])]) == 0
+    out = capsys.readouterr().out
+    diff = float(out.split("tokens): ")[1].split()[0])
+    assert diff < 1e-4
+    assert "graph 'paper': 5 upstream x 9 downstream nodes, 23 edges" in out
