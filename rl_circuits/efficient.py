@@ -60,18 +60,10 @@ def efficient_attention(model: HookedTransformer) -> Iterator[None]:
         _check_supported(attn, layer)
         _refuse_pattern_hooks(attn, layer)
     masks: dict[tuple, torch.Tensor] = {}  # one sliding-window mask per shape, shared by layers
-    saved: list[tuple[AbstractAttention, Callable | None]] = []
-    try:
-        for layer, attn in enumerate(attns):
-            saved.append((attn, attn.__dict__.get("forward")))
-            attn.forward = partial(_sdpa_forward, attn, layer, masks)
+    with _shadowed_forwards(
+        attns, lambda layer, attn, inner: partial(_sdpa_forward, attn, layer, masks)
+    ):
         yield
-    finally:
-        for attn, previous in reversed(saved):
-            if previous is None:
-                del attn.forward
-            else:
-                attn.forward = previous
 
 
 @contextmanager
@@ -84,20 +76,32 @@ def checkpoint_blocks(model: HookedTransformer) -> Iterator[None]:
     tolerate the second call, as the attribution engine's do (first write wins). Without
     gradients (e.g. under torch.no_grad) blocks run as usual. Restores the blocks on exit.
     """
+    with _shadowed_forwards(
+        model.blocks, lambda index, block, inner: partial(_checkpointed, inner)
+    ):
+        yield
+
+
+@contextmanager
+def _shadowed_forwards(
+    modules, make: Callable[[int, torch.nn.Module, Callable], Callable]
+) -> Iterator[None]:
+    """Give each module an instance `forward` = make(index, module, its current forward);
+    put back what was there (nothing, or an outer context's forward) on exit, even on error."""
     saved: list[tuple[torch.nn.Module, Callable | None]] = []
     try:
-        for block in model.blocks:
-            previous = block.__dict__.get("forward")
-            inner = previous if previous is not None else type(block).forward.__get__(block)
-            saved.append((block, previous))
-            block.forward = partial(_checkpointed, inner)
+        for index, module in enumerate(modules):
+            previous = module.__dict__.get("forward")
+            inner = previous if previous is not None else type(module).forward.__get__(module)
+            saved.append((module, previous))
+            module.forward = make(index, module, inner)
         yield
     finally:
-        for block, previous in reversed(saved):
+        for module, previous in reversed(saved):
             if previous is None:
-                del block.forward
+                del module.forward
             else:
-                block.forward = previous
+                module.forward = previous
 
 
 def _checkpointed(forward: Callable, *args, **kwargs):
