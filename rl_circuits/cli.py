@@ -80,6 +80,7 @@ def cmd_stage(args) -> int:
             "error: --ray runs every shard itself; it cannot be used with --shard", file=sys.stderr
         )
         return 2
+    _prepare_tiny_models(args.config)
     if getattr(args, "ray", None) is not None:
         return cmd_ray(args)
     if getattr(args, "workers", None) is not None:
@@ -161,35 +162,25 @@ def cmd_ray(args) -> int:
     return 0
 
 
-TINY_QUESTIONS = [
-    ("What is 3+4", 7),
-    ("What is 2+5", 7),
-    ("What is 9-2", 7),
-    ("What is 1+6", 7),
-    ("What is 14/2", 7),
-    ("What is 2+2", 4),
-]
-
-
 def cmd_tiny_models(args) -> int:
     """Two tiny checkpoints trained to answer 7, and a GSM8K-format dataset to ask them."""
-    import json
+    from rl_circuits.tiny import write_tiny_models
 
-    from rl_circuits.tiny import make_tiny_checkpoint
-
-    out = Path(args.directory)
-    for role, seed, answer in (
-        ("before", 1, "3+4 is 7, so \\boxed{7}"),
-        ("after", 2, "We add: 3+4 = 7. The total is \\boxed{7}"),
-    ):
-        make_tiny_checkpoint(out / role, "Qwen2ForCausalLM", seed=seed, answer=answer)
-        print(f"wrote {out / role}")
-    data = out / "data" / "sevens"
-    data.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"question": q, "answer": f"#### {a}"}) for q, a in TINY_QUESTIONS]
-    (data / "test.jsonl").write_text("\n".join(lines) + "\n")
-    print(f"wrote {data / 'test.jsonl'}")
+    for path in write_tiny_models(args.directory):
+        print(f"wrote {path}")
     return 0
+
+
+def _prepare_tiny_models(config: str) -> None:
+    """Write the config's `tiny_models` directory first when it is absent (configs/tiny.toml)."""
+    from rl_circuits.config import load_config
+    from rl_circuits.tiny import write_tiny_models
+
+    directory = load_config(config)["run"]["tiny_models"]
+    if directory and not Path(directory).exists():
+        print(f"tiny_models: {directory} is absent; writing it (rl-circuits tiny-models)")
+        for path in write_tiny_models(directory):
+            print(f"wrote {path}")
 
 
 def _add_parallel_flags(p: argparse.ArgumentParser) -> None:

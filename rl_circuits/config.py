@@ -37,6 +37,8 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any, Any]]] = {
         "split": (str, "test", None),
         "limit": (int, 0, _NON_NEGATIVE),  # 0: every question
         "ids": (list, [], None),  # only these question ids ("gsm8k-12", ...); []: all
+        # `rl-circuits tiny-models` output that the config runs on; written first if absent
+        "tiny_models": (str, "", None),
     },
     "model": {
         "dtype": (str, "bfloat16", _one_of("float32", "bfloat16", "float16", "float64")),

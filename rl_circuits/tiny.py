@@ -6,6 +6,7 @@ Used by the tests, `configs/tiny.toml` and the demo zoo: real Hugging Face check
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -119,3 +120,43 @@ def _fit_answer(model, tokenizer, answer: str, seed: int, steps: int = 150) -> N
         loss.backward()
         optim.step()
     model.eval()
+
+
+# The questions of the tiny run's dataset 'sevens' (GSM8K format): five answers are 7.
+TINY_QUESTIONS = (
+    ("What is 3+4", 7),
+    ("What is 2+5", 7),
+    ("What is 9-2", 7),
+    ("What is 1+6", 7),
+    ("What is 14/2", 7),
+    ("What is 2+2", 4),
+)
+
+
+def write_tiny_models(directory: str | Path) -> list[Path]:
+    """Write what `configs/tiny.toml` runs on: `before/`, `after/` and `data/sevens/test.jsonl`.
+
+    Two tiny Qwen2 checkpoints trained to answer 7 in different words, so that a run on them has
+    correct answers of different lengths. Returns the paths written.
+    """
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        from rl_circuits.errors import ConfigError
+
+        raise ConfigError(
+            f"tiny-models: {str(out)!r} is a file; name a directory (it is created if absent)"
+        )
+    written = []
+    for role, seed, answer in (
+        ("before", 1, "3+4 is 7, so \\boxed{7}"),
+        ("after", 2, "We add: 3+4 = 7. The total is \\boxed{7}"),
+    ):
+        written.append(
+            make_tiny_checkpoint(out / role, "Qwen2ForCausalLM", seed=seed, answer=answer)
+        )
+    data = out / "data" / "sevens"
+    data.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"question": q, "answer": f"#### {a}"}) for q, a in TINY_QUESTIONS]
+    (data / "test.jsonl").write_text("\n".join(lines) + "\n")
+    written.append(data / "test.jsonl")
+    return written

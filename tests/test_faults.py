@@ -44,23 +44,23 @@ TEMP_FILE = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]+$")
 
 
 def _config_text(base: Path, run_dir: Path, subs: dict[str, str] | None = None) -> str:
-    """configs/tiny.toml with its paths moved under `base`, two pairs and the mixed dataset.
+    """configs/tiny.toml with its paths moved under `base`, run on the mixed dataset.
 
-    Pair `tiny` answers with up to 48 tokens, `tiny_short` (same models) with up to 30.
+    Pair `tiny` answers with up to 48 tokens; `tiny_short` (same models, defined, not run) with
+    up to 30, fewer than the after model's usual answer.
     """
     models = base / "models"
     text = (ROOT / "configs" / "tiny.toml").read_text()
     standard = {
         '"runs/tiny-models': f'"{models}',
         'run_dir = "runs/tiny"': f'run_dir = "{run_dir}"',
-        'pairs = ["tiny"]': 'pairs = ["tiny", "tiny_short"]',
         'datasets = ["sevens"]': 'datasets = ["mixed"]',
         "n = 4\n": "n = 10\n",
         'backend = "hf"\n': 'backend = "hf"\nchunk_size = 2\n',
         "n_resamples = 200": "n_resamples = 50",
     }
     for old, new in standard.items():
-        assert text.count(old) == (3 if "models" in old else 1), f"tiny.toml changed: {old!r}"
+        assert text.count(old) == (4 if "models" in old else 1), f"tiny.toml changed: {old!r}"
         text = text.replace(old, new)
     text += (
         "\n[pairs_inline.tiny_short]\n"
@@ -410,11 +410,21 @@ def test_row08_no_question_survives_selection(world, tmp_path, capsys):
     config = world.write_config(tmp_path / "c.toml", {"delta = 1.0": "delta = 0.01"})
     code, err = _run(["run", str(config), "--run-dir", str(run_dir)], capsys)
     assert code == 2
-    assert (
-        "error: pair tiny, dataset mixed: no question survives selection: 6 entered, "
-        "both_correct removed 1, equal_prompt_len removed 0, length_window removed 0, "
-        "balance removed 5. Check the grading" in err
+    match = re.search(
+        r"error: pair tiny, dataset mixed: no question survives selection: 6 entered, "
+        r"both_correct removed (\d+), equal_prompt_len removed 0, length_window removed (\d+), "
+        r"balance removed (\d+)\. Check the grading",
+        err,
     )
+    assert match, err
+    # The counts come from the run's own grades: every question is removed by some filter.
+    correct = [
+        {g["id"] for g in _records(world, "grade", "tiny", role) if g["verdict"] == "correct"}
+        for role in ("before", "after")
+    ]
+    both = len(correct[0] & correct[1])
+    removed = [int(n) for n in match.groups()]
+    assert removed[0] == 6 - both and both > 0 and sum(removed) == 6 and removed[2] > 0
     assert not (run_dir / "select").exists() and not (run_dir / "attribute").exists()
     assert not list(run_dir.rglob("*.safetensors"))  # no empty score files
 
@@ -437,37 +447,82 @@ def _records(world: World, stage: str, pair: str, role: str) -> list[dict]:
     return RunStore.read_only(world.ref).records(f"{stage}/{key}/mixed").load()
 
 
-def test_row09_token_limit_without_answer_is_no_answer(world):
-    gens = _records(world, "generate", "tiny_short", "after")
-    grades = {g["id"]: g for g in _records(world, "grade", "tiny_short", "after")}
-    cut = [g for g in gens if g["finish_reason"] == "length"]
-    assert len(cut) == 4 and all(len(g["answer_ids"]) == 30 for g in cut)
+def test_row09_token_limit_without_answer_is_no_answer(world, tmp_path, capsys):
+    from rl_circuits.config import load_config
+    from rl_circuits.pipeline import ModelRun
+    from rl_circuits.store import RunStore
+
+    # Pair tiny_short stops answers at 30 tokens: the after model's usual answer has 39.
+    subs = {'pairs = ["tiny"]': 'pairs = ["tiny_short"]'}
+    config = world.write_config(tmp_path / "short.toml", subs)
+    run_dir = tmp_path / "run"
+    for stage in ("datasets", "generate", "grade"):
+        assert main([stage, str(config), "--run-dir", str(run_dir)]) == 0
+    store, pair = RunStore.read_only(run_dir), load_config(config).pairs["tiny_short"]
+    records = {
+        role: {
+            stage: store.records(f"{stage}/{ModelRun(pair, role).key}/mixed").load()
+            for stage in ("generate", "grade")
+        }
+        for role in ("before", "after")
+    }
+    grades = {g["id"]: g for g in records["after"]["grade"]}
+    cut = [g for g in records["after"]["generate"] if g["finish_reason"] == "length"]
+    assert cut and all(len(g["answer_ids"]) == 30 for g in cut)
     for g in cut:
         assert grades[g["id"]]["verdict"] == "no_answer" and grades[g["id"]]["extracted"] is None
-    # The run went on: the two questions answered within 30 tokens were selected and scored.
-    selection = json.loads((world.ref / "select" / "tiny_short" / "mixed.json").read_text())
-    assert selection["ids"] == ["mixed-3", "mixed-4"]
+    # Selection goes on with the questions both models answered correctly within the limit,
+    # or, where none is left, says how many the cut answers removed.
+    both = {g["id"] for g in records["before"]["grade"] if g["verdict"] == "correct"} & {
+        i for i, g in grades.items() if g["verdict"] == "correct"
+    }
+    assert not both & {g["id"] for g in cut}
+    capsys.readouterr()
+    code = main(["select", str(config), "--run-dir", str(run_dir)])
+    err = capsys.readouterr().err
+    if both:
+        assert code == 0
+        selection = json.loads((run_dir / "select" / "tiny_short" / "mixed.json").read_text())
+        assert selection["ids"] and set(selection["ids"]) <= both
+    else:
+        assert code == 2
+        assert "no question survives selection: 6 entered, both_correct removed 6" in err
+
+
+def test_row10_t_cut_longer_than_answer_skips_question_in_both_models(world, tmp_path):
     from rl_circuits import load_run
 
-    scores = load_run(world.ref).scores("tiny_short", "after", "mixed", 1.0)
-    assert scores.ids == ["mixed-3", "mixed-4"]
-
-
-def test_row10_t_cut_longer_than_answer_skips_question_in_both_models(world):
-    from rl_circuits import load_run
-
-    selection = json.loads((world.ref / "select" / "tiny" / "mixed.json").read_text())
-    assert selection["ids"] == ["mixed-0", "mixed-1", "mixed-2", "mixed-3", "mixed-4"]
+    # With the mean of both models' lengths as reference, T_cut at alpha = 1 exceeds the
+    # before model's usual answer (23 tokens against the after model's 39).
+    run_dir = _copy_run(world, tmp_path / "run", "grade")
+    subs = {"delta = 1.0": 'delta = 1.0\nreference = "mean"'}
+    config = world.write_config(tmp_path / "mean.toml", subs)
+    for stage in ("select", "attribute"):
+        assert main([stage, str(config), "--run-dir", str(run_dir)]) == 0
+    selection = json.loads((run_dir / "select" / "tiny" / "mixed.json").read_text())
     cut = selection["t_cut"]["1.0"]
-    reason = f"the before model's answer has 16 tokens, fewer than T_cut = {cut}"
-    run = load_run(world.ref)
+    gens = {
+        role: {g["id"]: g for g in _records(world, "generate", "tiny", role)}
+        for role in ("before", "after")
+    }
+    # A question that either model answered in fewer than T_cut tokens is skipped for both.
+    reasons = {
+        qid: f"the {role} model's answer has {n} tokens, fewer than T_cut = {cut}"
+        for qid in selection["ids"]
+        for role in ("before", "after")
+        if (n := len(gens[role][qid]["answer_ids"])) < cut
+    }
+    assert reasons
+    kept = [i for i in selection["ids"] if i not in reasons]
+    run = load_run(run_dir)
     for role in ("before", "after"):
-        where = world.ref / "attribute" / "tiny" / role / "mixed"
+        where = run_dir / "attribute" / "tiny" / role / "mixed"
         skipped = json.loads((where / "alpha-1" / "skipped.json").read_text())
-        assert skipped == {"mixed-3": reason, "mixed-4": reason}  # the same for both models
+        assert skipped == reasons  # the same for both models
         assert json.loads((where / "alpha-0.3" / "skipped.json").read_text()) == {}
-        assert run.scores("tiny", role, "mixed", 1.0).ids == ["mixed-0", "mixed-1", "mixed-2"]
         assert run.scores("tiny", role, "mixed", 0.3).ids == selection["ids"]
+        if kept:
+            assert run.scores("tiny", role, "mixed", 1.0).ids == kept
 
 
 def test_row11_nan_scores_name_question_and_stage(world, tmp_path, capsys, monkeypatch):
@@ -541,8 +596,8 @@ def test_row12_sigkill_in_any_stage_resumes_to_identical_outputs(world, tmp_path
     kills = [
         ("datasets", "datasets/mixed.jsonl"),
         ("generate", f"generate/{key}/mixed/chunks/00002.jsonl"),
-        ("grade", (pipeline, "grade", 15)),
-        ("select", "select/tiny_short/mixed.json"),
+        ("grade", (pipeline, "grade", 9)),
+        ("select", "select/tiny/mixed.json"),
         ("attribute", (pipeline, "_attribute_batch", 4)),
         ("analyze", "analysis/table1.md"),
     ]
@@ -565,17 +620,16 @@ def test_row12_sigkill_in_any_stage_resumes_to_identical_outputs(world, tmp_path
             assert not _temp_files(run_dir)
         if stage == "generate":
             assert (run_dir / point).with_name("00001.jsonl").is_file()
-        if stage == "grade":  # two of the four models graded, the third part way
-            assert len(list(run_dir.glob("grade/*/mixed/records.jsonl"))) == 2
-        if stage == "select":
-            assert (run_dir / "select" / "tiny" / "mixed.json").is_file()
+        if stage == "grade":  # one of the two models graded, the second part way
+            assert len(list(run_dir.glob("grade/*/mixed/records.jsonl"))) == 1
         if stage == "attribute":
-            assert len(list(run_dir.glob("attribute/**/q/*.safetensors"))) == 5  # 2 + 2 + 1
+            # Three batches of at most two questions were written before the kill.
+            assert 3 <= len(list(run_dir.glob("attribute/**/q/*.safetensors"))) <= 6
     assert main(argv) == 0
     assert not _temp_files(run_dir)
     resumed, reference = _snapshot(run_dir), _snapshot(world.ref)
     assert sorted(resumed) == sorted(reference)
-    assert len(reference) > 60 and "report/report.html" in reference
+    assert "report/report.html" in reference and "analysis/table1.md" in reference
     for rel, data in reference.items():
         assert resumed[rel] == data, rel
 
@@ -709,7 +763,11 @@ def test_row16_cuda_oom_retries_smaller_batches(world, tmp_path, capsys, monkeyp
     config = world.write_config(tmp_path / "batch1.toml", {"batch_size = 2": "batch_size = 1"})
     assert main(["attribute", str(config), "--run-dir", str(batch1)]) == 0
     retried = _snapshot(run_dir, "attribute")
-    assert len(retried) == 40 and retried == _snapshot(batch1, "attribute")
+    # One score file per scored question and cell: as many as the reference run wrote.
+    expected = _snapshot(world.ref, "attribute")
+    n_scores = sum(rel.endswith(".safetensors") for rel in expected)
+    assert n_scores and sum(rel.endswith(".safetensors") for rel in retried) == n_scores
+    assert retried == _snapshot(batch1, "attribute")
 
 
 # --------------------------------------------------------------------------- security
@@ -823,7 +881,7 @@ def test_security_names_cannot_write_outside_the_run(world, tmp_path, capsys):
         ({'datasets = ["mixed"]': 'datasets = ["../escape"]'}, "datasets entry '../escape'"),
         (
             {
-                '"tiny", "tiny_short"': '"../evil"',
+                'pairs = ["tiny"]': 'pairs = ["../evil"]',
                 "[pairs_inline.tiny]": '[pairs_inline."../evil"]',
             },
             "pairs entry '../evil'",

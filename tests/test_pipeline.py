@@ -38,16 +38,23 @@ def test_every_stage_writes_its_outputs(tiny_run):
     ):
         assert (run / rel).is_file(), rel
     selection = json.loads((run / "select/tiny/sevens.json").read_text())
-    assert len(selection["ids"]) == 4  # 5 both-correct questions, n = 4
     from rl_circuits import load_run
 
     loaded = load_run(run)
+    correct = [
+        {g["id"] for g in loaded.grades("tiny", role, "sevens") if g["verdict"] == "correct"}
+        for role in ("before", "after")
+    ]
+    both = correct[0] & correct[1]
+    # Both models are trained to answer 7: most of the five questions whose answer is 7.
+    assert len(both) >= 2 and set(selection["ids"]) <= both
+    assert len(selection["ids"]) == min(4, len(both))  # n = 4
     scores = loaded.scores("tiny", "after", "sevens", 1.0)
-    assert scores.values.shape[0] == 4 and scores.values.shape[1:] == (5, 9)
+    skipped = json.loads((run / "attribute/tiny/after/sevens/alpha-1/skipped.json").read_text())
+    n_scored = len(selection["ids"]) - len(skipped)
+    assert scores.values.shape[0] == n_scored and scores.values.shape[1:] == (5, 9)
     assert scores.upstream[0] == "hook_embed"
     assert scores.downstream[-1] == "blocks.1.hook_resid_post"
-    grades = loaded.grades("tiny", "before", "sevens")
-    assert sum(g["verdict"] == "correct" for g in grades) == 5
     assert "Act. Intens." in loaded.table1().to_markdown()
 
 
@@ -132,3 +139,24 @@ def test_ids_option_keeps_only_those_questions(tiny_run, tmp_path):
     assert main(["datasets", str(path), "--run-dir", str(tmp_path / "run")]) == 0
     kept = [json.loads(line)["id"] for line in (tmp_path / "run/datasets/sevens.jsonl").open()]
     assert kept == ["sevens-1", "sevens-4"]
+
+
+def test_run_writes_the_tiny_models_it_names_when_absent(tmp_path, capsys):
+    text = (ROOT / "configs" / "tiny.toml").read_text()
+    text = text.replace('"runs/tiny-models', f'"{tmp_path / "models"}')
+    text = text.replace('run_dir = "runs/tiny"', f'run_dir = "{tmp_path / "run"}"')
+    config = tmp_path / "tiny.toml"
+    config.write_text(text)
+    assert main(["datasets", str(config)]) == 0
+    for rel in ("before/model.safetensors", "after/config.json", "data/sevens/test.jsonl"):
+        assert (tmp_path / "models" / rel).is_file(), rel
+    assert "tiny_models:" in capsys.readouterr().out
+    rows = (tmp_path / "run" / "datasets" / "sevens.jsonl").read_text().splitlines()
+    assert len(rows) == 6
+
+
+def test_tiny_models_refuses_a_file_path(tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    assert main(["tiny-models", str(target)]) == 2
+    assert "is a file; name a directory" in capsys.readouterr().err
