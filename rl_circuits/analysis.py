@@ -14,12 +14,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from rl_circuits.circuit_stage import circuit_alphas, circuit_file
 from rl_circuits.config import RunConfig, parse_config
 from rl_circuits.errors import RLCircuitsError
+from rl_circuits.faithfulness import compare_circuit_sizes, faithfulness, overlap_curve
 from rl_circuits.metrics import output_entropy
 from rl_circuits.pipeline import ROLES, ModelRun, attribution_dir
 from rl_circuits.plots import (
     diversity_bars,
+    faithfulness_curves,
     metric_vs_alpha,
     output_entropy_lines,
     relative_change_heatmap,
@@ -78,6 +81,10 @@ def stage_analyze(cfg: RunConfig, store: RunStore) -> None:
             "before": output_entropy(before.values.numpy(), mask).tolist(),
             "after": output_entropy(after.values.numpy(), mask).tolist(),
         }
+    if cfg["circuits"]["enabled"]:
+        circuit_rows, curves = _circuit_comparisons(cfg, store)
+        rows += circuit_rows
+        store.write_json("analysis/circuits.json", curves)
     if not rows:
         raise RLCircuitsError(
             "no attribution cell with at least two questions to analyze "
@@ -90,6 +97,65 @@ def stage_analyze(cfg: RunConfig, store: RunStore) -> None:
     store.write_text("analysis/table1.md", table.to_markdown())
     store.write_text("analysis/table1.tex", table.to_latex())
     store.mark_done("analyze", {"cells": len(rows)})
+
+
+def _circuit_comparisons(cfg: RunConfig, store: RunStore) -> tuple[list[dict], dict]:
+    """Circuit-size rows for Table 1 and the faithfulness curves, per pair x dataset x alpha."""
+    a, c = cfg["analyze"], cfg["circuits"]
+    rows, curves = [], {}
+    for pair in cfg.pairs.values():
+        for dataset in cfg["run"]["datasets"]:
+            for alpha in circuit_alphas(cfg):
+                files = [circuit_file(pair.name, role, dataset, alpha) for role in ROLES]
+                if not all(store.exists(f) for f in files):
+                    continue
+                before, after = (store.read_json(f) for f in files)
+                if len(before["ids"]) < 2 or before["ids"] != after["ids"]:
+                    continue
+                f_before, f_after = (
+                    faithfulness(
+                        np.asarray(r["losses"]), np.asarray(r["clean"]), np.asarray(r["none"])
+                    )
+                    for r in (before, after)
+                )
+                size_rows, band = compare_circuit_sizes(
+                    f_before,
+                    f_after,
+                    before["ks"],
+                    c["thresholds"],
+                    n_resamples=a["n_resamples"],
+                    seed=a["seed"],
+                )
+                info = {"pair": pair.name, "algorithm": pair.algorithm, "dataset": dataset}
+                rows += [_plain({**info, "alpha": alpha, **r}) for r in size_rows]
+                scores = [
+                    store.read_scores(
+                        f"{attribution_dir(pair.name, role, dataset, alpha)}/scores.safetensors"
+                    )
+                    for role in ROLES
+                ]
+                key = (lambda v: v.abs()) if c["ranking"] == "abs" else (lambda v: v)
+                band["overlap"] = overlap_curve(
+                    key(scores[0].values.double()).mean(0).numpy(),
+                    key(scores[1].values.double()).mean(0).numpy(),
+                    scores[0].edge_mask.numpy(),
+                    before["ks"],
+                    c["ranking"],
+                )
+                band["sizes"] = {r["metric"]: [r["before"], r["after"]] for r in size_rows}
+                curves[f"{pair.name}|{dataset}|{alpha:g}"] = _plain_tree(band)
+    return rows, curves
+
+
+def _plain_tree(obj):
+    """NaN -> None throughout nested lists and dicts (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {k: _plain_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain_tree(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
 
 
 def _plain(record: dict) -> dict:
@@ -191,7 +257,27 @@ class Run:
                 )
         for metric in TABLE_METRICS:
             figures[f"{metric} vs alpha"] = metric_vs_alpha(df, metric)
+        if self.store.exists("analysis/circuits.json"):
+            for key, curves in self.store.read_json("analysis/circuits.json").items():
+                pair, dataset, alpha = key.split("|")
+                sizes = ", ".join(
+                    f"{name.replace('circuit_size_', 'size@')}: {b} -> {a}"
+                    for name, (b, a) in curves["sizes"].items()
+                )
+                figures[f"Faithfulness: {pair}, {dataset}, alpha={alpha}"] = faithfulness_curves(
+                    curves,
+                    title=f"Faithfulness of the top-k edges ({pair}, {dataset}, alpha={alpha}; "
+                    f"{sizes})",
+                )
         return figures
+
+    def circuits(self, pair: str, role: str, dataset: str, alpha: float) -> dict:
+        """The circuits stage's per-question losses of one cell: ids, ks, losses, clean, none."""
+        return self.store.read_json(circuit_file(pair, role, dataset, alpha))
+
+    def circuit_curves(self) -> dict:
+        """Mean faithfulness curves, bands, overlap and sizes per "pair|dataset|alpha"."""
+        return self.store.read_json("analysis/circuits.json")
 
 
 def load_run(path: str | Path) -> Run:

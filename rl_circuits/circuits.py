@@ -3,8 +3,8 @@
 `evaluate_circuit` keeps the edges of a boolean mask and removes every other edge (u, d) by
 subtracting O_u from d's input, all in one forward pass. O_u is what u writes in that same pass
 (as EAP-IG's `evaluate_graph` does), so the removals compose exactly as the circuit runs.
-Faithfulness f(k) = (L_none - L_k) / (L_none - L_clean) of the top-k edges, on a log grid of k,
-tells how many edges carry the behaviour; `circuit_size` is the smallest k reaching a threshold.
+`top_k_circuits` on a `log_grid` of k gives the circuits whose losses make a faithfulness curve
+(`rl_circuits.faithfulness`).
 """
 
 from __future__ import annotations
@@ -146,29 +146,3 @@ def top_k_circuits(
     for i, k in enumerate(ks):
         out[i, order[:k]] = True
     return out.reshape(len(ks), *scores.shape)
-
-
-def faithfulness(
-    losses: Float[np.ndarray, "k batch"],
-    clean: Float[np.ndarray, " batch"],
-    none: Float[np.ndarray, " batch"],
-) -> Float[np.ndarray, "k batch"]:
-    """f(k) = (L_none - L_k) / (L_none - L_clean) per sample: 1 is the whole model, 0 nothing."""
-    span = none - clean
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(span != 0, (none - losses) / span, np.nan)
-
-
-def circuit_size(
-    curve: Float[np.ndarray, "*rest k"], ks: Sequence[int], threshold: float
-) -> Float[np.ndarray, "*rest"]:
-    """The smallest grid k whose faithfulness reaches `threshold` (NaN where none does)."""
-    reached = curve >= threshold
-    first = reached.argmax(-1)
-    return np.where(reached.any(-1), np.asarray(ks, dtype=float)[first], np.nan)
-
-
-def jaccard(a: Bool[np.ndarray, "*shape"], b: Bool[np.ndarray, "*shape"]) -> float:
-    """|a & b| / |a | b| of two edge sets (1.0 for two empty sets)."""
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-STAGES = ("datasets", "generate", "grade", "select", "attribute", "analyze", "report")
+STAGES = ("datasets", "generate", "grade", "select", "attribute", "circuits", "analyze", "report")
 CHECK_PROMPT = "Natalia sold clips to 48 of her friends in April. 48 / 2 = 24. \\boxed{72}"
 
 
@@ -61,7 +61,7 @@ def _open(args):
 
 
 def stage_functions() -> dict:
-    from rl_circuits import analysis, pipeline
+    from rl_circuits import analysis, circuit_stage, pipeline
 
     return {
         "datasets": pipeline.stage_datasets,
@@ -69,6 +69,7 @@ def stage_functions() -> dict:
         "grade": pipeline.stage_grade,
         "select": pipeline.stage_select,
         "attribute": pipeline.stage_attribute,
+        "circuits": circuit_stage.stage_circuits,
         "analyze": analysis.stage_analyze,
         "report": analysis.stage_report,
     }

@@ -73,6 +73,16 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any, Any]]] = {
         "efficient_attention": (bool, True, None),
         "checkpoint": (bool, False, None),
     },
+    "circuits": {  # the optional faithfulness stage (rl_circuits.circuit_stage)
+        "enabled": (bool, False, None),
+        "points": (int, 20, (">= 2", lambda v: v >= 2)),  # log grid of k, 1 edge to all
+        "thresholds": (list, [0.8, 0.9], None),  # circuit size: smallest k with f(k) >= t
+        "ablation": (str, "zero", _one_of("zero", "mean")),
+        "ranking": (str, "abs", _one_of("abs", "signed")),  # top edges by |score| or score
+        "rank_by": (str, "mean", _one_of("mean", "sample")),  # mean over questions, or each
+        "alphas": (list, [], None),  # cells to evaluate; []: every select.alphas entry
+        "batch_size": (int, 8, _AT_LEAST_ONE),
+    },
     "analyze": {
         "n_resamples": (int, 1000, _AT_LEAST_ONE),
         "seed": (int, 0, None),
@@ -175,6 +185,20 @@ def _check_cross_fields(values: dict[str, dict[str, Any]], source: str) -> None:
             f"{source}: select.alphas = {alphas!r} is out of range: must be a non-empty list of "
             "finite numbers > 0"
         )
+    circuits = values["circuits"]
+    for key, allowed in (("thresholds", "in (0, 1]"), ("alphas", "among select.alphas")):
+        entries = circuits[key]
+        ok = all(
+            not isinstance(v, bool)
+            and isinstance(v, int | float)
+            and (0 < v <= 1 if key == "thresholds" else float(v) in map(float, alphas))
+            for v in entries
+        )
+        if not ok or (key == "thresholds" and not entries):
+            raise ConfigError(
+                f"{source}: circuits.{key} = {entries!r} is out of range: each entry must be "
+                f"a number {allowed}"
+            )
     for key in ("pairs", "datasets"):
         if not run[key] or not all(isinstance(v, str) and v for v in run[key]):
             raise ConfigError(f"{source}: {key} must be a non-empty list of names")

@@ -17,7 +17,13 @@ from plotly.subplots import make_subplots
 from rl_circuits.metrics import Mask, Scores, check_mask, check_scores, relative_change
 from rl_circuits.stats import METRIC_LABELS
 
-__all__ = ["diversity_bars", "metric_vs_alpha", "output_entropy_lines", "relative_change_heatmap"]
+__all__ = [
+    "diversity_bars",
+    "faithfulness_curves",
+    "metric_vs_alpha",
+    "output_entropy_lines",
+    "relative_change_heatmap",
+]
 
 BEFORE_COLOUR, AFTER_COLOUR = "#1f77b4", "#d62728"
 
@@ -206,4 +212,40 @@ def metric_vs_alpha(df: pd.DataFrame, metric: str) -> go.Figure:
     figure.update_layout(
         title=f"{METRIC_LABELS.get(metric, metric)} vs α", height=280 * len(datasets) + 120
     )
+    return figure
+
+
+def faithfulness_curves(curves: dict, title: str = "Faithfulness of the top-k edges") -> go.Figure:
+    """Mean faithfulness f(k) before and after with bootstrap bands against k (log axis), and
+    the Jaccard overlap of the two models' top-k circuits (dotted, same axis).
+
+    `curves` holds `ks`, `before`, `after`, their `*_low`/`*_high` bands and `overlap`, as
+    `rl_circuits.faithfulness.compare_circuit_sizes` and `overlap_curve` return them.
+    """
+    x = np.asarray(curves["ks"], float)
+    figure = go.Figure()
+    for model, colour in (("before", BEFORE_COLOUR), ("after", AFTER_COLOUR)):
+        low = np.asarray(curves[f"{model}_low"], float)
+        high = np.asarray(curves[f"{model}_high"], float)
+        figure.add_trace(_band(x, low, high, colour, model))
+        figure.add_scatter(
+            x=x,
+            y=np.asarray(curves[model], float),
+            mode="lines+markers",
+            name=model,
+            line_color=colour,
+            legendgroup=model,
+            hovertemplate="k = %{x}<br>f(k) = %{y:.3f}<extra>" + model + "</extra>",
+        )
+    if "overlap" in curves:
+        figure.add_scatter(
+            x=x,
+            y=np.asarray(curves["overlap"], float),
+            mode="lines",
+            name="overlap (Jaccard)",
+            line={"color": "#555555", "dash": "dot"},
+        )
+    figure.update_xaxes(type="log", title_text="k (top edges kept)")
+    figure.update_yaxes(title_text="faithfulness f(k)")
+    figure.update_layout(title=title, height=420)
     return figure

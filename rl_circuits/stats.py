@@ -52,6 +52,14 @@ METRIC_LABELS: Mapping[str, str] = MappingProxyType(
 )
 """Row labels of Table 1, as the paper abbreviates them."""
 
+
+def metric_label(metric: str) -> str:
+    """A metric's row label: the paper's abbreviation, "Circuit size (f≥0.8)", or its name."""
+    if metric.startswith("circuit_size_") and metric[13:].isdigit():
+        return f"Circuit size (f≥{int(metric[13:]) / 100:g})"
+    return METRIC_LABELS.get(metric, metric)
+
+
 COLUMNS = (
     "metric",
     "before",
@@ -475,7 +483,7 @@ def table1(
 
     present = set(zip(long["dataset"], long["metric"], long["alpha"], strict=True))
     index_rows = [
-        (d, METRIC_LABELS.get(m, m), float(a))
+        (d, metric_label(m), float(a))
         for d in datasets
         for m in metrics
         for a in sorted({float(x) for (dd, mm, x) in present if (dd, mm) == (d, m)})
@@ -492,7 +500,7 @@ def table1(
     value: dict[tuple, float] = {}
     for record in long.to_dict("records"):
         metric, pair = record["metric"], record["pair"]
-        row = (record["dataset"], METRIC_LABELS.get(metric, metric), float(record["alpha"]))
+        row = (record["dataset"], metric_label(metric), float(record["alpha"]))
         value[row, (pair, "before")] = float(record["before"])
         value[row, (pair, "after")] = float(record["after"])
         text[row, (pair, before_label)] = format_value(float(record["before"]))

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from rl_circuits.attribution import attribute, masked_nll
-from rl_circuits.circuits import (
+from rl_circuits.circuits import evaluate_circuit, log_grid, top_k_circuits
+from rl_circuits.faithfulness import (
     circuit_size,
-    evaluate_circuit,
+    compare_circuit_sizes,
     faithfulness,
     jaccard,
-    log_grid,
-    top_k_circuits,
+    overlap_curve,
 )
 from rl_circuits.graph import GRAPHS, build_graph
 from rl_circuits.loading import load_model
@@ -188,3 +188,32 @@ def test_faithfulness_and_circuit_size():
     assert log_grid(3, 20) == [1, 2, 3]
     a = np.array([True, True, False])
     assert jaccard(a, np.array([False, True, True])) == pytest.approx(1 / 3)
+
+
+def test_circuit_size_comparison_finds_a_larger_circuit_and_its_interval():
+    ks = [1, 2, 4, 8, 16, 32]
+    rng = np.random.default_rng(0)
+    n = 40
+    # before reaches 0.8 at k = 4, after only at k = 16; per-question noise around that.
+    base_b = np.array([0.1, 0.5, 0.85, 0.95, 0.99, 1.0])
+    base_a = np.array([0.05, 0.2, 0.4, 0.7, 0.9, 1.0])
+    before = base_b[:, None] + rng.normal(0, 0.02, (6, n))
+    after = base_a[:, None] + rng.normal(0, 0.02, (6, n))
+    rows, band = compare_circuit_sizes(before, after, ks, [0.8, 0.9], n_resamples=300)
+    size80 = rows[0]
+    assert size80["metric"] == "circuit_size_80" and size80["n"] == n
+    assert (size80["before"], size80["after"], size80["diff"]) == (4.0, 16.0, 12.0)
+    assert size80["ci_low"] > 0 and size80["significant"] and size80["p_value"] < 0.01
+    assert rows[1]["before"] == 8.0 and rows[1]["after"] == 16.0
+    assert len(band["before"]) == len(ks)
+    assert all(
+        lo <= m <= hi
+        for lo, m, hi in zip(band["after_low"], band["after"], band["after_high"], strict=True)
+    )
+    # The same curves on both sides: no difference, interval around 0, not significant.
+    same, _ = compare_circuit_sizes(before, before, ks, [0.8], n_resamples=300)
+    assert same[0]["diff"] == 0 and not same[0]["significant"] and same[0]["p_value"] == 1.0
+    mask = np.ones((2, 2), dtype=bool)
+    scores = np.array([[1.0, 2.0], [3.0, 4.0]])
+    assert overlap_curve(scores, scores, mask, [1, 4]) == [1.0, 1.0]
+    assert overlap_curve(scores, -scores, mask, [1], ranking="signed") == [0.0]

@@ -64,7 +64,7 @@ def test_second_run_does_nothing(tiny_run, capsys):
     assert main(["run", str(config)]) == 0
     assert _files(base / "run") == before
     out = capsys.readouterr().out
-    assert out.count(": done") == 7
+    assert out.count(": done") == 8
 
 
 def test_changed_config_is_refused(tiny_run, tmp_path, capsys):
