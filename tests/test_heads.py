@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from test_attribution import clean_outputs, hand_ablated_loss
@@ -240,3 +242,64 @@ def test_no_per_head_copy_of_the_residual_stream(tmp_path):
             attribute(model, tokens, mask, graph="heads", checkpoint=checkpoint)
         # the largest: a few heads' input gradients at a time, CHUNK residual copies
         assert mode.largest == heads.CHUNK * tokens.numel() * cfg.d_model < per_head_copy
+
+
+@pytest.fixture(scope="module")
+def heads_run(tiny_run, tmp_path_factory):
+    """The tiny pipeline (tests' trained tiny models) rerun with attribute.graph = "heads"."""
+    from rl_circuits.cli import main
+
+    base, config = tiny_run
+    out = tmp_path_factory.mktemp("heads-run")
+    text = config.read_text().replace('graph = "paper"', 'graph = "heads"')
+    text = text.replace(f'run_dir = "{base / "run"}"', f'run_dir = "{out / "run"}"')
+    assert 'graph = "heads"' in text and str(out) in text
+    path = out / "heads.toml"
+    path.write_text(text)
+    assert main(["run", str(path)]) == 0
+    return out / "run"
+
+
+def test_pipeline_runs_the_heads_graph_end_to_end(heads_run):
+    from rl_circuits import load_run
+
+    run = load_run(heads_run)
+    assert run.config["attribute"]["graph"] == "heads"
+    scores = run.scores("tiny", "after", "sevens", 1.0)
+    n_layers, n_heads = 2, 4  # the tiny models
+    graph = build_graph("heads", n_layers, n_heads)
+    assert scores.values.shape == (4, len(graph.upstream), len(graph.downstream))
+    assert scores.upstream == graph.upstream and scores.downstream == graph.downstream
+    assert torch.equal(scores.edge_mask, graph.edge_mask)
+    assert scores.meta["graph"] == "heads"
+    assert (scores.values[:, ~scores.edge_mask] == 0).all()
+    assert scores.values[:, scores.edge_mask].abs().min() >= 0
+    table = run.table1().to_markdown()
+    assert "Act. Intens." in table
+    html = (heads_run / "report" / "report.html").read_text()
+    assert "each head&#x27;s outputs" in html or "each head's outputs" in html
+    assert "blocks.1.hook_q_input[3]" in html  # the drill-down into one layer's q/k/v heads
+    assert "graph heads" in html
+
+
+def test_notebooks_run_on_the_heads_graph(heads_run, monkeypatch):
+    import json
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("RL_CIRCUITS_RUN", str(heads_run))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    root = Path(__file__).resolve().parents[1] / "notebooks"
+    for path in sorted(root.glob("*.ipynb")):
+        book = nbformat.read(path, as_version=4)
+        NotebookClient(book, timeout=300, resources={"metadata": {"path": str(root)}}).execute()
+        text = "\n".join(
+            out.get("text", "") + json.dumps(out.get("data", {}))
+            for cell in book.cells
+            if cell.cell_type == "code"
+            for out in cell.outputs
+        )
+        assert "Traceback" not in text, path.name
+        if path.name.startswith("02"):
+            assert "exact loss change" in text and "[" in text.split("edge ")[-1]
