@@ -479,3 +479,29 @@ def _ablated(model: HookedTransformer, site, removed: torch.Tensor) -> Iterator[
     finally:
         for handle in handles:
             handle.remove()
+
+
+def buffer_bytes(cfg, batch: int, pos: int, dtype: torch.dtype = torch.float32) -> dict[str, int]:
+    """Bytes of the heads engine's buffers for one call (`dtype`: float32 unless the model is
+    float64), and of its largest transients: for memory estimates at scales not run here."""
+    item = torch.empty((), dtype=dtype).element_size()
+    n_layers, n_heads, d_model = cfg.n_layers, cfg.n_heads, cfg.d_model
+    width = n_heads * cfg.d_head
+    n_up = 1 + n_layers * (n_heads + 1)
+    n_down = n_layers * (3 * n_heads + 1) + 1
+    residual = batch * pos * d_model * item
+    sizes = {
+        "outputs: embedding and MLP outputs [b, L+1, pos, d_model]": (n_layers + 1) * residual,
+        "z of every layer [b, L, H d_head, pos]": n_layers * batch * pos * width * item,
+        "ln1 inputs / r [b, L, pos, d_model]": n_layers * residual + n_layers * batch * pos * item,
+        "rank-1 coefficients t [b, L, 3, H, pos]": n_layers * 3 * n_heads * batch * pos * item,
+        "MLP-input and logits gradients [b, L+1, pos, d_model]": (n_layers + 1) * residual,
+        "scores [b, n_up, n_down]": batch * n_up * n_down * item,
+    }
+    transient = {
+        # a few heads' input gradients, their product with xhat, and the result of the bmm
+        "head chunk (a, a * xhat, g) 3 x [b, CHUNK, pos, d_model]": 3 * CHUNK * residual,
+        "C and K [H d_head, H d_head] per layer pair": 2 * batch * width * width * item,
+        "gradient at q/k/v [b, pos, H, d_head] as float32": batch * pos * width * item,
+    }
+    return {"buffers": sizes, "transients": transient}

@@ -303,3 +303,52 @@ def test_notebooks_run_on_the_heads_graph(heads_run, monkeypatch):
         assert "Traceback" not in text, path.name
         if path.name.startswith("02"):
             assert "exact loss change" in text and "[" in text.split("edge ")[-1]
+
+
+def test_buffer_sizes_used_for_estimates_are_the_engines(models64):
+    """heads.buffer_bytes (the 7B memory estimate's input) matches what the engine allocates."""
+    model = models64["MistralForCausalLM"]
+    state = heads._State(model, 2, 10, "cpu", torch.float64)
+    sizes = heads.buffer_bytes(model.cfg, 2, 10, torch.float64)["buffers"]
+    allocated = [state.full, state.z, state.xhat, state.rinv, state.t, state.grads]
+    graph = build_graph("heads", model.cfg.n_layers, model.cfg.n_heads)
+    scores = 2 * len(graph.upstream) * len(graph.downstream) * 8
+    assert sum(sizes.values()) == sum(x.numel() * 8 for x in allocated) + scores
+
+
+def test_heatmap_sums_heads_per_layer_and_drills_down():
+    from rl_circuits.plots import relative_change_heatmap
+
+    graph = build_graph("heads", 2, n_heads=3)
+    gen = torch.Generator().manual_seed(15)
+    shape = (4, len(graph.upstream), len(graph.downstream))
+    before = torch.randn(shape, generator=gen, dtype=torch.float64) * graph.edge_mask
+    after = torch.randn(shape, generator=gen, dtype=torch.float64) * graph.edge_mask
+    figure = relative_change_heatmap(
+        before, after, graph.upstream, graph.downstream, graph.edge_mask
+    )
+    summary = figure.data[0]
+    assert summary.visible and not any(trace.visible for trace in figure.data[1:])
+    assert list(summary.y)[:3] == [
+        "hook_embed",
+        "blocks.0.attn.hook_result",
+        "blocks.0.hook_mlp_out",
+    ]
+    row, col = (
+        list(summary.y).index("blocks.0.attn.hook_result"),
+        list(summary.x).index("blocks.1.hook_k_input"),
+    )
+    ups = [graph.upstream.index(f"blocks.0.attn.hook_result[{h}]") for h in range(3)]
+    downs = [graph.downstream.index(f"blocks.1.hook_k_input[{h}]") for h in range(3)]
+    b = before.abs().mean(0)[ups][:, downs].sum().item()
+    a = after.abs().mean(0)[ups][:, downs].sum().item()
+    assert summary.customdata[row][col][0] == pytest.approx(b, rel=1e-6)
+    assert summary.z[row][col] == pytest.approx((a - b) / b, rel=1e-5)
+    assert torch.isnan(torch.tensor(summary.z[row][list(summary.x).index("blocks.0.hook_q_input")]))
+    menu = [button.label for button in figure.layout.updatemenus[0].buttons]
+    assert menu[0] == "all nodes, heads summed per layer"
+    assert "blocks.1.attn.hook_result: each head's outputs" in menu
+    assert "blocks.0: each head's q/k/v inputs" in menu
+    heads_of_1 = figure.data[menu.index("blocks.1.attn.hook_result: each head's outputs")]
+    assert list(heads_of_1.y) == [f"blocks.1.attn.hook_result[{h}]" for h in range(3)]
+    assert len(figure.data) == 1 + 2 + 2
