@@ -58,11 +58,6 @@ def check_supported(model: HookedTransformer) -> None:
         problems.append("attention-only blocks (no MLP)")
     if cfg.positional_embedding_type == "shortformer":
         problems.append("shortformer positional embeddings")
-    if cfg.use_split_qkv_input or cfg.use_attn_in or cfg.use_attn_result:
-        problems.append(
-            "per-head hooks switched on (set_use_split_qkv_input / set_use_attn_in / "
-            "set_use_attn_result: turn them off)"
-        )
     if problems:
         raise ValueError(
             f"graph='heads' does not support {'; '.join(problems)}; use graph='paper' for this "
@@ -70,20 +65,37 @@ def check_supported(model: HookedTransformer) -> None:
         )
 
 
+# TransformerLens flags set while attributing: one key and value per query head, and none of
+# the optional per-head copies of the residual stream (same function, hooks it does not need;
+# EAP-IG's recipe switches these on).
+_FLAGS = {
+    "ungroup_grouped_query_attention": True,
+    "use_split_qkv_input": False,
+    "use_attn_in": False,
+    "use_attn_result": False,
+    "use_hook_mlp_in": False,
+}
+
+
 @contextmanager
 def ungrouped_kv(model: HookedTransformer) -> Iterator[None]:
-    """One key and value per query head (TransformerLens's flag), restored on exit."""
+    """One key and value per query head and no per-head input/output copies (TransformerLens
+    flags, which leave the model's function unchanged); the user's flags restored on exit."""
     configs = {id(model.cfg): model.cfg}
-    for block in model.blocks:
-        configs[id(block.attn.cfg)] = block.attn.cfg
-    saved = [(cfg, cfg.ungroup_grouped_query_attention) for cfg in configs.values()]
+    for module in model.modules():
+        cfg = getattr(module, "cfg", None)
+        if cfg is not None and hasattr(cfg, "ungroup_grouped_query_attention"):
+            configs[id(cfg)] = cfg
+    saved = [(cfg, {k: getattr(cfg, k) for k in _FLAGS}) for cfg in configs.values()]
     try:
         for cfg, _ in saved:
-            cfg.ungroup_grouped_query_attention = True
+            for key, value in _FLAGS.items():
+                setattr(cfg, key, value)
         yield
     finally:
-        for cfg, flag in saved:
-            cfg.ungroup_grouped_query_attention = flag
+        for cfg, flags in saved:
+            for key, value in flags.items():
+                setattr(cfg, key, value)
 
 
 @dataclass(frozen=True)

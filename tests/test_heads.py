@@ -193,6 +193,30 @@ def test_unsupported_models_are_refused_by_name():
     attribute(model, tokens, mask, graph="paper")  # the coarser graph still works
 
 
+def test_eap_ig_recipe_flags_are_tolerated_and_restored(models64):
+    """A model set up for EAP-IG (split q/k/v inputs, hook_result, mlp_in, ungrouped) gives
+    the same scores, and keeps its flags."""
+    model = models64["MistralForCausalLM"]
+    tokens, mask = _batch(seed=16)
+    plain = attribute(model, tokens, mask, graph="heads")
+    flags = dict(
+        use_split_qkv_input=True,
+        use_attn_result=True,
+        use_hook_mlp_in=True,
+        ungroup_grouped_query_attention=True,
+    )
+    saved = {key: getattr(model.cfg, key) for key in flags}
+    try:
+        for key, value in flags.items():
+            setattr(model.cfg, key, value)
+        recipe = attribute(model, tokens, mask, graph="heads")
+        assert {key: getattr(model.cfg, key) for key in flags} == flags
+    finally:
+        for key, value in saved.items():
+            setattr(model.cfg, key, value)
+    torch.testing.assert_close(recipe.values, plain.values, rtol=1e-6, atol=1e-9)
+
+
 def test_model_left_as_found(models64):
     model = models64["Qwen2ForCausalLM"]
     tokens, mask = _batch(seed=13)
