@@ -10,6 +10,7 @@ weights drawn on the GPU. For 1k, 2k, 4k and 8k tokens (one sample) it measures:
   eap_tl      attribute(graph="paper", efficient_attention=False)
   eap         attribute(graph="paper")                     (efficient attention, the default)
   eap_ckpt    attribute(graph="paper", checkpoint=True)     (blocks recomputed in backward)
+  heads_ckpt  attribute(graph="heads", checkpoint=True)     (every head a node)
 
 Peak memory is torch.cuda.max_memory_allocated during the call minus the memory allocated
 before it (the weights); time is the minimum of the timed calls after one warm-up.
@@ -87,7 +88,7 @@ SMOKE = dict(
     num_key_value_heads=2,
     vocab_size=512,
 )
-METHODS = ("fwd_bwd_tl", "fwd_bwd", "eap_tl", "eap", "eap_ckpt")
+METHODS = ("fwd_bwd_tl", "fwd_bwd", "eap_tl", "eap", "eap_ckpt", "heads_ckpt")
 
 
 def random_model(
@@ -150,9 +151,9 @@ def _call(model: HookedTransformer, method: str, tokens, mask) -> None:
             model,
             tokens,
             mask,
-            graph="paper",
+            graph="heads" if method == "heads_ckpt" else "paper",
             efficient_attention=method != "eap_tl",
-            checkpoint=method == "eap_ckpt",
+            checkpoint=method in ("eap_ckpt", "heads_ckpt"),
         )
 
 

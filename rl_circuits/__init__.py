@@ -13,6 +13,7 @@ _EXPORTS = {
     "EdgeScores": "rl_circuits.attribution",
     "masked_nll": "rl_circuits.attribution",
     "build_graph": "rl_circuits.graph",
+    "parse_node": "rl_circuits.graph",
     "load_run": "rl_circuits.analysis",
     "compare": "rl_circuits.stats",
     "table1": "rl_circuits.analysis",

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens import HookedTransformer
 
-from rl_circuits import efficient
+from rl_circuits import efficient, heads
 from rl_circuits.errors import NumericalError
 from rl_circuits.graph import Graph, build_graph
 
@@ -81,23 +81,31 @@ def attribute(
     embedding to the real one, Hanna et al. 2024), `exact` (one forward per edge with O_u
     really removed from H_d; for validation on small models).
 
+    `graph="heads"` scores every attention head as a node (`rl_circuits.heads`: no per-head
+    copy of the residual stream is ever made; keys and values per query head).
     `efficient_attention` computes attention with fused kernels (memory linear in pos, no
     pattern tensors; hooks on `hook_pattern`/`hook_attn_scores` then raise): same scores.
     `checkpoint` recomputes each block in the backward pass: less memory, one more forward.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    g = build_graph(graph, model.cfg.n_layers)
+    g = build_graph(graph, model.cfg.n_layers, model.cfg.n_heads)
     tokens, loss_mask = _check_inputs(model, tokens, loss_mask)
+    per_head = g.name == "heads"
+    if per_head:
+        heads.check_supported(model)
     attention = efficient.efficient_attention(model) if efficient_attention else nullcontext()
     blocks = efficient.checkpoint_blocks(model) if checkpoint else nullcontext()
-    with _frozen(model), torch.enable_grad(), attention, blocks:
+    ungrouped = heads.ungrouped_kv(model) if per_head else nullcontext()
+    with _frozen(model), torch.enable_grad(), ungrouped, attention, blocks:
         if method == "exact":
-            values, loss = _exact_scores(model, tokens, loss_mask, g, metric)
+            exact = heads.exact_scores if per_head else _exact_scores
+            values, loss = exact(model, tokens, loss_mask, g, metric)
         else:
             steps = 1 if method == "eap" else ig_steps
             scales = [k / steps for k in range(steps, 0, -1)]  # the real input first
-            values, loss = _gradient_scores(model, tokens, loss_mask, g, metric, scales)
+            gradient = heads.gradient_scores if per_head else _gradient_scores
+            values, loss = gradient(model, tokens, loss_mask, g, metric, scales)
     _check_finite(loss, values, sample_ids, method)
     return EdgeScores(
         values=values.float().cpu(),

@@ -42,7 +42,7 @@ def cmd_check_model(args) -> int:
         f"{diff:.3e}"
     )
     for name in GRAPHS:
-        graph = build_graph(name, model.cfg.n_layers)
+        graph = build_graph(name, model.cfg.n_layers, model.cfg.n_heads)
         print(
             f"graph {name!r}: {len(graph.upstream)} upstream x {len(graph.downstream)} "
             f"downstream nodes, {graph.n_edges} edges"

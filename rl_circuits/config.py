@@ -66,7 +66,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any, Any]]] = {
         "window": (str, "pair_mean", _one_of("pair_mean", "each")),
     },
     "attribute": {
-        "graph": (str, "paper", _one_of("paper", "block", "residual")),
+        "graph": (str, "paper", _one_of("paper", "block", "residual", "heads")),
         "method": (str, "eap", _one_of("eap", "eap-ig", "exact")),
         "ig_steps": (int, 8, _AT_LEAST_ONE),
         "batch_size": (int, 1, _AT_LEAST_ONE),

@@ -3,18 +3,29 @@
 Upstream nodes are the writers to the residual stream (embedding, each attention and MLP
 output); downstream nodes are its readers. Each downstream node also has a *site*: the place in
 a HookedTransformer's forward pass where its input can be read, hooked and ablated.
+
+The `heads` graph makes every attention head a node: upstream, head h of layer l writes
+`blocks.{l}.attn.hook_result[{h}]` (z_h W_O[h], as TransformerLens's `hook_result`); downstream,
+each head reads its own query, key and value inputs `blocks.{l}.hook_{q,k,v}_input[{h}]` (one
+per query head, as TransformerLens's split-qkv inputs with `ungroup_grouped_query_attention`).
+An attention output bias b_O belongs to no head (as in TransformerLens and EAP-IG): it is not
+an upstream node of the heads graph, so its edges are not scored there, while the paper
+graph's `hook_attn_out` includes it. Llama, Mistral and Qwen2 have no output bias (b_O = 0),
+so summing a layer's head scores gives the paper graph's scores exactly.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from jaxtyping import Bool
 
-GraphName = Literal["paper", "block", "residual"]
-GRAPHS: tuple[str, ...] = ("paper", "block", "residual")
+GraphName = Literal["paper", "block", "residual", "heads"]
+GRAPHS: tuple[str, ...] = ("paper", "block", "residual", "heads")
+_HEAD_NAME = re.compile(r"^(?P<hook>[A-Za-z0-9_.]+)\[(?P<head>[0-9]+)\]$")
 
 
 @dataclass(frozen=True)
@@ -24,12 +35,16 @@ class Site:
     `module` is a submodule path of the HookedTransformer. `kind="input"`: the input of a norm
     module, on the given `calls` of it within one forward (TransformerLens calls `ln1` three
     times, for the query, key and value inputs, in that order). `kind="output"`: the output
-    of a HookPoint (a residual-stream state, seen by all of its readers).
+    of a HookPoint (a residual-stream state, seen by all of its readers). `kind="head"`: the
+    input of one head's query, key or value projection; `module` is the HookPoint `hook_q`,
+    `hook_k` or `hook_v` of the attention layer (output [batch, pos, n_heads, d_head], keys and
+    values ungrouped) and `head` the head whose slice that input produces.
     """
 
     module: str
-    kind: Literal["input", "output"]
+    kind: Literal["input", "output", "head"]
     calls: tuple[int, ...] = (0,)
+    head: int | None = None
 
 
 @dataclass(frozen=True)
@@ -52,18 +67,42 @@ class Graph:
         return sum(self.n_before)
 
 
-def upstream_nodes(n_layers: int) -> tuple[str, ...]:
-    """`hook_embed`, then per layer `hook_attn_out`, `hook_mlp_out`: residual order (1 + 2L)."""
+def parse_node(name: str) -> tuple[str, int | None]:
+    """A node name -> (TransformerLens hook name, head index or None).
+
+    `"blocks.3.hook_q_input[5]"` -> `("blocks.3.hook_q_input", 5)`; `"hook_embed"` ->
+    `("hook_embed", None)`.
+    """
+    match = _HEAD_NAME.match(name)
+    if match:
+        return match["hook"], int(match["head"])
+    if "[" in name or "]" in name:
+        raise ValueError(f"node name {name!r} is not of the form 'hook.name' or 'hook.name[head]'")
+    return name, None
+
+
+def upstream_nodes(n_layers: int, n_heads: int | None = None) -> tuple[str, ...]:
+    """`hook_embed`, then per layer `hook_attn_out` (or, given `n_heads`, each head's
+    `attn.hook_result[h]`), then `hook_mlp_out`: residual order (1 + 2L, or 1 + L(H+1))."""
     nodes = ["hook_embed"]
     for layer in range(n_layers):
-        nodes += [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"]
+        if n_heads is None:
+            nodes.append(f"blocks.{layer}.hook_attn_out")
+        else:
+            nodes += [f"blocks.{layer}.attn.hook_result[{h}]" for h in range(n_heads)]
+        nodes.append(f"blocks.{layer}.hook_mlp_out")
     return tuple(nodes)
 
 
-def build_graph(name: str, n_layers: int) -> Graph:
-    """The `paper` (q/k/v/mlp inputs + logits, 4L+1 nodes), `block` (2L+1) or `residual` (2L)."""
+def build_graph(name: str, n_layers: int, n_heads: int | None = None) -> Graph:
+    """The `paper` (q/k/v/mlp inputs + logits, 4L+1 nodes), `block` (2L+1), `residual` (2L)
+    or `heads` graph (needs `n_heads`: 1 + L(H+1) upstream, L(3H+1)+1 downstream nodes)."""
     if name not in GRAPHS:
         raise ValueError(f"unknown graph {name!r}; choose one of {', '.join(GRAPHS)}")
+    if name == "heads":
+        if n_heads is None or n_heads < 1:
+            raise ValueError(f"the heads graph needs n_heads (model.cfg.n_heads), got {n_heads}")
+        return _heads_graph(n_layers, n_heads)
     nodes: list[tuple[str, Site, int]] = []
     last = n_layers - 1
     for layer in range(n_layers):
@@ -91,3 +130,22 @@ def build_graph(name: str, n_layers: int) -> Graph:
     nodes.append((hook, Site(hook, "output"), 1 + 2 * n_layers))
     names, sites, n_before = zip(*nodes, strict=True)
     return Graph(name, upstream_nodes(n_layers), names, sites, n_before)
+
+
+def _heads_graph(n_layers: int, n_heads: int) -> Graph:
+    """Every head a node; a layer's heads write after its own q/k/v inputs are read."""
+    nodes: list[tuple[str, Site, int]] = []
+    for layer in range(n_layers):
+        attn_reads = 1 + layer * (n_heads + 1)
+        for part in "qkv":
+            module = f"blocks.{layer}.attn.hook_{part}"
+            nodes += [
+                (f"blocks.{layer}.hook_{part}_input[{h}]", Site(module, "head", head=h), attn_reads)
+                for h in range(n_heads)
+            ]
+        ln2 = f"blocks.{layer}.ln2"
+        nodes.append((f"blocks.{layer}.hook_mlp_in", Site(ln2, "input"), attn_reads + n_heads))
+    hook = f"blocks.{n_layers - 1}.hook_resid_post"
+    nodes.append((hook, Site(hook, "output"), 1 + n_layers * (n_heads + 1)))
+    names, sites, n_before = zip(*nodes, strict=True)
+    return Graph("heads", upstream_nodes(n_layers, n_heads), names, sites, n_before)

@@ -14,12 +14,14 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from rl_circuits.graph import parse_node
 from rl_circuits.metrics import Mask, Scores, check_mask, check_scores, relative_change
 from rl_circuits.stats import METRIC_LABELS
 
 __all__ = [
     "diversity_bars",
     "faithfulness_curves",
+    "group_by_hook",
     "metric_vs_alpha",
     "output_entropy_lines",
     "relative_change_heatmap",
@@ -39,7 +41,9 @@ def relative_change_heatmap(
     """Figure 2: relative change of mean |W| per edge, upstream rows x downstream columns.
 
     Diverging colours centred on 0 (red: stronger after); non-edges are NaN, left blank. Hover
-    shows both node names, both models' mean |W| and the relative change.
+    shows both node names, both models' mean |W| and the relative change. Head-level graphs
+    (node names `hook[h]`) get one view with each layer's heads summed and a drop-down to
+    drill into the heads of any layer (see `_head_heatmap`).
     """
     before, after = check_scores(W_before), check_scores(W_after)
     mask = check_mask(edge_mask, before)
@@ -48,6 +52,8 @@ def relative_change_heatmap(
             f"{len(upstream)} upstream x {len(downstream)} downstream names for matrices "
             f"{before.shape[1:]}"
         )
+    if any(parse_node(name)[1] is not None for name in (*upstream, *downstream)):
+        return _head_heatmap(before, after, list(upstream), list(downstream), mask, title)
     change = np.where(mask, relative_change(before, after), np.nan)
     means = np.stack([np.abs(before).mean(axis=0), np.abs(after).mean(axis=0)], axis=-1)
     figure = go.Figure(
@@ -77,6 +83,123 @@ def relative_change_heatmap(
         },
         height=max(450, 160 + 14 * len(upstream)),
         plot_bgcolor="white",
+    )
+    return figure
+
+
+def group_by_hook(names: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Group node names by their hook (a head-level node `hook[h]` joins `hook`'s group):
+    the group names in order of appearance and a one-hot [n_groups, n_names] matrix."""
+    groups: dict[str, int] = {}
+    index = [groups.setdefault(parse_node(name)[0], len(groups)) for name in names]
+    onehot = np.zeros((len(groups), len(names)))
+    onehot[index, np.arange(len(names))] = 1.0
+    return list(groups), onehot
+
+
+def _change_trace(before: np.ndarray, after: np.ndarray, x, y, visible: bool) -> go.Heatmap:
+    """A relative-change heatmap of summed mean |W| (NaN where there is no edge)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        change = np.where(before > 0, (after - before) / before, np.nan)
+    return go.Heatmap(
+        z=change.astype(np.float32),
+        x=list(x),
+        y=list(y),
+        customdata=np.stack([before, after], axis=-1).astype(np.float32),
+        colorscale="RdBu_r",
+        zmid=0,
+        visible=visible,
+        colorbar={"title": {"text": "relative change"}, "tickformat": "+.0%"},
+        hoverongaps=False,
+        hovertemplate=(
+            "upstream %{y}<br>downstream %{x}<br>"
+            "before Σ mean |W| %{customdata[0]:.3e}<br>after Σ mean |W| %{customdata[1]:.3e}<br>"
+            "relative change %{z:+.1%}<extra></extra>"
+        ),
+    )
+
+
+def _head_heatmap(
+    before: np.ndarray,
+    after: np.ndarray,
+    upstream: list[str],
+    downstream: list[str],
+    mask: np.ndarray | None,
+    title: str | None,
+) -> go.Figure:
+    """Figure 2 for a head-level graph (~800 x 3400 edges at 7B): readable at layer level.
+
+    The first view sums mean |W| over each layer's heads (upstream `attn.hook_result`,
+    downstream `hook_{q,k,v}_input`) before taking the relative change; the drop-down shows
+    one layer's heads instead: as writers (rows, against every summed reader) or as q/k/v
+    readers (columns, against every summed writer).
+    """
+    keep = np.ones(before.shape[1:]) if mask is None else mask.astype(float)
+    mb, ma = np.abs(before).mean(axis=0) * keep, np.abs(after).mean(axis=0) * keep
+    up_groups, up_onehot = group_by_hook(upstream)
+    down_groups, down_onehot = group_by_hook(downstream)
+    down_onehot = down_onehot.T
+    traces = [
+        _change_trace(
+            up_onehot @ mb @ down_onehot, up_onehot @ ma @ down_onehot, down_groups, up_groups, True
+        )
+    ]
+    labels = ["all nodes, heads summed per layer"]
+    heights = [len(up_groups)]
+    for g, group in enumerate(up_groups):
+        rows = np.flatnonzero(up_onehot[g])
+        if len(rows) > 1:  # the heads of one layer, as writers
+            traces.append(
+                _change_trace(
+                    mb[rows] @ down_onehot,
+                    ma[rows] @ down_onehot,
+                    down_groups,
+                    [upstream[i] for i in rows],
+                    False,
+                )
+            )
+            labels.append(f"{group}: each head's outputs")
+            heights.append(len(rows))
+    layers: dict[str, list[int]] = {}
+    for j, name in enumerate(downstream):
+        hook, head = parse_node(name)
+        if head is not None:
+            layers.setdefault(hook.rsplit(".hook_", 1)[0], []).append(j)
+    for layer, cols in layers.items():  # the heads of one layer, as q/k/v readers
+        traces.append(
+            _change_trace(
+                up_onehot @ mb[:, cols],
+                up_onehot @ ma[:, cols],
+                [downstream[j] for j in cols],
+                up_groups,
+                False,
+            )
+        )
+        labels.append(f"{layer}: each head's q/k/v inputs")
+        heights.append(len(up_groups))
+    buttons = [
+        {
+            "label": label,
+            "method": "update",
+            "args": [
+                {"visible": [i == k for i in range(len(traces))]},
+                {"height": max(450, 200 + 14 * heights[k])},
+            ],
+        }
+        for k, label in enumerate(labels)
+    ]
+    figure = go.Figure(traces)
+    figure.update_layout(
+        title=title or "Relative change of edge strength (after vs before)",
+        xaxis={"title": {"text": "downstream node"}, "tickangle": -60, "tickfont": {"size": 9}},
+        yaxis={
+            "title": {"text": "upstream node"},
+            "autorange": "reversed",
+            "tickfont": {"size": 9},
+        },
+        height=max(450, 200 + 14 * heights[0]),
+        plot_bgcolor="white",
+        updatemenus=[{"buttons": buttons, "direction": "down", "x": 0, "y": 1.12}],
     )
     return figure
 

@@ -9,7 +9,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from rl_circuits.attribution import attribute, masked_nll
 from rl_circuits.errors import NumericalError
-from rl_circuits.graph import GRAPHS, build_graph
+from rl_circuits.graph import GRAPHS, build_graph, parse_node
 from rl_circuits.loading import load_model
 
 
@@ -31,26 +31,39 @@ def models64(tiny_checkpoints):
 
 @contextmanager
 def _official_hooks(model):
-    """TransformerLens's own per-input hook points, independent of the engine's sites."""
+    """TransformerLens's own per-input hook points (one key/value input per query head),
+    independent of the engine's sites."""
     model.set_use_split_qkv_input(True)
     model.set_use_hook_mlp_in(True)
+    model.cfg.ungroup_grouped_query_attention = True
     try:
         yield
     finally:
         model.set_use_split_qkv_input(False)
         model.set_use_hook_mlp_in(False)
+        model.cfg.ungroup_grouped_query_attention = False
 
 
 def hand_ablated_loss(model, tokens, mask, down: str, out_u: torch.Tensor, eps: float):
-    """Loss with eps * O_u subtracted from the input of `down`, via TransformerLens hooks."""
-    if down.endswith("hook_attn_in"):
-        names = [down.replace("attn_in", f"{p}_input") for p in "qkv"]
+    """Loss with eps * O_u subtracted from the input of `down`, via TransformerLens hooks.
+
+    A head node `hook_q_input[h]` loses O_u from head h's own copy of the input only.
+    """
+    hook, head = parse_node(down)
+    if hook.endswith("hook_attn_in"):
+        names = [hook.replace("attn_in", f"{p}_input") for p in "qkv"]
     else:
-        names = [down]
+        names = [hook]
 
     def sub(act, hook):
         delta = eps * out_u
-        return act - (delta.unsqueeze(2) if act.ndim == 4 else delta)  # per-head copies
+        if act.ndim == 3:
+            return act - delta
+        if head is None:
+            return act - delta.unsqueeze(2)  # every head's copy
+        act = act.clone()
+        act[:, :, head] -= delta
+        return act
 
     with _official_hooks(model), torch.no_grad():
         logits = model.run_with_hooks(tokens, fwd_hooks=[(n, sub) for n in names])
@@ -58,9 +71,19 @@ def hand_ablated_loss(model, tokens, mask, down: str, out_u: torch.Tensor, eps: 
 
 
 def clean_outputs(model, tokens, upstream):
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in upstream)
-    return [cache[name] for name in upstream]
+    """Each upstream node's clean output; a head's from TransformerLens's `hook_result`."""
+    hooks = {parse_node(name)[0] for name in upstream}
+    model.set_use_attn_result(True)
+    try:
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in hooks)
+    finally:
+        model.set_use_attn_result(False)
+    outputs = []
+    for name in upstream:
+        hook, head = parse_node(name)
+        outputs.append(cache[hook] if head is None else cache[hook][:, :, head])
+    return outputs
 
 
 @pytest.mark.parametrize("graph", GRAPHS)
@@ -175,9 +198,15 @@ def test_qkv_scores_sum_to_attention_input(models64):
 
 
 def test_graph_shapes_and_edges():
-    for name, n_down in (("paper", 4 * 3 + 1), ("block", 2 * 3 + 1), ("residual", 2 * 3)):
-        graph = build_graph(name, 3)
-        assert len(graph.upstream) == 7 and len(graph.downstream) == n_down
+    shapes = (
+        ("paper", 7, 4 * 3 + 1),
+        ("block", 7, 2 * 3 + 1),
+        ("residual", 7, 2 * 3),
+        ("heads", 1 + 3 * (2 + 1), 3 * (3 * 2 + 1) + 1),
+    )
+    for name, n_up, n_down in shapes:
+        graph = build_graph(name, 3, n_heads=2)
+        assert len(graph.upstream) == n_up and len(graph.downstream) == n_down
         mask = graph.edge_mask
         assert mask[:, -1].all()  # every writer reaches the logits
         assert mask[0].all()  # the embedding reaches every reader
