@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens import HookedTransformer
 
-from rl_circuits import efficient
+from rl_circuits import efficient, heads
 from rl_circuits.attribution import Metric, _buffers, _check_inputs, _frozen, _hooks, masked_nll
 from rl_circuits.graph import build_graph
 
@@ -52,7 +53,7 @@ def evaluate_circuit(
     """
     if ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
-    g = build_graph(graph, model.cfg.n_layers)
+    g = build_graph(graph, model.cfg.n_layers, model.cfg.n_heads)
     shape = (len(g.upstream), len(g.downstream))
     stacked = circuit.ndim == 3
     circuits = circuit if stacked else circuit.unsqueeze(0)
@@ -63,6 +64,10 @@ def evaluate_circuit(
             f"{list(circuit.shape)}"
         )
     tokens, loss_mask = _check_inputs(model, tokens, loss_mask)
+    if g.name == "heads":
+        with _frozen(model), torch.no_grad():
+            out = _heads_losses(model, tokens, loss_mask, g, circuits, ablation, metric)
+        return out if stacked else out[0]
     batch, pos = tokens.shape
     acc = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
     chunks = _buffers(model, batch, pos, acc)
@@ -108,12 +113,116 @@ def evaluate_circuit(
     return out if stacked else out[0]
 
 
+def _heads_losses(model, tokens, loss_mask, g, circuits, ablation: str, metric) -> torch.Tensor:
+    """The heads graph's circuits through TransformerLens's per-head input hooks.
+
+    With split q/k/v inputs and one key/value per query head, `hook_{q,k,v}_input` holds each
+    head's own input [batch, pos, head, d_model]; a removed head writer is z_h W_O[h] from
+    `hook_z` of this pass (mean ablation: z_h minus its clean mean, which is linear in W_O).
+    TransformerLens attention is used (the fused kernels read no per-head inputs).
+    """
+    heads.check_supported(model)
+    acc = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
+    with heads.ungrouped_kv(model, use_split_qkv_input=True, use_hook_mlp_in=True):
+        means = None
+        if ablation == "mean":
+            clean = _HeadsPass(model, g, None, None, acc)
+            model.run_with_hooks(tokens, fwd_hooks=clean.record_hooks())
+            means = clean.means(_valid_positions(loss_mask).to(acc))
+        losses = []
+        for keep in circuits:
+            run = _HeadsPass(model, g, (g.edge_mask & ~keep.cpu()).to(acc), means, acc)
+            logits = model.run_with_hooks(tokens, fwd_hooks=run.hooks())
+            losses.append(metric(logits, tokens, loss_mask).to(acc))
+    return torch.stack(losses).cpu()
+
+
+class _HeadsPass:
+    """The hooks of one heads-graph forward: record writers, subtract the removed ones."""
+
+    def __init__(self, model, g, removed, means, acc):
+        self.model, self.g, self.removed, self.acc = model, g, removed, acc
+        self.n_heads, self.n_layers = model.cfg.n_heads, model.cfg.n_layers
+        self.mean_full, self.mean_z = means if means is not None else (None, None)
+        self.full: dict[int, torch.Tensor] = {}  # 0: embedding, l + 1: MLP of layer l
+        self.z: dict[int, torch.Tensor] = {}  # layer -> [b, p, head, d_head]
+        self.node = {name: d for d, name in enumerate(g.downstream)}
+
+    def _full_upstream(self, i: int) -> int:
+        return 0 if i == 0 else i * (self.n_heads + 1)
+
+    def record_hooks(self) -> list:
+        names = ["hook_embed"] + [f"blocks.{i}.hook_mlp_out" for i in range(self.n_layers)]
+        hooks = [(name, partial(self._store, self.full, i)) for i, name in enumerate(names)]
+        hooks += [
+            (f"blocks.{i}.attn.hook_z", partial(self._store, self.z, i))
+            for i in range(self.n_layers)
+        ]
+        return hooks
+
+    def _store(self, into: dict, i: int, act: torch.Tensor, hook) -> None:
+        into[i] = act.to(self.acc)
+
+    def means(self, valid: torch.Tensor) -> tuple[dict, dict]:
+        """Each writer's clean mean over the valid positions: [d_model] or z's [head, d_head]."""
+        total = valid.sum()
+        full = {i: torch.einsum("bpm,bp->m", a, valid) / total for i, a in self.full.items()}
+        z = {i: torch.einsum("bphj,bp->hj", a, valid) / total for i, a in self.z.items()}
+        return full, z
+
+    def hooks(self) -> list:
+        hooks = self.record_hooks()
+        for layer in range(self.n_layers):
+            hooks += [(f"blocks.{layer}.hook_{p}_input", self._per_head) for p in "qkv"]
+            hooks.append((f"blocks.{layer}.hook_mlp_in", self._single))
+        hooks.append((self.g.downstream[-1], self._single))
+        return hooks
+
+    def _correction(self, columns: list[int], device) -> torch.Tensor | None:
+        """The removed writers' outputs summed for each of `columns`: [b, p, c, d_model]."""
+        n = self.g.n_before[columns[0]]
+        w = self.removed[:n, columns].to(device)  # [n, c]
+        total = None
+        for i, act in self.full.items():
+            u = self._full_upstream(i)
+            if u < n and w[u].any():
+                part = act if self.mean_full is None else act - self.mean_full[i]
+                term = part.unsqueeze(2) * w[u].view(1, 1, -1, 1)
+                total = term if total is None else total + term
+        for layer, z in self.z.items():
+            first = 1 + layer * (self.n_heads + 1)
+            weights = w[first : first + self.n_heads]  # [head, c]
+            if first >= n or not weights.any():
+                continue
+            if self.mean_z is not None:
+                z = z - self.mean_z[layer]
+            w_o = self.model.blocks[layer].attn.W_O.to(device, self.acc)  # [head, d_head, m]
+            term = torch.einsum("bpgj,gc,gjm->bpcm", z, weights, w_o)
+            total = term if total is None else total + term
+        return total
+
+    def _per_head(self, act: torch.Tensor, hook) -> torch.Tensor:
+        layer, part = hook.name.split(".")[1], hook.name.split("hook_")[1][0]
+        columns = [self.node[f"blocks.{layer}.hook_{part}_input[{h}]"] for h in range(act.shape[2])]
+        fix = self._correction(columns, act.device)
+        return act if fix is None else act - fix.to(act.dtype)
+
+    def _single(self, act: torch.Tensor, hook) -> torch.Tensor:
+        fix = self._correction([self.node[hook.name]], act.device)
+        return act if fix is None else act - fix[:, :, 0].to(act.dtype)
+
+
+def _valid_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """[batch, pos] True up to each sample's last loss position (right padding excluded)."""
+    pos = loss_mask.shape[1]
+    last = pos - 1 - loss_mask.flip(1).int().argmax(1)
+    return torch.arange(pos, device=loss_mask.device).unsqueeze(0) <= last.unsqueeze(1)
+
+
 def _position_means(chunks, loss_mask: torch.Tensor) -> torch.Tensor:
     """Each upstream output [n_up, d_model] averaged over the batch and the positions up to each
     sample's last loss position."""
-    pos = loss_mask.shape[1]
-    last = pos - 1 - loss_mask.flip(1).int().argmax(1)  # last predicted position per sample
-    valid = torch.arange(pos, device=loss_mask.device).unsqueeze(0) <= last.unsqueeze(1)
+    valid = _valid_positions(loss_mask)
     means = []
     for _, buf in chunks:
         weight = valid.to(buf.device, buf.dtype)  # [b, p]

@@ -78,9 +78,10 @@ _FLAGS = {
 
 
 @contextmanager
-def ungrouped_kv(model: HookedTransformer) -> Iterator[None]:
+def ungrouped_kv(model: HookedTransformer, **overrides: bool) -> Iterator[None]:
     """One key and value per query head and no per-head input/output copies (TransformerLens
-    flags, which leave the model's function unchanged); the user's flags restored on exit."""
+    flags, which leave the model's function unchanged); the user's flags restored on exit.
+    `overrides` change single flags (`use_split_qkv_input=True`: per-head input hooks)."""
     configs = {id(model.cfg): model.cfg}
     for module in model.modules():
         cfg = getattr(module, "cfg", None)
@@ -89,7 +90,7 @@ def ungrouped_kv(model: HookedTransformer) -> Iterator[None]:
     saved = [(cfg, {k: getattr(cfg, k) for k in _FLAGS}) for cfg in configs.values()]
     try:
         for cfg, _ in saved:
-            for key, value in _FLAGS.items():
+            for key, value in {**_FLAGS, **overrides}.items():
                 setattr(cfg, key, value)
         yield
     finally:

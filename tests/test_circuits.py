@@ -46,7 +46,7 @@ def _clean(model, tokens, mask):
 def test_all_edges_give_the_clean_loss_and_none_the_uniform_one(models64, graph):
     tokens, mask = _batch()
     for model in models64.values():
-        g = build_graph(graph, model.cfg.n_layers)
+        g = build_graph(graph, model.cfg.n_layers, model.cfg.n_heads)
         full = evaluate_circuit(model, tokens, mask, g.edge_mask, graph=graph)
         torch.testing.assert_close(full, _clean(model, tokens, mask), rtol=0, atol=1e-12)
         # No edge: the final residual state is zero, the logits are zero, every token is
