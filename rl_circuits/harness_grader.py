@@ -23,7 +23,7 @@ from typing import Any
 KEEP_UNITS = ("carp_en", "minerva_math")
 # Datasets whose gold is the \boxed{} of a worked solution: the gold goes through answer
 # extraction like a model's answer does.
-SOLUTION_GOLD = ("math", "math500")
+SOLUTION_GOLD = ("math", "math500", "minerva_math")
 CHOICES = ("A", "B", "C", "D", "E")
 STEP_TAG = "\u043a\u0438"  # Math-Shepherd's step tag "ки"
 
@@ -214,7 +214,10 @@ def prediction(text: str | None, dataset: str = "") -> str | None:
 def gold_answer(gold: Any, dataset: str = "") -> str:
     """The harness's ground truth from a gold answer text (as `datasets.py` stores it)."""
     if dataset in SOLUTION_GOLD:
-        return extract_answer("\\boxed{" + str(gold) + "}", dataset)
+        ref = extract_answer("\\boxed{" + str(gold) + "}", dataset)
+        if dataset in KEEP_UNITS:
+            ref = ref.replace("\\neq", "\\ne").replace("\\leq", "\\le").replace("\\geq", "\\ge")
+        return ref
     text = str(gold)
     if dataset == "college_math":
         text = text.replace("$", "").strip()
