@@ -65,6 +65,7 @@ def _save(model, directory: Path) -> None:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    config.architectures = [type(model).__name__]
     config.save_pretrained(directory)
     model.generation_config.save_pretrained(directory)
     state = model.state_dict()
