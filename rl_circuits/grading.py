@@ -160,7 +160,7 @@ def _stop_thread(thread: threading.Thread) -> None:
 
 
 def _compare_with_timeout(
-    gold: str, extracted: str, timeout: float, compare=None
+    gold: str, extracted: str, timeout: float, compare=None, label: str = "math-verify"
 ) -> tuple[bool | None, str | None]:
     """Run `compare` (default `_compare`) in a daemon thread; a timeout or exception becomes
     (None, reason)."""
@@ -178,7 +178,7 @@ def _compare_with_timeout(
     worker.join(timeout)
     if worker.is_alive():
         _stop_thread(worker)
-        return None, f"grading timed out after {timeout:g} s"
+        return None, f"{label} timed out after {timeout:g} s"
     if "error" in outcome:
         return None, outcome["error"]
     return outcome["result"]
@@ -206,7 +206,7 @@ def _grade_authors(
     def compare(ref_text: str, pred_text: str) -> tuple[bool, None]:
         return harness_grader.math_equal(pred_text, ref_text), None
 
-    same, error = _compare_with_timeout(ref, pred, timeout, compare)
+    same, error = _compare_with_timeout(ref, pred, timeout, compare, "the authors' grader")
     if same is None:
         return Grade("incorrect", pred, ref, error)
     return Grade("correct" if same else "incorrect", pred, ref)
