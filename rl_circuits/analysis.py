@@ -7,6 +7,7 @@ restricts every metric to existing edges.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from rl_circuits.plots import (
 )
 from rl_circuits.report import png_images, render_report
 from rl_circuits.selection import Selection
-from rl_circuits.stats import Table1, compare
+from rl_circuits.stats import METRICS, Table1, compare
 from rl_circuits.stats import table1 as layout_table1
 from rl_circuits.store import RunStore, Scores
 
@@ -69,7 +70,7 @@ def stage_analyze(cfg: RunConfig, store: RunStore) -> None:
             before.values.numpy(),
             after.values.numpy(),
             edge_mask=mask,
-            metrics=[*TABLE_METRICS, "sample_diversity"],
+            metrics=_metrics(a["bins"]),
             n_resamples=a["n_resamples"],
             seed=a["seed"],
         )
@@ -158,6 +159,44 @@ def _plain_tree(obj):
     return obj
 
 
+def _metrics(bins: int) -> dict:
+    """The Table 1 metrics and diversity, Info. Complex. with `analyze.bins` histogram bins."""
+    chosen = {name: METRICS[name] for name in (*TABLE_METRICS, "sample_diversity")}
+    chosen["information_complexity"] = functools.partial(
+        chosen["information_complexity"], bins=bins
+    )
+    return chosen
+
+
+def accuracy_table(cfg: RunConfig, store: RunStore) -> pd.DataFrame:
+    """Per model and dataset: questions graded, correct, accuracy (%) and the four groups of
+    each pair (the paper's Appendix C and the authors' dataset split)."""
+    rows = []
+    for pair in cfg.pairs.values():
+        for dataset in cfg["run"]["datasets"]:
+            verdicts = {}
+            for role in ROLES:
+                stage = store.records(f"grade/{ModelRun(pair, role).key}/{dataset}")
+                if not stage.is_done():
+                    break
+                verdicts[role] = {g["id"]: g["verdict"] == "correct" for g in stage.load()}
+            if len(verdicts) < 2:
+                continue
+            ids = list(verdicts["before"])
+            b, a = verdicts["before"], verdicts["after"]
+            row = {"pair": pair.name, "dataset": dataset, "n": len(ids)}
+            for role in ROLES:
+                correct = sum(verdicts[role].values())
+                row[f"correct_{role}"] = correct
+                row[f"accuracy_{role}"] = 100.0 * correct / len(ids) if ids else float("nan")
+            row["both_correct"] = sum(b[q] and a[q] for q in ids)
+            row["both_wrong"] = sum(not b[q] and not a[q] for q in ids)
+            row["only_before"] = sum(b[q] and not a[q] for q in ids)
+            row["only_after"] = sum(a[q] and not b[q] for q in ids)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def _plain(record: dict) -> dict:
     """JSON-ready values: numpy scalars as Python ones, NaN (an undefined metric) as null."""
     out = {}
@@ -176,6 +215,7 @@ def stage_report(cfg: RunConfig, store: RunStore) -> Path:
         table=run.table1(),
         figures=figures,
         notes=_notes(cfg),
+        accuracy=accuracy_table(cfg, store),
     )
     path = store.write_text("report/report.html", html)
     for name, image in png_images(figures).items():
@@ -190,7 +230,11 @@ def _notes(cfg: RunConfig) -> str:
     return (
         f"Metrics over {a['edges']} entries of each edge matrix; graph {cfg['attribute']['graph']}"
         f", method {cfg['attribute']['method']}. Intervals: paired bootstrap over questions "
-        f"({a['n_resamples']} resamples, 95%); p: paired permutation test. "
+        f"({a['n_resamples']} resamples, 95%); p: paired permutation test; Info. Complex. "
+        f"with {a['bins']} bins. Grader {cfg['grade']['grader']}, selection rules "
+        f"{cfg['select']['rules']} (reference {cfg['select']['reference']}, window "
+        f"{cfg['select']['window']}, subset {cfg['select']['subset']}), end token "
+        f"{cfg['generate']['end_token']}. "
         "↑/↓ direction of the change after post-training, * interval excludes 0."
     )
 
@@ -218,6 +262,10 @@ class Run:
         """Edge scores [n, n_upstream, n_downstream] with node names and question ids."""
         rel = f"{attribution_dir(pair, role, dataset, alpha)}/scores.safetensors"
         return self.store.read_scores(rel)
+
+    def accuracy(self) -> pd.DataFrame:
+        """Per pair, dataset and model: accuracy and the four correctness groups."""
+        return accuracy_table(self.config, self.store)
 
     def comparisons(self) -> pd.DataFrame:
         return pd.DataFrame(self.store.read_jsonl("analysis/compare.jsonl"))

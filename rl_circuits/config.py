@@ -53,8 +53,14 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any, Any]]] = {
         "seed": (int, 0, None),
         "max_new_tokens": (int, 0, _NON_NEGATIVE),  # 0: the pair's own limit
         "chunk_size": (int, 64, _AT_LEAST_ONE),
+        # "keep": the token that ended an answer stays in it and its length counts it (vLLM's
+        # token_ids, as the authors stored them); "drop": it is removed.
+        "end_token": (str, "drop", _one_of("drop", "keep")),
     },
-    "grade": {"timeout": ((int, float), 5.0, _POSITIVE)},
+    "grade": {
+        "timeout": ((int, float), 5.0, _POSITIVE),
+        "grader": (str, "math-verify", _one_of("math-verify", "authors")),
+    },
     "select": {
         "n": (int, 100, _AT_LEAST_ONE),
         "seed": (int, 42, None),
@@ -64,6 +70,12 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any, Any]]] = {
         "delta": ((int, float), 0.5, ("in (0, 1]", lambda v: 0 < v <= 1)),
         "reference": (str, "min", _one_of("min", "mean")),
         "window": (str, "pair_mean", _one_of("pair_mean", "each")),
+        "rules": (str, "paper-text", _one_of("paper-text", "authors-code")),
+        "subset": (
+            str,
+            "both_correct",
+            _one_of("both_correct", "both_wrong", "only_before", "only_after"),
+        ),
     },
     "attribute": {
         "graph": (str, "paper", _one_of("paper", "block", "residual", "heads")),
@@ -109,7 +121,10 @@ class RunConfig:
 
     def resolved(self) -> dict[str, Any]:
         """Everything that determines the results, for the run store's config check."""
-        pairs = {name: vars(pair) for name, pair in sorted(self.pairs.items())}
+        pairs = {
+            name: {k: v for k, v in vars(pair).items() if k != "stop" or v}
+            for name, pair in sorted(self.pairs.items())
+        }
         return {**self.values, "pairs": pairs}
 
 

@@ -1,4 +1,6 @@
-"""Evaluation datasets (GSM8K, MATH, MATH-500, College Math) as uniform question/gold records.
+"""Evaluation datasets as uniform question/gold records: GSM8K, MATH, MATH-500, College Math,
+and the authors' other benchmarks (Minerva Math, OlympiadBench, AIME24, AMC23) in the formats
+of the Qwen2.5-Math evaluation harness's data files.
 
 Each source format is read here, in one place: where its gold answer lives (after GSM8K's
 `####`, the last `\\boxed{}` of a MATH solution, an `answer` field). `grading.gold_answer`
@@ -74,6 +76,13 @@ def _college_math_id(row: Mapping[str, Any]) -> str | None:
     return f"{str(source).removeprefix('college_math.')}_{number}"
 
 
+def _first_final_answer(answer: Any) -> str | None:
+    """OlympiadBench's gold: the first entry of its `final_answer` list."""
+    if isinstance(answer, list):
+        return str(answer[0]).strip() if answer and str(answer[0]).strip() else None
+    return str(answer).strip() or None
+
+
 def _math500_id(row: Mapping[str, Any]) -> str | None:
     uid = row.get("unique_id")
     return None if uid is None else str(uid).removeprefix("test/").removesuffix(".json")
@@ -84,7 +93,17 @@ FORMATS: dict[str, _Format] = {
     "math500": _Format("math500", "problem", "answer", str.strip, _math500_id),
     "math": _Format("math", "problem", "solution", extract_boxed, lambda row: None),
     "college_math": _Format("college_math", "question", "answer", str.strip, _college_math_id),
+    # Formats named after their dataset: chosen by the dataset's name, not detected.
+    "minerva_math": _Format(
+        "minerva_math", "problem", "solution", extract_boxed, lambda row: row.get("idx")
+    ),
+    "olympiadbench": _Format(
+        "olympiadbench", "question", "final_answer", _first_final_answer, lambda r: r.get("id")
+    ),
+    "aime24": _Format("aime24", "problem", "answer", str.strip, lambda row: row.get("id")),
+    "amc23": _Format("amc23", "question", "answer", str.strip, lambda row: row.get("id")),
 }
+NAMED_FORMATS = ("minerva_math", "olympiadbench", "aime24", "amc23")
 
 
 def detect_format(row: Mapping[str, Any]) -> str:
@@ -157,7 +176,7 @@ def parse_rows(
     if not rows:
         return []
     first_where, first = rows[0]
-    fmt = fmt or detect_format(first)
+    fmt = fmt or (name if name in NAMED_FORMATS else detect_format(first))
     if fmt not in FORMATS:
         raise DataError(
             f"{first_where}: unknown dataset format with fields {sorted(first)}; expected "
@@ -168,7 +187,9 @@ def parse_rows(
     parsed: list[tuple[str, str]] = []
     for where, row in rows:
         question = _text_field(row, spec.question, where, "question")
-        answer = _text_field(row, spec.answer, where, "answer")
+        answer = row.get(spec.answer)
+        if not isinstance(answer, list):
+            answer = _text_field(row, spec.answer, where, "answer")
         gold = spec.gold(answer)
         if not gold:
             raise DataError(
@@ -228,6 +249,11 @@ def _load_hub(name: str, split: str) -> list[Record]:
             location = f"hf:EleutherAI/hendrycks_math/{subject}"
             rows.extend(_hub_rows("EleutherAI/hendrycks_math", subject, split, location))
         return parse_rows(name, rows, fmt="math")
+    if name in NAMED_FORMATS:
+        raise DataError(
+            f"dataset {name!r} is read from a local copy in the Qwen2.5-Math harness's format; "
+            f"pass --data-dir pointing at a folder that holds {name}/{split}.jsonl"
+        )
     if name == "college_math":
         raise DataError(
             "College Math has no copy on the Hugging Face hub; pass --data-dir pointing at a "

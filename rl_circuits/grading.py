@@ -1,6 +1,7 @@
 """Answer extraction and equivalence grading: decides which generations count as correct.
 
-Comparison uses math-verify (parse + verify) with its signal-based timeouts disabled; our own
+Two graders: "math-verify" (parse + verify, its signal-based timeouts disabled) and
+"authors" (the Qwen2.5-Math harness the paper's authors graded with, `harness_grader`). A
 thread-based timeout lets `grade` run from any thread. Model output is never evaluated.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 VERDICTS = ("correct", "incorrect", "no_answer", "ungradable")
+GRADERS = ("math-verify", "authors")
 
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 # "The answer is: 18" (Math-Shepherd), "The answer is 18.", "The final answer is $18$".
@@ -158,14 +160,16 @@ def _stop_thread(thread: threading.Thread) -> None:
 
 
 def _compare_with_timeout(
-    gold: str, extracted: str, timeout: float
+    gold: str, extracted: str, timeout: float, compare=None, label: str = "math-verify"
 ) -> tuple[bool | None, str | None]:
-    """Run `_compare` in a daemon thread; a timeout or exception becomes (None, reason)."""
+    """Run `compare` (default `_compare`) in a daemon thread; a timeout or exception becomes
+    (None, reason)."""
     outcome: dict[str, Any] = {}
+    compare = compare or _compare
 
     def work() -> None:
         try:
-            outcome["result"] = _compare(gold, extracted)
+            outcome["result"] = compare(gold, extracted)
         except BaseException as exc:  # any grader failure is recorded
             outcome["error"] = f"{type(exc).__name__}: {exc}"
 
@@ -174,10 +178,38 @@ def _compare_with_timeout(
     worker.join(timeout)
     if worker.is_alive():
         _stop_thread(worker)
-        return None, f"math-verify timed out after {timeout:g} s"
+        return None, f"{label} timed out after {timeout:g} s"
     if "error" in outcome:
         return None, outcome["error"]
     return outcome["result"]
+
+
+def _check_grader(grader: str) -> None:
+    if grader not in GRADERS:
+        raise ValueError(f"grader must be one of {', '.join(map(repr, GRADERS))}, got {grader!r}")
+
+
+def _grade_authors(
+    response_text: str | None, gold: str | Mapping[str, Any] | Any, timeout: float, dataset: str
+) -> Grade:
+    """The harness's verdict: its extraction and `math_equal`; a timeout counts as wrong, as
+    in the harness (its process pool gives up after 3 s)."""
+    from rl_circuits import harness_grader
+
+    raw_gold = gold if isinstance(gold, str) else gold_answer(gold)
+    pred, ref = harness_grader.verdict_inputs(response_text, raw_gold, dataset)
+    if not str(raw_gold).strip():
+        return Grade("ungradable", pred, ref, "the gold answer is empty")
+    if pred is None:
+        return Grade("no_answer", None, ref)
+
+    def compare(ref_text: str, pred_text: str) -> tuple[bool, None]:
+        return harness_grader.math_equal(pred_text, ref_text), None
+
+    same, error = _compare_with_timeout(ref, pred, timeout, compare, "the authors' grader")
+    if same is None:
+        return Grade("incorrect", pred, ref, error)
+    return Grade("correct" if same else "incorrect", pred, ref)
 
 
 def grade(
@@ -186,12 +218,20 @@ def grade(
     timeout: float = 5.0,
     *,
     exact_match: bool = True,
+    grader: str = "math-verify",
+    dataset: str = "",
 ) -> Grade:
     """Grade one response: extract its final answer and compare it with the gold.
 
-    With `exact_match` (default) an answer whose text equals the gold's (ignoring whitespace)
-    is correct without calling math-verify. Never raises for a bad response or grader failure.
+    `grader="math-verify"`: with `exact_match` (default) an answer whose text equals the
+    gold's (ignoring whitespace) is correct without calling math-verify. `grader="authors"`:
+    the Qwen2.5-Math harness's rules for dataset `dataset` (its names: gsm8k, math, math500,
+    college_math, minerva_math, olympiadbench, aime24, amc23). Never raises for a bad
+    response or grader failure.
     """
+    _check_grader(grader)
+    if grader == "authors":
+        return _grade_authors(response_text, gold, timeout, dataset)
     gold_text = gold_answer(gold)
     extracted = extract_answer(response_text) if response_text else None
     if not gold_text:
@@ -214,6 +254,8 @@ def grade_many(
     exact_match: bool = True,
     progress: bool = True,
     desc: str = "grading",
+    grader: str = "math-verify",
+    dataset: str = "",
 ) -> list[Grade]:
     """Grade responses against golds pairwise, with a tqdm progress bar."""
     from tqdm.auto import tqdm
@@ -224,6 +266,6 @@ def grade_many(
         raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
     pairs: Sequence[tuple[Any, Any]] = list(zip(responses, golds, strict=True))
     return [
-        grade(response, gold, timeout, exact_match=exact_match)
+        grade(response, gold, timeout, exact_match=exact_match, grader=grader, dataset=dataset)
         for response, gold in tqdm(pairs, desc=desc, disable=not progress)
     ]

@@ -23,6 +23,7 @@ PAIR_FIELDS = {
     "algorithm": str,
     "template": str,
     "max_new_tokens": int,
+    "stop": list,
 }
 REQUIRED = ("before", "after", "algorithm", "template", "max_new_tokens")
 
@@ -40,6 +41,9 @@ class Pair:
     family: str = ""
     revision_before: str | None = None
     revision_after: str | None = None
+    # Extra end-of-answer markers: strings (e.g. "<|im_end|>") and token ids, besides the
+    # checkpoint's own EOS and generation_config.json ids.
+    stop: tuple[str | int, ...] = ()
 
     def prompt(self, question: str) -> str:
         return self.template.replace("{q}", question)
@@ -77,13 +81,25 @@ def parse_pairs(raw: dict, source: str) -> dict[str, Pair]:
             raise ConfigError(f"{where}: missing {', '.join(missing)}")
         if entry["max_new_tokens"] < 1:
             raise ConfigError(f"{where}: max_new_tokens must be >= 1")
+        stop = entry.get("stop", [])
+        bad = [
+            v
+            for v in stop
+            if isinstance(v, bool)
+            or not (isinstance(v, str) and v or isinstance(v, int) and v >= 0)
+        ]
+        if bad:
+            raise ConfigError(
+                f"{where}: stop must list non-empty strings and token ids (integers >= 0), "
+                f"got {bad[0]!r}"
+            )
         template = templates.get(entry["template"], entry["template"])
         if "{q}" not in template:
             raise ConfigError(
                 f"{where}: template {entry['template']!r} has no {{q}} placeholder and names "
                 f"no entry of [templates] ({', '.join(templates) or 'none'})"
             )
-        pairs[name] = Pair(name=name, **{**entry, "template": template})
+        pairs[name] = Pair(name=name, **{**entry, "template": template, "stop": tuple(stop)})
     return pairs
 
 

@@ -59,7 +59,10 @@ class ModelRun:
     @property
     def key(self) -> str:
         """Shared by pairs that use the same model, revision, template and token limit."""
-        ident = json.dumps([self.path, self.revision, self.pair.template, self.pair.max_new_tokens])
+        parts = [self.path, self.revision, self.pair.template, self.pair.max_new_tokens]
+        if self.pair.stop:  # pairs without their own end tokens keep their old keys
+            parts.append(list(self.pair.stop))
+        ident = json.dumps(parts)
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.path.rstrip("/").split("/")[-1])[-40:]
         return f"{slug}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
 
@@ -180,6 +183,8 @@ def stage_generate(
             temperature=float(gen_cfg["temperature"]),
             seed=gen_cfg["seed"],
             batch_size=gen_cfg["batch_size"],
+            stop=tuple(run.pair.stop),
+            keep_end_token=gen_cfg["end_token"] == "keep",
         )
         for dataset, (stage, chunks) in todo.items():
             # `with`: a bar is closed before an error message is printed, not after it
@@ -189,7 +194,7 @@ def stage_generate(
                 disable=not progress,
             ) as bar:
                 for chunk in chunks:
-                    prompts = [run.pair.prompt(q["question"]) for q in chunk]
+                    prompts = [run.pair.prompt(_question(cfg, q)) for q in chunk]
                     results = list(generator.generate(prompts, settings))
                     stage.write_chunk(
                         [{"id": q["id"], **r} for q, r in zip(chunk, results, strict=True)]
@@ -198,6 +203,12 @@ def stage_generate(
         del generator
     if store.shard is None:
         merge_generate(cfg, store)
+
+
+def _question(cfg: RunConfig, record: dict) -> str:
+    """The question as prompted: stripped under the authors' rules, as their harness does."""
+    text = record["question"]
+    return text.strip() if cfg["select"]["rules"] == "authors-code" else text
 
 
 def merge_generate(cfg: RunConfig, store: RunStore) -> bool:
@@ -236,7 +247,13 @@ def stage_grade(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
             rows = []
             with tqdm(gens, desc=f"grade {run.key} {dataset}", disable=not progress) as bar:
                 for g in bar:
-                    result = grade(g["answer"], golds[g["id"]], timeout=cfg["grade"]["timeout"])
+                    result = grade(
+                        g["answer"],
+                        golds[g["id"]],
+                        timeout=cfg["grade"]["timeout"],
+                        grader=cfg["grade"]["grader"],
+                        dataset=dataset,
+                    )
                     rows.append({"id": g["id"], **result.to_dict()})
             if rows:
                 stage.write_chunk(rows)
@@ -284,6 +301,8 @@ def stage_select(cfg: RunConfig, store: RunStore) -> None:
                     reference=s["reference"],
                     window=s["window"],
                     alphas=cfg.alphas,
+                    rules=s["rules"],
+                    subset=s["subset"],
                 )
             except RLCircuitsError as exc:
                 raise type(exc)(f"pair {pair.name}, dataset {dataset}: {exc}") from exc
@@ -397,13 +416,17 @@ def _attribution_jobs(cfg: RunConfig, store: RunStore, run: ModelRun, shard):
         for alpha in cfg.alphas:
             out = attribution_dir(run.pair.name, run.role, dataset, alpha)
             cut = selection.t_cut[alpha]
-            # Both models skip a question either answered in fewer than T_cut tokens: the
-            # comparison stays paired.
+            # Paper text: both models skip a question either answered in fewer than T_cut
+            # tokens, so the comparison stays paired. Authors' code: such a question is kept
+            # and its loss covers the answer tokens it has (none: skipped).
+            least = 1 if cfg["select"]["rules"] == "authors-code" else cut
             skipped = {
-                qid: f"the {role} model's answer has {n} tokens, fewer than T_cut = {cut}"
+                qid: f"the {role} model's answer has {n} tokens, fewer than "
+                + ("T_cut = " if least == cut else "")
+                + str(least)
                 for qid in selection.ids
                 for role in ROLES
-                if (n := len(gens[role][qid]["answer_ids"])) < cut
+                if (n := len(gens[role][qid]["answer_ids"])) < least
             }
             if not store.exists(f"{out}/skipped.json"):
                 store.write_json(f"{out}/skipped.json", skipped)
@@ -411,7 +434,8 @@ def _attribution_jobs(cfg: RunConfig, store: RunStore, run: ModelRun, shard):
             for qid in selection.ids:
                 if qid not in skipped:
                     gen = gens[run.role][qid]
-                    items.append((qid, gen["prompt_ids"] + gen["answer_ids"][:cut], cut))
+                    answer = gen["answer_ids"][:cut]
+                    items.append((qid, gen["prompt_ids"] + answer, len(answer)))
             items.sort(key=lambda item: len(item[1]))  # stable: ties keep selection order
             batches = [
                 batch

@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
@@ -39,9 +40,14 @@ def _slug(name: str) -> str:
 
 
 def render_report(
-    *, title: str, table: Table1 | None, figures: Mapping[str, go.Figure], notes: str = ""
+    *,
+    title: str,
+    table: Table1 | None,
+    figures: Mapping[str, go.Figure],
+    notes: str = "",
+    accuracy: pd.DataFrame | None = None,
 ) -> str:
-    """The report's HTML text: title, notes, Table 1, then each figure under its name."""
+    """The report's HTML text: title, notes, Table 1, the accuracy table, then each figure."""
     e = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -56,6 +62,11 @@ def render_report(
         parts.append(f'<div class="notes">{e(notes)}</div>')
     if table is not None:
         parts += ["<h2>Table 1</h2>", table.to_html()]
+    if accuracy is not None and len(accuracy):
+        parts += [
+            "<h2>Accuracy per model and dataset</h2>",
+            accuracy.to_html(index=False, classes="table1", float_format=lambda x: f"{x:.1f}"),
+        ]
     for i, (name, figure) in enumerate(figures.items()):
         div = figure.to_html(
             full_html=False,

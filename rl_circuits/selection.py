@@ -7,6 +7,7 @@ typical answer lengths, draws a seeded sample, and derives T_cut for each alpha.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,8 @@ from rl_circuits.errors import ConfigError, DataError, SelectionError
 
 REFERENCES = ("min", "mean")
 WINDOWS = ("pair_mean", "each")
+RULES = ("paper-text", "authors-code")
+SUBSETS = ("both_correct", "both_wrong", "only_before", "only_after")
 DEFAULT_ALPHAS = (0.03, 0.1, 0.3, 0.5)
 _INT_FIELDS = ("prompt_len_before", "prompt_len_after", "len_before", "len_after")
 _BOOL_FIELDS = ("correct_before", "correct_after")
@@ -39,7 +42,10 @@ class _Row:
 
 @dataclass(frozen=True)
 class Selection:
-    """Selected question ids (in input order), reference length, T_cut per alpha, and report."""
+    """Selected question ids, reference length, T_cut per alpha, and report.
+
+    Ids are in input order under "paper-text" rules and in the draw order of Python's
+    `random.sample` under "authors-code" (as the authors' `MathDataset` holds them)."""
 
     ids: tuple[str, ...]
     refer: float
@@ -88,6 +94,8 @@ def _validate(
     reference: str,
     window: str,
     alphas: Sequence[float],
+    rules: str = "paper-text",
+    subset: str = "both_correct",
 ) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"selection n must be an integer >= 1, got {n!r}")
@@ -106,6 +114,10 @@ def _validate(
         raise ConfigError(f"selection reference must be one of {REFERENCES}, got {reference!r}")
     if window not in WINDOWS:
         raise ConfigError(f"selection window must be one of {WINDOWS}, got {window!r}")
+    if rules not in RULES:
+        raise ConfigError(f"selection rules must be one of {RULES}, got {rules!r}")
+    if subset not in SUBSETS:
+        raise ConfigError(f"selection subset must be one of {SUBSETS}, got {subset!r}")
     for alpha in alphas:
         if _number("alpha", alpha) <= 0:
             raise ConfigError(f"selection alpha must be > 0, got {alpha!r}")
@@ -189,6 +201,16 @@ def _balanced(row: _Row, delta: float) -> bool:
     return abs(row.before - row.after) / row.pair_mean <= delta
 
 
+def _in_subset(row: _Row, subset: str) -> bool:
+    """Which of the four groups of the authors' `datasets_prepare.ipynb` a question is in."""
+    return {
+        "both_correct": row.correct_before and row.correct_after,
+        "both_wrong": not row.correct_before and not row.correct_after,
+        "only_before": row.correct_before and not row.correct_after,
+        "only_after": not row.correct_before and row.correct_after,
+    }[subset]
+
+
 def _stats(values: Sequence[int]) -> dict[str, float | int]:
     return {"mean": float(np.mean(values)), "min": int(min(values)), "max": int(max(values))}
 
@@ -212,13 +234,23 @@ def select(
     reference: str = "min",
     window: str = "pair_mean",
     alphas: Sequence[float] = DEFAULT_ALPHAS,
+    rules: str = "paper-text",
+    subset: str = "both_correct",
 ) -> Selection:
     """Select questions as in Section 3.3 and compute T_cut per alpha.
 
-    Filters, in order: both correct; equal prompt lengths; length window around the reference
-    length (computed after the first two filters); balance; a seeded sample of `n`.
+    Filters, in order: the subset (both correct by default); equal prompt lengths; length
+    window around the reference length; balance; a seeded sample of `n`.
+
+    `rules="paper-text"`: the reference is computed after the prompt-length filter, the window
+    bounds are real numbers and the sample is numpy's, kept in input order.
+    `rules="authors-code"` (the authors' `MathDataset`): the reference is computed over every
+    question of the subset before the prompt-length filter, the bounds are
+    `int(beta * refer)` and `int(gamma * refer)`, and the sample is
+    `random.seed(seed); random.sample(rows, n)` over the surviving rows in input order, kept in
+    draw order. `reference` and `window` apply under both.
     """
-    _validate(n, seed, beta, gamma, delta, reference, window, alphas)
+    _validate(n, seed, beta, gamma, delta, reference, window, alphas, rules, subset)
     parsed = _rows(rows)
     stages: list[dict[str, Any]] = []
 
@@ -226,23 +258,32 @@ def select(
         stages.append({"filter": name, "entering": len(before), "removed": len(before) - len(kept)})
         return kept
 
-    current = apply(
-        "both_correct", [r for r in parsed if r.correct_before and r.correct_after], parsed
-    )
+    current = apply(subset, [r for r in parsed if _in_subset(r, subset)], parsed)
+    authors = rules == "authors-code"
+    if authors:
+        if not current:
+            raise _failure(stages, len(parsed))
+        refer = _reference(current, reference)
     current = apply(
         "equal_prompt_len", [r for r in current if r.prompt_before == r.prompt_after], current
     )
     if not current:
         raise _failure(stages, len(parsed))
-    refer = _reference(current, reference)
-    low, high = beta * refer, gamma * refer
+    if not authors:
+        refer = _reference(current, reference)
+    low, high = (
+        (int(beta * refer), int(gamma * refer)) if authors else (beta * refer, gamma * refer)
+    )
     current = apply(
         "length_window", [r for r in current if _in_window(r, low, high, window)], current
     )
     current = apply("balance", [r for r in current if _balanced(r, delta)], current)
     if not current:
         raise _failure(stages, len(parsed))
-    if len(current) > n:
+    if len(current) > n and authors:
+        draw = random.Random(seed)  # the same stream as random.seed(seed) + random.sample
+        sampled = draw.sample(current, n)
+    elif len(current) > n:
         drawn = np.random.default_rng(seed).choice(len(current), size=n, replace=False)
         sampled = [current[i] for i in sorted(int(i) for i in drawn)]
     else:
@@ -264,6 +305,8 @@ def select(
             "reference": reference,
             "window": window,
             "alphas": [float(alpha) for alpha in alphas],
+            "rules": rules,
+            "subset": subset,
         },
         "entering": len(parsed),
         "filters": stages,

@@ -206,3 +206,49 @@ def test_hub_errors(fake_hub, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
     with pytest.raises(DataError, match="ConnectionError: no network.*--data-dir"):
         load_dataset("gsm8k")
+
+
+# ----------------------------------------------------- the harness's other benchmarks
+
+
+@pytest.mark.parametrize(
+    ("name", "row", "expected_id", "gold"),
+    [
+        (
+            "minerva_math",
+            {"problem": "Find s.", "solution": "So $s=\\boxed{1.6}$ cm.", "type": "t", "idx": "0"},
+            "minerva_math-0",
+            "1.6",
+        ),
+        (
+            "olympiadbench",
+            {"id": 1606, "question": "How many moves?", "final_answer": ["$2$"], "unit": None},
+            "olympiadbench-1606",
+            "$2$",
+        ),
+        (
+            "aime24",
+            {"id": "60", "problem": "Find t.", "solution": "...", "answer": "204", "url": "u"},
+            "aime24-60",
+            "204",
+        ),
+        (
+            "amc23",
+            {"id": "0", "problem": "How far?", "question": "How far?", "answer": 27.0},
+            "amc23-0",
+            "27.0",
+        ),
+    ],
+)
+def test_harness_format_benchmarks(tmp_path, name, row, expected_id, gold):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "test.jsonl").write_text(json.dumps(row) + "\n")
+    (record,) = load_dataset(name, data_dir=tmp_path)
+    assert record.id == expected_id and record.gold == gold
+    assert record.question == row.get("question", row.get("problem"))
+
+
+@pytest.mark.parametrize("name", ["minerva_math", "olympiadbench", "aime24", "amc23"])
+def test_harness_format_benchmarks_need_a_local_copy(name):
+    with pytest.raises(DataError, match=f"holds {name}/test.jsonl"):
+        load_dataset(name)

@@ -199,3 +199,75 @@ def test_hanging_verifier_times_out_and_stops(monkeypatch):
 def test_grade_many_checks_lengths():
     with pytest.raises(ValueError, match="2 responses but 1 gold"):
         grade_many(["a", "b"], ["1"], progress=False)
+
+
+# ----------------------------------------------------------------- the authors' grader
+
+
+@pytest.mark.parametrize(
+    ("text", "gold", "dataset", "correct"),
+    [
+        ("Step 1: 9 eggs. ки\nThe answer is: 18 ки", "18", "gsm8k", True),  # step tags
+        ("She sells 9 eggs and earns 18", "18", "gsm8k", True),  # last-number fallback
+        ("She sells 9 eggs and earns 18 and 2 cents", "18", "gsm8k", False),
+        ("so \\boxed{50\\%}", "0.5", "gsm8k", True),  # percent and the x100 rule
+        ("so \\boxed{5000}", "50", "gsm8k", True),
+        ("\\boxed{18.0012}", "18", "gsm8k", True),  # relative 1e-4
+        ("\\boxed{18.01}", "18", "gsm8k", False),
+        ("I guess \\boxed{}", "18", "gsm8k", False),  # an empty box is an answer, and wrong
+        ("The final answer is $\\frac{1}{2}$. I hope it is correct.", "0.5", "minerva_math", True),
+        ("\\boxed{\\dfrac{1}{2}}", "\\frac12", "math500", True),
+        ("\\boxed{(3, \\frac{\\pi}{2})}", "\\left( 3, \\frac{\\pi}{2} \\right)", "math500", True),
+        ("\\boxed{(\\frac{\\pi}{2}, 3)}", "\\left( 3, \\frac{\\pi}{2} \\right)", "math500", False),
+        ("\\boxed{[2, 5)}", "[2,5)", "math500", True),  # intervals
+        (
+            "\\boxed{\\begin{bmatrix} 1 & 2 \\\\ 3 & 4 \\end{bmatrix}}",
+            "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}",
+            "math500",
+            True,
+        ),
+        ("\\boxed{12 \\text{ dollars}}", "12", "gsm8k", True),  # units
+        ("The answer is 1,234.", "1234", "gsm8k", True),
+        ("\\boxed{x = 5}", "$5$", "college_math", True),
+        ("the result is \\boxed{18}<|im_end|> junk 19", "18", "gsm8k", True),  # stop strings
+    ],
+)
+def test_authors_grader_rules(text, gold, dataset, correct):
+    result = grade(text, gold, grader="authors", dataset=dataset)
+    assert result.correct is correct, result
+
+
+def test_authors_grader_differs_from_math_verify_where_the_harness_does():
+    text = "She sells 9 eggs and earns 18"  # no box, no "answer is": only the harness reads 18
+    assert grade(text, "18", grader="authors", dataset="gsm8k").correct
+    assert not grade(text, "18").correct
+
+
+def test_authors_grader_never_evaluates_model_output(tmp_path):
+    target = tmp_path / "pwned"
+    text = f"\\boxed{{open('{target}', 'w')}}"
+    assert not grade(text, "5", grader="authors", dataset="gsm8k").correct
+    assert not target.exists()
+
+
+def test_unknown_grader_is_an_error():
+    with pytest.raises(ValueError, match="grader must be one of"):
+        grade("\\boxed{1}", "1", grader="harness")
+
+
+def test_authors_grader_on_the_answer_style_corpus():
+    """Every style of the agreement corpus grades without error, correct styles correct."""
+    from grading_corpus import corpus
+
+    golds = {
+        "gsm8k": ["18", "3", "70000", "0.5"],
+        "math500": ["\\frac{14}{3}", "\\left( 3, \\frac{\\pi}{2} \\right)", "[-2,7]", "p - q"],
+        "college_math": ["$10-4 n$", "$(45,2),(-10,-9)$", "$-\\frac{1}{2}$"],
+    }
+    for dataset, style, text, gold in corpus(golds):
+        result = grade(text, gold, grader="authors", dataset=dataset)
+        assert result.verdict in ("correct", "incorrect", "no_answer"), (style, result)
+        if style in ("boxed", "two_boxes", "answer_is", "end_token"):
+            assert result.correct, (dataset, style, text, gold, result)
+        if style in ("empty_box", "no_answer"):
+            assert not result.correct

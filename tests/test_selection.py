@@ -178,3 +178,111 @@ def test_bad_rows_are_data_errors():
         select([row("x", 10, -1)])
     with pytest.raises(DataError, match="duplicate id 'x'"):
         select([row("x", 10, 10), row("x", 10, 10)])
+
+
+# ----------------------------------------------------------------- the authors' rules
+
+
+def _authors_math_dataset(rows, n, seed, alpha, beta, gamma, delta):
+    """The authors' MathDataset selection, written from its description in the issue:
+    refer over all rows, int bounds, balance, random.seed + random.sample in row order."""
+    import random
+
+    before = [r["len_before"] for r in rows]
+    after = [r["len_after"] for r in rows]
+    refer = min(sum(before) / len(before), sum(after) / len(after))
+    low, high = int(beta * refer), int(gamma * refer)
+    kept = []
+    for r in rows:
+        if r["prompt_len_before"] != r["prompt_len_after"]:
+            continue
+        mean = (r["len_before"] + r["len_after"]) / 2
+        if mean > high or mean < low:
+            continue
+        if abs(r["len_before"] - r["len_after"]) / mean > delta:
+            continue
+        kept.append(r)
+    if n < len(kept):
+        random.seed(seed)
+        kept = random.sample(kept, n)
+    return [r["id"] for r in kept], refer, max(int(refer * alpha), 1)
+
+
+def _random_rows(count, seed):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        b = int(rng.integers(5, 200))
+        out.append(
+            {
+                "id": f"q{i}",
+                "prompt_len_before": int(rng.integers(10, 13)),
+                "prompt_len_after": int(rng.integers(10, 13)),
+                "len_before": b,
+                "len_after": max(1, b + int(rng.integers(-60, 60))),
+                "correct_before": True,
+                "correct_after": True,
+            }
+        )
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_authors_code_matches_the_authors_sampler(seed):
+    rows = _random_rows(300, seed)
+    ids, refer, cut = _authors_math_dataset(rows, 40, 42 + seed, 0.3, 0.3, 2.0, 0.8)
+    selection = select(
+        rows,
+        n=40,
+        seed=42 + seed,
+        alphas=[0.3],
+        beta=0.3,
+        gamma=2.0,
+        delta=0.8,
+        rules="authors-code",
+    )
+    assert selection.report["filters"][-1]["entering"] > 40  # the sampler did draw
+    assert list(selection.ids) == ids  # same questions, in the same (draw) order
+    assert selection.refer == pytest.approx(refer)
+    assert selection.t_cut[0.3] == cut
+    assert ids != sorted(ids, key=lambda q: int(q[1:]))  # draw order is not input order
+
+
+def test_authors_code_reference_is_taken_before_the_prompt_filter():
+    rows = [row("a", 10, 10), row("b", 100, 100), row("c", 40, 40)]
+    rows[1]["prompt_len_after"] = 99  # b is dropped by the prompt filter, but counts in refer
+    authors = select(rows, rules="authors-code", beta=0.1, gamma=3.0)
+    text = select(rows, rules="paper-text", beta=0.1, gamma=3.0)
+    assert authors.refer == pytest.approx(50.0)
+    assert text.refer == pytest.approx(25.0)
+
+
+def test_authors_code_window_bounds_are_integers():
+    # refer = 15; beta * refer = 7.5 -> 7: a pair mean of 7 passes only with int bounds
+    rows = [row("a", 7, 7), row("b", 23, 23), row("c", 15, 15)]
+    authors = select(rows, rules="authors-code", delta=1.0)
+    text = select(rows, rules="paper-text", delta=1.0)
+    assert "a" in authors.ids and "a" not in text.ids
+    assert authors.report["window_bounds"] == [7, 22]
+
+
+@pytest.mark.parametrize(
+    ("subset", "expected"),
+    [("both_correct", ["a"]), ("both_wrong", ["d"]), ("only_before", ["b"]), ("only_after", ["c"])],
+)
+def test_subsets(subset, expected):
+    rows = [row(q, 10, 10) for q in "abcd"]
+    rows[1]["correct_after"] = False
+    rows[2]["correct_before"] = False
+    rows[3]["correct_before"] = rows[3]["correct_after"] = False
+    chosen = select(rows, subset=subset)
+    assert list(chosen.ids) == expected
+    assert chosen.report["params"]["subset"] == subset
+
+
+def test_unknown_rules_and_subset_are_config_errors():
+    rows = [row("a", 10, 10)]
+    with pytest.raises(ConfigError, match="rules must be one of"):
+        select(rows, rules="authors")
+    with pytest.raises(ConfigError, match="subset must be one of"):
+        select(rows, subset="all")
