@@ -68,8 +68,9 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any, Any]]] = {
         "beta": ((int, float), 0.5, _POSITIVE),
         "gamma": ((int, float), 1.5, _POSITIVE),
         "delta": ((int, float), 0.5, ("in (0, 1]", lambda v: 0 < v <= 1)),
-        "reference": (str, "min", _one_of("min", "mean")),
-        "window": (str, "pair_mean", _one_of("pair_mean", "each")),
+        # "preset": what `rules` implies (paper-text: mean / each; authors-code: min / pair_mean)
+        "reference": (str, "preset", _one_of("preset", "min", "mean")),
+        "window": (str, "preset", _one_of("preset", "pair_mean", "each")),
         "rules": (str, "paper-text", _one_of("paper-text", "authors-code")),
         "subset": (
             str,

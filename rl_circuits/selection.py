@@ -19,6 +19,12 @@ from rl_circuits.errors import ConfigError, DataError, SelectionError
 REFERENCES = ("min", "mean")
 WINDOWS = ("pair_mean", "each")
 RULES = ("paper-text", "authors-code")
+# What each rule set implies for the keys it leaves unset: Eqs. 10-11 as printed (the mean of
+# the pair's lengths as reference, each length in the window), or the authors' `MathDataset`.
+PRESETS: dict[str, dict[str, str]] = {
+    "paper-text": {"reference": "mean", "window": "each"},
+    "authors-code": {"reference": "min", "window": "pair_mean"},
+}
 SUBSETS = ("both_correct", "both_wrong", "only_before", "only_after")
 DEFAULT_ALPHAS = (0.03, 0.1, 0.3, 0.5)
 _INT_FIELDS = ("prompt_len_before", "prompt_len_after", "len_before", "len_after")
@@ -231,8 +237,8 @@ def select(
     beta: float = 0.5,
     gamma: float = 1.5,
     delta: float = 0.5,
-    reference: str = "min",
-    window: str = "pair_mean",
+    reference: str | None = None,
+    window: str | None = None,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     rules: str = "paper-text",
     subset: str = "both_correct",
@@ -248,8 +254,13 @@ def select(
     question of the subset before the prompt-length filter, the bounds are
     `int(beta * refer)` and `int(gamma * refer)`, and the sample is
     `random.seed(seed); random.sample(rows, n)` over the surviving rows in input order, kept in
-    draw order. `reference` and `window` apply under both.
+    draw order. `reference` and `window` left as None take the rules' preset (`PRESETS`:
+    mean/each for paper-text, min/pair_mean for authors-code); given, they override it.
     """
+    if rules not in RULES:
+        raise ConfigError(f"selection rules must be one of {RULES}, got {rules!r}")
+    reference = reference or PRESETS[rules]["reference"]
+    window = window or PRESETS[rules]["window"]
     _validate(n, seed, beta, gamma, delta, reference, window, alphas, rules, subset)
     parsed = _rows(rows)
     stages: list[dict[str, Any]] = []

@@ -75,7 +75,7 @@ def test_hand_computed_selection(reference, window, refer, kept, removed):
 
 def test_t_cut_per_alpha_for_both_references():
     # 0.03 * 101.14 = 3.03, 0.1 -> 10.11, 0.3 -> 30.34, 0.5 -> 50.57
-    assert select(TABLE).t_cut == {0.03: 3, 0.1: 10, 0.3: 30, 0.5: 50}
+    assert select(TABLE, reference="min").t_cut == {0.03: 3, 0.1: 10, 0.3: 30, 0.5: 50}
     # 0.03 * 110.57 = 3.32, 0.1 -> 11.06, 0.3 -> 33.17, 0.5 -> 55.29
     assert select(TABLE, reference="mean").t_cut == {0.03: 3, 0.1: 11, 0.3: 33, 0.5: 55}
     assert t_cut(0.001, REFER_MIN) == 1  # int(0.10) = 0, floored to one token
@@ -89,7 +89,7 @@ def test_reference_length_rules():
 
 def test_report_lengths_and_short_answers():
     # kept q1 (100,100) q2 (80,120) q5 (100,160) q9 (58,70); T_cut(0.6) = int(60.69) = 60
-    sel = select(TABLE, alphas=(0.03, 0.6))
+    sel = select(TABLE, alphas=(0.03, 0.6), reference="min", window="pair_mean")
     report = sel.report
     assert report["lengths"]["before"] == {"mean": (100 + 80 + 100 + 58) / 4, "min": 58, "max": 100}
     assert report["lengths"]["after"] == {"mean": (100 + 120 + 160 + 70) / 4, "min": 70, "max": 160}
@@ -100,7 +100,7 @@ def test_report_lengths_and_short_answers():
 
 
 def test_to_dict_is_json_and_round_trips():
-    sel = select(TABLE)
+    sel = select(TABLE, reference="min", window="pair_mean")
     data = json.loads(json.dumps(sel.to_dict()))
     assert data["ids"] == ["q1", "q2", "q5", "q9"]
     assert data["t_cut"] == {"0.03": 3, "0.1": 10, "0.3": 30, "0.5": 50}
@@ -162,7 +162,7 @@ def test_empty_selection_lists_counts_per_filter():
     # both pairs are unbalanced (60/40 = 1.5 > 0.5).
     rows = [row("a", 10, 70), row("b", 70, 10), row("c", 1000, 1000, prompts=(1, 2))]
     with pytest.raises(SelectionError) as err:
-        select(rows)
+        select(rows, reference="min", window="pair_mean")
     message = str(err.value)
     assert "3 entered" in message
     assert "both_correct removed 0" in message
@@ -286,3 +286,18 @@ def test_unknown_rules_and_subset_are_config_errors():
         select(rows, rules="authors")
     with pytest.raises(ConfigError, match="subset must be one of"):
         select(rows, subset="all")
+
+
+@pytest.mark.parametrize(
+    ("rules", "reference", "window"),
+    [("paper-text", "mean", "each"), ("authors-code", "min", "pair_mean")],
+)
+def test_rules_presets_fill_reference_and_window_unless_given(rules, reference, window):
+    chosen = select(TABLE, rules=rules)
+    params = chosen.report["params"]
+    assert (params["reference"], params["window"]) == (reference, window)
+    assert chosen == select(TABLE, rules=rules, reference=reference, window=window)
+    other = {"mean": "min", "min": "mean"}[reference]
+    overridden = select(TABLE, rules=rules, reference=other)
+    assert overridden.report["params"]["reference"] == other
+    assert overridden.report["params"]["window"] == window
