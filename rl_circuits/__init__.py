@@ -12,6 +12,7 @@ _EXPORTS = {
     "attribute": "rl_circuits.attribution",
     "EdgeScores": "rl_circuits.attribution",
     "masked_nll": "rl_circuits.attribution",
+    "evaluate_circuit": "rl_circuits.circuits",
     "build_graph": "rl_circuits.graph",
     "parse_node": "rl_circuits.graph",
     "load_run": "rl_circuits.analysis",

@@ -495,7 +495,7 @@ def test_row10_t_cut_longer_than_answer_skips_question_in_both_models(world, tmp
     # With the mean of both models' lengths as reference, T_cut at alpha = 1 exceeds the
     # before model's usual answer (23 tokens against the after model's 39).
     run_dir = _copy_run(world, tmp_path / "run", "grade")
-    subs = {"delta = 1.0": 'delta = 1.0\nreference = "mean"'}
+    subs = {'reference = "min"': 'reference = "mean"'}
     config = world.write_config(tmp_path / "mean.toml", subs)
     for stage in ("select", "attribute"):
         assert main([stage, str(config), "--run-dir", str(run_dir)]) == 0
