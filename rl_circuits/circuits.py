@@ -49,7 +49,9 @@ def evaluate_circuit(
     batch's positions up to each sample's last loss position (right padding is left out): the
     removed edge then carries its average message. A stack of k circuits [k, n_up, n_down]
     gives [k, batch], one forward each. Entries of `circuit` outside the graph's edge mask are
-    ignored.
+    ignored. Forward passes only, under `no_grad`: nothing is kept for a backward pass, so there
+    is no activation memory for `attribute`'s `checkpoint` to save; `efficient_attention` uses
+    the fused kernels as `attribute` does (the heads graph needs TransformerLens attention).
     """
     if ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
