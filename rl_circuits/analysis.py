@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from rl_circuits.circuit_stage import circuit_alphas, circuit_file
-from rl_circuits.config import RunConfig, parse_config
+from rl_circuits.config import RunConfig, config_from_resolved, upgrade_resolved
 from rl_circuits.errors import RLCircuitsError
 from rl_circuits.faithfulness import compare_circuit_sizes, faithfulness, overlap_curve
 from rl_circuits.metrics import output_entropy
@@ -331,19 +331,10 @@ class Run:
 def load_run(path: str | Path) -> Run:
     """Open a finished (or partial) run directory read-only, for notebooks and scripts."""
     store = RunStore.read_only(Path(path))
-    cfg = parse_config(_unresolve(store.read_json("config.json")), str(path))
+    cfg = config_from_resolved(
+        upgrade_resolved(store.read_json("config.json")), str(store.label("config.json"))
+    )
     return Run(Path(path), cfg, store)
-
-
-def _unresolve(resolved: dict) -> dict:
-    """Turn a stored resolved config back into a config document (pairs inline)."""
-    doc = {k: v for k, v in resolved.items() if k not in ("run", "pairs")}
-    doc.update(resolved["run"])
-    doc["pairs_inline"] = {
-        name: {k: v for k, v in pair.items() if k != "name" and v is not None}
-        for name, pair in resolved["pairs"].items()
-    }
-    return doc
 
 
 def table1(run: Run | str | Path) -> Table1:

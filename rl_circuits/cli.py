@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-STAGES = ("datasets", "generate", "grade", "select", "attribute", "circuits", "analyze", "report")
+from rl_circuits.stages import STAGE_NAMES as STAGES
+
 CHECK_PROMPT = "Natalia sold clips to 48 of her friends in April. 48 / 2 = 24. \\boxed{72}"
 
 
@@ -51,13 +52,16 @@ def cmd_check_model(args) -> int:
 
 
 def _open(args):
+    """The config and its run store; a forced config change has deleted what it made stale."""
     from rl_circuits.config import load_config
-    from rl_circuits.store import RunStore
+    from rl_circuits.stages import open_run
 
     cfg = load_config(args.config)
     run_dir = Path(args.run_dir or cfg["run"]["run_dir"])
-    store = RunStore.open(run_dir, cfg.resolved(), force=args.force)
-    return cfg, store
+    store, changes = open_run(run_dir, cfg, force=args.force)
+    if changes.stages:
+        print(f"config or data changed; these stages recompute:\n{changes.describe()}")
+    return cfg, store, changes
 
 
 def stage_functions() -> dict:
@@ -88,12 +92,30 @@ def cmd_stage(args) -> int:
         return cmd_workers(args)
     if getattr(args, "shard", None):
         return cmd_shard(args)
+    from rl_circuits.errors import StoreError
+    from rl_circuits.stages import iter_missing, stage_current
+
     functions = stage_functions()
-    cfg, store = _open(args)
+    cfg, store, changes = _open(args)
     with store:
-        stages = STAGES if args.command == "run" else (args.command,)
+        if args.command == "run":
+            stages = STAGES
+        else:
+            missing = list(iter_missing(store, args.command))
+            never = [s for s in missing if s not in changes.stages]
+            if never:
+                raise StoreError(
+                    f"the {args.command} stage needs the {', '.join(never)} stage"
+                    f"{'s' if len(never) > 1 else ''} of run directory {store.root} first: run "
+                    f"`rl-circuits {never[0]} {args.config}`"
+                    + (" (and the next ones)" if len(never) > 1 else "")
+                    + f", or `rl-circuits run {args.config}` for every missing stage"
+                )
+            for stage in missing:  # made stale by this config change: redone first
+                print(f"{stage}: recomputing (invalidated by the config change)")
+            stages = (*missing, args.command)
         for stage in stages:
-            if args.command == "run" and store.stage_done(stage):
+            if args.command == "run" and stage_current(store, stage):
                 print(f"{stage}: done")
                 continue
             functions[stage](cfg, store)

@@ -128,6 +128,45 @@ class RunConfig:
         return {**self.values, "pairs": pairs}
 
 
+def upgrade_resolved(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored resolved config in the current format: keys added since it was written get
+    their defaults, so a newer version's new settings are no change for old runs."""
+    import dataclasses
+
+    from rl_circuits.pairs import Pair
+
+    out = dict(stored)
+    for section, schema in SCHEMA.items():
+        table = stored.get(section, {})
+        if isinstance(table, dict):
+            out[section] = {**{k: d for k, (_, d, _) in schema.items()}, **table}
+    pairs = stored.get("pairs")
+    if isinstance(pairs, dict):
+        defaults = {
+            f.name: f.default
+            for f in dataclasses.fields(Pair)
+            if f.default is not dataclasses.MISSING and f.name != "stop"
+        }
+        out["pairs"] = {
+            name: {**defaults, **entry} if isinstance(entry, dict) else entry
+            for name, entry in pairs.items()
+        }
+    return out
+
+
+def config_from_resolved(resolved: dict[str, Any], source: str) -> RunConfig:
+    """Parse a stored resolved config (config.json of a run) back into a `RunConfig`."""
+    if not isinstance(resolved, dict) or not isinstance(resolved.get("run"), dict):
+        raise ConfigError(f"{source} is not a run config (no run table)")
+    doc = {k: v for k, v in resolved.items() if k not in ("run", "pairs")}
+    doc["run"] = resolved["run"]
+    doc["pairs_inline"] = {
+        name: {k: v for k, v in pair.items() if k != "name" and v is not None}
+        for name, pair in (resolved.get("pairs") or {}).items()
+    }
+    return parse_config(doc, source)
+
+
 def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
     """Read and validate a TOML config file (`overrides` replace keys, as the CLI's flags do)."""
     path = Path(path)
@@ -147,7 +186,13 @@ def parse_config(
     raw = dict(raw)
     inline_pairs = parse_pairs({"pairs": raw.pop("pairs_inline", {})}, source)
     sections = {name: raw.pop(name) for name in list(raw) if isinstance(raw[name], dict)}
-    sections["run"] = raw
+    # run settings go at the top level or in an explicit [run] table, not both
+    both = sorted(set(raw) & set(sections.get("run", {})))
+    if both:
+        raise ConfigError(
+            f"{source}: {', '.join(both)} is set both at the top level and in [run]; keep one"
+        )
+    sections["run"] = {**raw, **sections.get("run", {})}
     for section, table in (overrides or {}).items():
         sections.setdefault(section, {}).update(table)
     values: dict[str, dict[str, Any]] = {}
