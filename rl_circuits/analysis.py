@@ -7,6 +7,7 @@ restricts every metric to existing edges.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,6 +57,40 @@ def _cells(cfg: RunConfig, store: RunStore) -> Iterator[tuple[str, str, float, S
                     yield pair.name, dataset, alpha, before, after
 
 
+def empty_cells(cfg: RunConfig, store: RunStore) -> dict[str, str]:
+    """ "pair|dataset|alpha" -> why, for each configured cell every question left (all were
+    skipped by the attribute stage, or none was selected): shown in Table 1 and the report."""
+    out = {}
+    for pair in cfg.pairs.values():
+        for dataset in cfg["run"]["datasets"]:
+            for alpha in cfg.alphas:
+                rels = [attribution_dir(pair.name, role, dataset, alpha) for role in ROLES]
+                if any(store.exists(f"{r}/scores.safetensors") for r in rels):
+                    continue
+                if not store.exists(f"{rels[0]}/skipped.json"):
+                    continue  # not attributed yet
+                skipped = store.read_json(f"{rels[0]}/skipped.json")
+                reasons = sorted(set(skipped.values()))
+                out[f"{pair.name}|{dataset}|{alpha:g}"] = (
+                    f"no question left: all {len(skipped)} selected were skipped"
+                    + (f" (e.g. {reasons[0]})" if reasons else "")
+                    if skipped
+                    else "no question was selected"
+                )
+    return out
+
+
+def empty_note(skipped: dict[str, str]) -> str:
+    """One line naming the cells that are missing from Table 1, and why."""
+    if not skipped:
+        return ""
+    cells = "; ".join(
+        f"{key.replace('|', ', ').rsplit(', ', 1)[0]}, alpha={key.rsplit('|', 1)[1]}: {why}"
+        for key, why in skipped.items()
+    )
+    return f"Cells without results (not in the table): {cells}."
+
+
 def stage_analyze(cfg: RunConfig, store: RunStore) -> None:
     """Each metric before/after with paired bootstrap intervals, per pair x dataset x alpha."""
     a = cfg["analyze"]
@@ -82,6 +117,7 @@ def stage_analyze(cfg: RunConfig, store: RunStore) -> None:
             "before": output_entropy(before.values.numpy(), mask).tolist(),
             "after": output_entropy(after.values.numpy(), mask).tolist(),
         }
+    skipped.update(empty_cells(cfg, store))
     if cfg["circuits"]["enabled"]:
         circuit_rows, curves = _circuit_comparisons(cfg, store)
         rows += circuit_rows
@@ -94,10 +130,15 @@ def stage_analyze(cfg: RunConfig, store: RunStore) -> None:
     store.write_json("analysis/skipped_cells.json", skipped)
     store.write_jsonl("analysis/compare.jsonl", rows)
     store.write_json("analysis/output_entropy.json", entropy)
-    table = layout_table1(rows)
+    table = _with_empty(layout_table1(rows), skipped)
     store.write_text("analysis/table1.md", table.to_markdown())
     store.write_text("analysis/table1.tex", table.to_latex())
     store.mark_done("analyze", {"cells": len(rows)})
+
+
+def _with_empty(table: Table1, skipped: dict[str, str]) -> Table1:
+    note = empty_note(skipped)
+    return dataclasses.replace(table, note=f"{table.note} {note}") if note else table
 
 
 def _circuit_comparisons(cfg: RunConfig, store: RunStore) -> tuple[list[dict], dict]:
@@ -271,13 +312,21 @@ class Run:
         return pd.DataFrame(self.store.read_jsonl("analysis/compare.jsonl"))
 
     def table1(self) -> Table1:
-        return layout_table1(self.comparisons())
+        """Table 1, its note naming the cells without results."""
+        return _with_empty(layout_table1(self.comparisons()), self.skipped_cells())
+
+    def skipped_cells(self) -> dict[str, str]:
+        """ "pair|dataset|alpha" -> why the cell has no row in Table 1."""
+        rel = "analysis/skipped_cells.json"
+        return self.store.read_json(rel) if self.store.exists(rel) else {}
 
     def figures(self) -> dict:
         df = self.comparisons()
         figures = {}
+        # the largest alpha with results (a configured larger one may have ended empty)
+        largest = max(float(a) for a in df["alpha"]) if "alpha" in df else None
         for pair, dataset, alpha, before, after in _cells(self.config, self.store):
-            if alpha != max(self.config.alphas):
+            if alpha != largest:
                 continue
             figures[f"Relative change: {pair}, {dataset}, alpha={alpha:g}"] = (
                 relative_change_heatmap(
@@ -294,7 +343,7 @@ class Run:
         entropy = self.store.read_json("analysis/output_entropy.json")
         for key, value in entropy.items():
             pair, dataset, alpha = key.split("|")
-            if float(alpha) == max(self.config.alphas):
+            if float(alpha) == largest:
                 figures[f"Output-edge entropy: {pair}, {dataset}, alpha={alpha}"] = (
                     output_entropy_lines(
                         value["before"],

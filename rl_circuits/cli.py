@@ -120,8 +120,20 @@ def cmd_stage(args) -> int:
                 continue
             functions[stage](cfg, store)
             print(f"{stage}: done")
+        _warn_empty_cells(store, stages)
     print(f"run directory: {store.root}")
     return 0
+
+
+def _warn_empty_cells(store, stages) -> None:
+    """Cells configured but left without results are said at the end, not only in files."""
+    from rl_circuits.analysis import empty_note
+
+    rel = "analysis/skipped_cells.json"
+    if "analyze" in stages and store.exists(rel):
+        note = empty_note(store.read_json(rel))
+        if note:
+            print(f"warning: {note}", file=sys.stderr)
 
 
 def cmd_shard(args) -> int:

@@ -62,7 +62,8 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any, Any]]] = {
         "grader": (str, "math-verify", _one_of("math-verify", "authors")),
     },
     "select": {
-        "n": (int, 100, _AT_LEAST_ONE),
+        # >= 2: the paired bootstrap and sample diversity need two questions
+        "n": (int, 100, (">= 2", lambda v: v >= 2)),
         "seed": (int, 42, None),
         "alphas": (list, [0.03, 0.1, 0.3, 0.5], None),
         "beta": ((int, float), 0.5, _POSITIVE),
@@ -238,12 +239,20 @@ def _check_cross_fields(values: dict[str, dict[str, Any]], source: str) -> None:
         )
     alphas = select["alphas"]
     if not alphas or any(
-        isinstance(a, bool) or not isinstance(a, int | float) or not 0 < a < math.inf
-        for a in alphas
+        isinstance(a, bool) or not isinstance(a, int | float) or not 0 < a <= 1 for a in alphas
     ):
         raise ConfigError(
             f"{source}: select.alphas = {alphas!r} is out of range: must be a non-empty list of "
-            "finite numbers > 0"
+            "numbers in (0, 1] (alpha is the fraction of the reference length scored; above 1 "
+            "every answer is too short)"
+        )
+    # alpha-A folders are named with format(A, "g"): two alphas with one name would share one
+    names = [f"{float(a):g}" for a in alphas]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(
+            f"{source}: select.alphas = {alphas!r} lists alpha {', '.join(twice)} more than once "
+            "(values equal to 6 significant digits count as one); list each alpha once"
         )
     circuits = values["circuits"]
     for key, allowed in (("thresholds", "in (0, 1]"), ("alphas", "among select.alphas")):
@@ -269,8 +278,24 @@ def _check_cross_fields(values: dict[str, dict[str, Any]], source: str) -> None:
                 "run directory, so use letters, digits, '_', '-' and '.' (not first), without "
                 "'/' or '..'"
             )
+        twice = sorted({v for v in run[key] if run[key].count(v) > 1})
+        if twice:
+            raise ConfigError(
+                f"{source}: {key} lists {', '.join(map(repr, twice))} more than once; list each "
+                "once"
+            )
     if not all(isinstance(i, str) and i for i in run["ids"]):
         raise ConfigError(f"{source}: ids must be a list of question ids such as 'gsm8k-12'")
+    stray = [i for i in run["ids"] if not any(i.startswith(f"{d}-") for d in run["datasets"])]
+    if stray:
+        raise ConfigError(
+            f"{source}: ids entry {stray[0]!r} names no dataset of this run: an id is "
+            f"DATASET-ID with DATASET among {', '.join(run['datasets'])} (e.g. "
+            f"'{run['datasets'][0]}-12')"
+        )
+    twice = sorted({i for i in run["ids"] if run["ids"].count(i) > 1})
+    if twice:
+        raise ConfigError(f"{source}: ids lists {twice[0]!r} more than once; list each once")
 
 
 def _pairs(names: list[str], inline: dict[str, Pair], source: str) -> dict[str, Pair]:

@@ -190,3 +190,27 @@ def test_explicit_run_table_is_honoured(tiny_run, tmp_path, capsys):
     path.write_text('limit = 2\npairs = ["qwen2.5"]\n[run]\nlimit = 3\ndatasets = ["x"]\n')
     with pytest.raises(ConfigError, match="limit is set both at the top level and in"):
         load_config(path)
+
+
+def test_cell_that_ends_empty_is_reported(tiny_run, tmp_path, capsys):
+    """A configured cell whose questions were all skipped: named in Table 1, the report, and
+    the command's last message."""
+    run, config = _moved(tiny_run, tmp_path, capsys)
+    ids = json.loads((run / "select/tiny/sevens.json").read_text())["ids"]
+    for role in ("before", "after"):
+        cell = run / f"attribute/tiny/{role}/sevens/alpha-1"
+        shutil.rmtree(cell)
+        cell.mkdir()
+        (cell / "skipped.json").write_text(json.dumps({q: "too short" for q in ids}))
+    assert main(["analyze", str(config)]) == 0
+    err = capsys.readouterr().err
+    why = f"tiny, sevens, alpha=1: no question left: all {len(ids)} selected were skipped"
+    assert err.startswith("warning: Cells without results") and why in err
+    from rl_circuits import load_run
+
+    loaded = load_run(run)
+    assert why in loaded.table1().note and why in loaded.table1().to_markdown()
+    assert loaded.skipped_cells()["tiny|sevens|1"].endswith("skipped (e.g. too short)")
+    assert main(["report", str(config)]) == 0
+    html = (run / "report/report.html").read_text()
+    assert why in html and "Relative change: tiny, sevens, alpha=0.3" in html
