@@ -304,6 +304,25 @@ class Run:
         rel = f"{attribution_dir(pair, role, dataset, alpha)}/scores.safetensors"
         return self.store.read_scores(rel)
 
+    @property
+    def workdir(self) -> Path | None:
+        """The directory the run's commands ran in: relative config paths are relative to it."""
+        manifest = self.store.manifest()
+        return Path(manifest["workdir"]) if manifest.get("workdir") else None
+
+    def resolve_path(self, path: str) -> str:
+        """A path of the config (a checkpoint, the data directory) as an absolute path when it
+        was given relative to where the run was made; hub ids and absolute paths unchanged."""
+        if not path or Path(path).is_absolute() or self.workdir is None:
+            return path
+        candidate = self.workdir / path
+        return str(candidate) if candidate.exists() else path
+
+    def model_path(self, pair: str, role: str) -> str:
+        """The checkpoint of `pair`'s `role` ("before"/"after") model, loadable from anywhere."""
+        spec = self.config.pairs[pair]
+        return self.resolve_path(spec.before if role == "before" else spec.after)
+
     def accuracy(self) -> pd.DataFrame:
         """Per pair, dataset and model: accuracy and the four correctness groups."""
         return accuracy_table(self.config, self.store)

@@ -214,3 +214,28 @@ def test_cell_that_ends_empty_is_reported(tiny_run, tmp_path, capsys):
     assert main(["report", str(config)]) == 0
     html = (run / "report/report.html").read_text()
     assert why in html and "Relative change: tiny, sevens, alpha=0.3" in html
+
+
+def test_run_made_with_relative_paths_loads_from_elsewhere(tiny_run, tmp_path, monkeypatch, capsys):
+    """config.json keeps the paths as written (they key the run's folders); the manifest records
+    where the run was made, and `Run.model_path` resolves them from any directory."""
+    base, config = tiny_run
+    work = tmp_path / "work"
+    shutil.copytree(base / "models", work / "models")
+    text = config.read_text().replace(f'"{base / "models"}', '"models')
+    text = text.replace(f'"{base / "run"}"', '"runs/rel"')
+    (work / "rel.toml").write_text(text)
+    monkeypatch.chdir(work)
+    assert main(["run", "rel.toml"]) == 0
+    assert json.loads((work / "runs/rel/config.json").read_text())["pairs"]["tiny"]["after"] == (
+        "models/after"
+    )
+    monkeypatch.chdir(tmp_path)
+    from rl_circuits import load_model, load_run
+
+    run = load_run(work / "runs/rel")
+    assert run.workdir == work
+    assert run.model_path("tiny", "after") == str(work / "models/after")
+    assert run.resolve_path("Qwen/Qwen2.5-Math-7B") == "Qwen/Qwen2.5-Math-7B"  # a hub id
+    model = load_model(run.model_path("tiny", "after"), device="cpu")
+    assert model.cfg.n_layers == 2
