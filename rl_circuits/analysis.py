@@ -291,17 +291,54 @@ class Run:
     def selection(self, pair: str, dataset: str) -> Selection:
         return Selection.from_dict(self.store.read_json(f"select/{pair}/{dataset}.json"))
 
+    def _check(self, pair: str, role: str | None, dataset: str, alpha: float | None = None):
+        """Refuse names the run does not have, listing the ones it has."""
+        for what, value, known in (
+            ("pair", pair, list(self.config.pairs)),
+            ("role", role, list(ROLES)),
+            ("dataset", dataset, list(self.config["run"]["datasets"])),
+            ("alpha", alpha, self.config.alphas),
+        ):
+            if value is not None and value not in known:
+                raise RLCircuitsError(
+                    f"{what} {value!r} is not in run {self.root}; it has "
+                    f"{', '.join(map(repr, known))}"
+                )
+
+    def _records(self, stage: str, pair: str, role: str, dataset: str) -> list[dict]:
+        self._check(pair, role, dataset)
+        name = f"{stage}/{ModelRun(self.config.pairs[pair], role).key}/{dataset}"
+        records = self.store.records(name)
+        if not records.is_done() and not records.done_ids():
+            raise RLCircuitsError(
+                f"run {self.root} has no {stage} records for {pair}/{role} on {dataset} yet: "
+                f"run `rl-circuits {stage} CONFIG` (or `rl-circuits run CONFIG`)"
+            )
+        return records.load()
+
     def generations(self, pair: str, role: str, dataset: str) -> list[dict]:
-        key = ModelRun(self.config.pairs[pair], role).key
-        return self.store.records(f"generate/{key}/{dataset}").load()
+        """Each question's prompt, answer and token ids from `pair`'s `role` model."""
+        return self._records("generate", pair, role, dataset)
 
     def grades(self, pair: str, role: str, dataset: str) -> list[dict]:
-        key = ModelRun(self.config.pairs[pair], role).key
-        return self.store.records(f"grade/{key}/{dataset}").load()
+        """Each question's extracted answer, gold and verdict."""
+        return self._records("grade", pair, role, dataset)
 
     def scores(self, pair: str, role: str, dataset: str, alpha: float) -> Scores:
         """Edge scores [n, n_upstream, n_downstream] with node names and question ids."""
+        self._check(pair, role, dataset, float(alpha))
         rel = f"{attribution_dir(pair, role, dataset, alpha)}/scores.safetensors"
+        if not self.store.exists(rel):
+            raise RLCircuitsError(
+                f"run {self.root} has no scores for {pair}/{role}, {dataset}, alpha={alpha:g}: "
+                + (
+                    "every question of the cell was skipped (see its skipped.json)"
+                    if self.store.exists(
+                        f"{attribution_dir(pair, role, dataset, alpha)}/skipped.json"
+                    )
+                    else "run `rl-circuits attribute CONFIG` (or `rl-circuits run CONFIG`)"
+                )
+            )
         return self.store.read_scores(rel)
 
     @property

@@ -17,7 +17,15 @@ def _threads() -> None:
     """One torch thread unless the user asks otherwise: two on a busy 2-core box run 30x slower."""
     import torch
 
-    torch.set_num_threads(int(os.environ.get("RL_CIRCUITS_THREADS", "1")))
+    from rl_circuits.errors import ConfigError
+
+    text = os.environ.get("RL_CIRCUITS_THREADS", "1")
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ConfigError(
+            f"RL_CIRCUITS_THREADS={text!r} must be a whole number of torch threads >= 1 "
+            "(e.g. RL_CIRCUITS_THREADS=2)"
+        )
+    torch.set_num_threads(int(text))
 
 
 def cmd_check_model(args) -> int:
@@ -54,9 +62,11 @@ def cmd_check_model(args) -> int:
 def _open(args):
     """The config and its run store; a forced config change has deleted what it made stale."""
     from rl_circuits.config import load_config
+    from rl_circuits.pipeline import device_of
     from rl_circuits.stages import open_run
 
     cfg = load_config(args.config)
+    device_of(cfg)  # an unusable device fails before any work
     run_dir = Path(args.run_dir or cfg["run"]["run_dir"])
     store, changes = open_run(run_dir, cfg, force=args.force)
     if changes.stages:
@@ -199,8 +209,17 @@ def cmd_ray(args) -> int:
 
 def cmd_tiny_models(args) -> int:
     """Two tiny checkpoints trained to answer 7, and a GSM8K-format dataset to ask them."""
+    from rl_circuits.errors import ConfigError
     from rl_circuits.tiny import write_tiny_models
 
+    target = Path(args.directory)
+    # the target itself being a file is refused by write_tiny_models; here: a file above it
+    blocker = next((p for p in target.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(
+            f"tiny-models: {blocker} is a file, so {target} cannot be a directory; name a new or "
+            "existing directory"
+        )
     for path in write_tiny_models(args.directory):
         print(f"wrote {path}")
     return 0
@@ -299,10 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     from rl_circuits.errors import RLCircuitsError
 
     args = build_parser().parse_args(argv)
-    _threads()
     # grading supplies its own timeout; math-verify warns about its own being off
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     try:
+        _threads()
         return args.func(args)
     except RLCircuitsError as exc:
         print(f"error: {exc}", file=sys.stderr)

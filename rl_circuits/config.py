@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rl_circuits.errors import ConfigError
-from rl_circuits.pairs import Pair, load_pairs, parse_pairs
+from rl_circuits.pairs import Pair, load_pairs, parse_pairs, registry_templates
 
 _POSITIVE = ("> 0", lambda v: v > 0)
 _NON_NEGATIVE = (">= 0", lambda v: v >= 0)
@@ -171,6 +171,13 @@ def config_from_resolved(resolved: dict[str, Any], source: str) -> RunConfig:
 def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
     """Read and validate a TOML config file (`overrides` replace keys, as the CLI's flags do)."""
     path = Path(path)
+    if path.is_dir():
+        hint = (
+            " (a run directory? pass the TOML config it was made with)"
+            if (path / "config.json").is_file()
+            else ""
+        )
+        raise ConfigError(f"config file {str(path)!r} is a directory, not a TOML file{hint}")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
@@ -185,7 +192,14 @@ def parse_config(
 ) -> RunConfig:
     """Validate a config document; the top-level keys form the `[run]` section."""
     raw = dict(raw)
-    inline_pairs = parse_pairs({"pairs": raw.pop("pairs_inline", {})}, source)
+    inline = raw.pop("pairs_inline", {})
+    if not isinstance(inline, dict):
+        raise ConfigError(f"{source}: pairs_inline must be tables [pairs_inline.NAME]")
+    # inline pairs have the registry's fields, named templates included
+    templates = registry_templates() if inline else {}
+    inline_pairs = parse_pairs(
+        {"pairs": inline, "templates": templates}, source, table="pairs_inline"
+    )
     sections = {name: raw.pop(name) for name in list(raw) if isinstance(raw[name], dict)}
     # run settings go at the top level or in an explicit [run] table, not both
     both = sorted(set(raw) & set(sections.get("run", {})))

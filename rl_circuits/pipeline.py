@@ -79,10 +79,13 @@ def model_runs(cfg: RunConfig) -> Iterator[ModelRun]:
 
 
 def device_of(cfg: RunConfig) -> str:
-    device = cfg["model"]["device"]
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    """model.device ("auto": cuda if available), refused clearly when unusable here."""
+    from rl_circuits.loading import check_device
+
+    try:
+        return str(check_device(cfg["model"]["device"]))
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg.source}: model.{exc}") from None
 
 
 def _data_dir(cfg: RunConfig) -> str | None:
