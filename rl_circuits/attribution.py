@@ -92,6 +92,12 @@ def attribute(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
         raise ValueError(f"ig_steps must be an integer >= 1, got {ig_steps!r}")
+    unsupported = [k for k in ("parallel_attn_mlp", "attn_only") if getattr(model.cfg, k, False)]
+    if unsupported:
+        raise ValueError(
+            f"attribute() does not support models with {unsupported[0]}=True: the graphs assume "
+            "each block's attention output feeds its MLP (attention then MLP, both present)"
+        )
     g = build_graph(graph, model.cfg.n_layers, model.cfg.n_heads)
     tokens, loss_mask = _check_inputs(model, tokens, loss_mask)
     per_head = g.name == "heads"

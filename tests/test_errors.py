@@ -156,3 +156,12 @@ def test_run_accessors_name_what_exists(tiny_run):
     with pytest.raises(RLCircuitsError, match="alpha 0.5 is not in run .*; it has 0.3, 1.0"):
         run.scores("tiny", "before", "sevens", 0.5)
     assert np.isfinite(run.scores("tiny", "before", "sevens", 1.0).values.numpy()).all()
+
+
+@pytest.mark.parametrize("flag", ["parallel_attn_mlp", "attn_only"])
+def test_attribute_refuses_block_layouts_it_does_not_model(model, flag, monkeypatch):
+    from rl_circuits.attribution import attribute
+
+    monkeypatch.setattr(model.cfg, flag, True)
+    with pytest.raises(ValueError, match=f"does not support models with {flag}=True"):
+        attribute(model, *_inputs(model))
