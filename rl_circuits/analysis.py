@@ -7,6 +7,7 @@ restricts every metric to existing edges.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from rl_circuits.circuit_stage import circuit_alphas, circuit_file
-from rl_circuits.config import RunConfig, parse_config
+from rl_circuits.config import RunConfig, config_from_resolved, upgrade_resolved
 from rl_circuits.errors import RLCircuitsError
 from rl_circuits.faithfulness import compare_circuit_sizes, faithfulness, overlap_curve
 from rl_circuits.metrics import output_entropy
@@ -56,6 +57,40 @@ def _cells(cfg: RunConfig, store: RunStore) -> Iterator[tuple[str, str, float, S
                     yield pair.name, dataset, alpha, before, after
 
 
+def empty_cells(cfg: RunConfig, store: RunStore) -> dict[str, str]:
+    """ "pair|dataset|alpha" -> why, for each configured cell every question left (all were
+    skipped by the attribute stage, or none was selected): shown in Table 1 and the report."""
+    out = {}
+    for pair in cfg.pairs.values():
+        for dataset in cfg["run"]["datasets"]:
+            for alpha in cfg.alphas:
+                rels = [attribution_dir(pair.name, role, dataset, alpha) for role in ROLES]
+                if any(store.exists(f"{r}/scores.safetensors") for r in rels):
+                    continue
+                if not store.exists(f"{rels[0]}/skipped.json"):
+                    continue  # not attributed yet
+                skipped = store.read_json(f"{rels[0]}/skipped.json")
+                reasons = sorted(set(skipped.values()))
+                out[f"{pair.name}|{dataset}|{alpha:g}"] = (
+                    f"no question left: all {len(skipped)} selected were skipped"
+                    + (f" (e.g. {reasons[0]})" if reasons else "")
+                    if skipped
+                    else "no question was selected"
+                )
+    return out
+
+
+def empty_note(skipped: dict[str, str]) -> str:
+    """One line naming the cells that are missing from Table 1, and why."""
+    if not skipped:
+        return ""
+    cells = "; ".join(
+        f"{key.replace('|', ', ').rsplit(', ', 1)[0]}, alpha={key.rsplit('|', 1)[1]}: {why}"
+        for key, why in skipped.items()
+    )
+    return f"Cells without results (not in the table): {cells}."
+
+
 def stage_analyze(cfg: RunConfig, store: RunStore) -> None:
     """Each metric before/after with paired bootstrap intervals, per pair x dataset x alpha."""
     a = cfg["analyze"]
@@ -82,6 +117,7 @@ def stage_analyze(cfg: RunConfig, store: RunStore) -> None:
             "before": output_entropy(before.values.numpy(), mask).tolist(),
             "after": output_entropy(after.values.numpy(), mask).tolist(),
         }
+    skipped.update(empty_cells(cfg, store))
     if cfg["circuits"]["enabled"]:
         circuit_rows, curves = _circuit_comparisons(cfg, store)
         rows += circuit_rows
@@ -94,10 +130,15 @@ def stage_analyze(cfg: RunConfig, store: RunStore) -> None:
     store.write_json("analysis/skipped_cells.json", skipped)
     store.write_jsonl("analysis/compare.jsonl", rows)
     store.write_json("analysis/output_entropy.json", entropy)
-    table = layout_table1(rows)
+    table = _with_empty(layout_table1(rows), skipped)
     store.write_text("analysis/table1.md", table.to_markdown())
     store.write_text("analysis/table1.tex", table.to_latex())
     store.mark_done("analyze", {"cells": len(rows)})
+
+
+def _with_empty(table: Table1, skipped: dict[str, str]) -> Table1:
+    note = empty_note(skipped)
+    return dataclasses.replace(table, note=f"{table.note} {note}") if note else table
 
 
 def _circuit_comparisons(cfg: RunConfig, store: RunStore) -> tuple[list[dict], dict]:
@@ -250,18 +291,74 @@ class Run:
     def selection(self, pair: str, dataset: str) -> Selection:
         return Selection.from_dict(self.store.read_json(f"select/{pair}/{dataset}.json"))
 
+    def _check(self, pair: str, role: str | None, dataset: str, alpha: float | None = None):
+        """Refuse names the run does not have, listing the ones it has."""
+        for what, value, known in (
+            ("pair", pair, list(self.config.pairs)),
+            ("role", role, list(ROLES)),
+            ("dataset", dataset, list(self.config["run"]["datasets"])),
+            ("alpha", alpha, self.config.alphas),
+        ):
+            if value is not None and value not in known:
+                raise RLCircuitsError(
+                    f"{what} {value!r} is not in run {self.root}; it has "
+                    f"{', '.join(map(repr, known))}"
+                )
+
+    def _records(self, stage: str, pair: str, role: str, dataset: str) -> list[dict]:
+        self._check(pair, role, dataset)
+        name = f"{stage}/{ModelRun(self.config.pairs[pair], role).key}/{dataset}"
+        records = self.store.records(name)
+        if not records.is_done() and not records.done_ids():
+            raise RLCircuitsError(
+                f"run {self.root} has no {stage} records for {pair}/{role} on {dataset} yet: "
+                f"run `rl-circuits {stage} CONFIG` (or `rl-circuits run CONFIG`)"
+            )
+        return records.load()
+
     def generations(self, pair: str, role: str, dataset: str) -> list[dict]:
-        key = ModelRun(self.config.pairs[pair], role).key
-        return self.store.records(f"generate/{key}/{dataset}").load()
+        """Each question's prompt, answer and token ids from `pair`'s `role` model."""
+        return self._records("generate", pair, role, dataset)
 
     def grades(self, pair: str, role: str, dataset: str) -> list[dict]:
-        key = ModelRun(self.config.pairs[pair], role).key
-        return self.store.records(f"grade/{key}/{dataset}").load()
+        """Each question's extracted answer, gold and verdict."""
+        return self._records("grade", pair, role, dataset)
 
     def scores(self, pair: str, role: str, dataset: str, alpha: float) -> Scores:
         """Edge scores [n, n_upstream, n_downstream] with node names and question ids."""
+        self._check(pair, role, dataset, float(alpha))
         rel = f"{attribution_dir(pair, role, dataset, alpha)}/scores.safetensors"
+        if not self.store.exists(rel):
+            raise RLCircuitsError(
+                f"run {self.root} has no scores for {pair}/{role}, {dataset}, alpha={alpha:g}: "
+                + (
+                    "every question of the cell was skipped (see its skipped.json)"
+                    if self.store.exists(
+                        f"{attribution_dir(pair, role, dataset, alpha)}/skipped.json"
+                    )
+                    else "run `rl-circuits attribute CONFIG` (or `rl-circuits run CONFIG`)"
+                )
+            )
         return self.store.read_scores(rel)
+
+    @property
+    def workdir(self) -> Path | None:
+        """The directory the run's commands ran in: relative config paths are relative to it."""
+        manifest = self.store.manifest()
+        return Path(manifest["workdir"]) if manifest.get("workdir") else None
+
+    def resolve_path(self, path: str) -> str:
+        """A path of the config (a checkpoint, the data directory) as an absolute path when it
+        was given relative to where the run was made; hub ids and absolute paths unchanged."""
+        if not path or Path(path).is_absolute() or self.workdir is None:
+            return path
+        candidate = self.workdir / path
+        return str(candidate) if candidate.exists() else path
+
+    def model_path(self, pair: str, role: str) -> str:
+        """The checkpoint of `pair`'s `role` ("before"/"after") model, loadable from anywhere."""
+        spec = self.config.pairs[pair]
+        return self.resolve_path(spec.before if role == "before" else spec.after)
 
     def accuracy(self) -> pd.DataFrame:
         """Per pair, dataset and model: accuracy and the four correctness groups."""
@@ -271,13 +368,21 @@ class Run:
         return pd.DataFrame(self.store.read_jsonl("analysis/compare.jsonl"))
 
     def table1(self) -> Table1:
-        return layout_table1(self.comparisons())
+        """Table 1, its note naming the cells without results."""
+        return _with_empty(layout_table1(self.comparisons()), self.skipped_cells())
+
+    def skipped_cells(self) -> dict[str, str]:
+        """ "pair|dataset|alpha" -> why the cell has no row in Table 1."""
+        rel = "analysis/skipped_cells.json"
+        return self.store.read_json(rel) if self.store.exists(rel) else {}
 
     def figures(self) -> dict:
         df = self.comparisons()
         figures = {}
+        # the largest alpha with results (a configured larger one may have ended empty)
+        largest = max(float(a) for a in df["alpha"]) if "alpha" in df else None
         for pair, dataset, alpha, before, after in _cells(self.config, self.store):
-            if alpha != max(self.config.alphas):
+            if alpha != largest:
                 continue
             figures[f"Relative change: {pair}, {dataset}, alpha={alpha:g}"] = (
                 relative_change_heatmap(
@@ -294,7 +399,7 @@ class Run:
         entropy = self.store.read_json("analysis/output_entropy.json")
         for key, value in entropy.items():
             pair, dataset, alpha = key.split("|")
-            if float(alpha) == max(self.config.alphas):
+            if float(alpha) == largest:
                 figures[f"Output-edge entropy: {pair}, {dataset}, alpha={alpha}"] = (
                     output_entropy_lines(
                         value["before"],
@@ -331,19 +436,10 @@ class Run:
 def load_run(path: str | Path) -> Run:
     """Open a finished (or partial) run directory read-only, for notebooks and scripts."""
     store = RunStore.read_only(Path(path))
-    cfg = parse_config(_unresolve(store.read_json("config.json")), str(path))
+    cfg = config_from_resolved(
+        upgrade_resolved(store.read_json("config.json")), str(store.label("config.json"))
+    )
     return Run(Path(path), cfg, store)
-
-
-def _unresolve(resolved: dict) -> dict:
-    """Turn a stored resolved config back into a config document (pairs inline)."""
-    doc = {k: v for k, v in resolved.items() if k not in ("run", "pairs")}
-    doc.update(resolved["run"])
-    doc["pairs_inline"] = {
-        name: {k: v for k, v in pair.items() if k != "name" and v is not None}
-        for name, pair in resolved["pairs"].items()
-    }
-    return doc
 
 
 def table1(run: Run | str | Path) -> Table1:

@@ -14,6 +14,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens import HookedTransformer
@@ -89,6 +90,14 @@ def attribute(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
+        raise ValueError(f"ig_steps must be an integer >= 1, got {ig_steps!r}")
+    unsupported = [k for k in ("parallel_attn_mlp", "attn_only") if getattr(model.cfg, k, False)]
+    if unsupported:
+        raise ValueError(
+            f"attribute() does not support models with {unsupported[0]}=True: the graphs assume "
+            "each block's attention output feeds its MLP (attention then MLP, both present)"
+        )
     g = build_graph(graph, model.cfg.n_layers, model.cfg.n_heads)
     tokens, loss_mask = _check_inputs(model, tokens, loss_mask)
     per_head = g.name == "heads"
@@ -281,14 +290,27 @@ def _frozen(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _check_inputs(model, tokens, loss_mask):
-    if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
+    tokens = _as_tensor(tokens, "tokens")
+    loss_mask = _as_tensor(loss_mask, "loss_mask")
+    if tokens.ndim != 2:
         raise ValueError(
-            f"tokens must be an integer tensor [batch, pos], got {tuple(tokens.shape)}"
+            f"tokens must be a 2-d tensor [batch, pos], got shape {tuple(tokens.shape)}"
+        )
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
+        raise ValueError(
+            f"tokens must hold integer token ids, got dtype {tokens.dtype}: pass token ids from "
+            "the tokenizer (e.g. tokens.long())"
         )
     if loss_mask.shape != tokens.shape or loss_mask.dtype != torch.bool:
         raise ValueError(
             f"loss_mask must be a bool tensor shaped like tokens {tuple(tokens.shape)}, "
             f"got {loss_mask.dtype} {tuple(loss_mask.shape)}"
+        )
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab):
+        bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
+        raise ValueError(
+            f"token id {bad} is outside the model's vocabulary (0 to {model.cfg.d_vocab - 1}); "
+            "tokenize with this model's tokenizer, and pad with a valid id (e.g. 0)"
         )
     if loss_mask[:, 0].any():
         raise ValueError("loss_mask[:, 0] must be False: no position predicts the first token")
@@ -296,12 +318,35 @@ def _check_inputs(model, tokens, loss_mask):
     if empty:
         raise ValueError(f"samples {empty} have no masked position to compute a loss on")
     if tokens.shape[1] > model.cfg.n_ctx:
+        limit = getattr(model, "checkpoint_max_positions", None)
+        if limit is not None and tokens.shape[1] > limit:
+            hint = (
+                f"the checkpoint itself allows at most {limit} positions: truncate or split the "
+                "input"
+            )
+        else:
+            hint = f"load the model with max_seq_len >= {tokens.shape[1]}" + (
+                f" (the checkpoint allows up to {limit})" if limit else ""
+            )
         raise ValueError(
             f"sequence length {tokens.shape[1]} exceeds the model's n_ctx {model.cfg.n_ctx}; "
-            "load the model with a larger max_seq_len"
+            + hint
         )
     device = model.embed.W_E.device
     return tokens.long().to(device), loss_mask.to(device)
+
+
+def _as_tensor(x, what: str) -> torch.Tensor:
+    """A tensor from a tensor, numpy array or nested list (as `torch.as_tensor` reads them)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    try:
+        return torch.as_tensor(np.asarray(x))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(
+            f"{what} must be a tensor, a numpy array or a rectangular nested list, got "
+            f"{type(x).__name__} ({exc})"
+        ) from None
 
 
 def _check_finite(loss, values, sample_ids, method: str) -> None:

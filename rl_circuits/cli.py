@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-STAGES = ("datasets", "generate", "grade", "select", "attribute", "circuits", "analyze", "report")
+from rl_circuits.stages import STAGE_NAMES as STAGES
+
 CHECK_PROMPT = "Natalia sold clips to 48 of her friends in April. 48 / 2 = 24. \\boxed{72}"
 
 
@@ -16,7 +17,15 @@ def _threads() -> None:
     """One torch thread unless the user asks otherwise: two on a busy 2-core box run 30x slower."""
     import torch
 
-    torch.set_num_threads(int(os.environ.get("RL_CIRCUITS_THREADS", "1")))
+    from rl_circuits.errors import ConfigError
+
+    text = os.environ.get("RL_CIRCUITS_THREADS", "1")
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ConfigError(
+            f"RL_CIRCUITS_THREADS={text!r} must be a whole number of torch threads >= 1 "
+            "(e.g. RL_CIRCUITS_THREADS=2)"
+        )
+    torch.set_num_threads(int(text))
 
 
 def cmd_check_model(args) -> int:
@@ -51,13 +60,18 @@ def cmd_check_model(args) -> int:
 
 
 def _open(args):
+    """The config and its run store; a forced config change has deleted what it made stale."""
     from rl_circuits.config import load_config
-    from rl_circuits.store import RunStore
+    from rl_circuits.pipeline import device_of
+    from rl_circuits.stages import open_run
 
     cfg = load_config(args.config)
+    device_of(cfg)  # an unusable device fails before any work
     run_dir = Path(args.run_dir or cfg["run"]["run_dir"])
-    store = RunStore.open(run_dir, cfg.resolved(), force=args.force)
-    return cfg, store
+    store, changes = open_run(run_dir, cfg, force=args.force)
+    if changes.stages:
+        print(f"config or data changed; these stages recompute:\n{changes.describe()}")
+    return cfg, store, changes
 
 
 def stage_functions() -> dict:
@@ -88,18 +102,48 @@ def cmd_stage(args) -> int:
         return cmd_workers(args)
     if getattr(args, "shard", None):
         return cmd_shard(args)
+    from rl_circuits.errors import StoreError
+    from rl_circuits.stages import iter_missing, stage_current
+
     functions = stage_functions()
-    cfg, store = _open(args)
+    cfg, store, changes = _open(args)
     with store:
-        stages = STAGES if args.command == "run" else (args.command,)
+        if args.command == "run":
+            stages = STAGES
+        else:
+            missing = list(iter_missing(store, args.command))
+            never = [s for s in missing if s not in changes.stages]
+            if never:
+                raise StoreError(
+                    f"the {args.command} stage needs the {', '.join(never)} stage"
+                    f"{'s' if len(never) > 1 else ''} of run directory {store.root} first: run "
+                    f"`rl-circuits {never[0]} {args.config}`"
+                    + (" (and the next ones)" if len(never) > 1 else "")
+                    + f", or `rl-circuits run {args.config}` for every missing stage"
+                )
+            for stage in missing:  # made stale by this config change: redone first
+                print(f"{stage}: recomputing (invalidated by the config change)")
+            stages = (*missing, args.command)
         for stage in stages:
-            if args.command == "run" and store.stage_done(stage):
+            if args.command == "run" and stage_current(store, stage):
                 print(f"{stage}: done")
                 continue
             functions[stage](cfg, store)
             print(f"{stage}: done")
+        _warn_empty_cells(store, stages)
     print(f"run directory: {store.root}")
     return 0
+
+
+def _warn_empty_cells(store, stages) -> None:
+    """Cells configured but left without results are said at the end, not only in files."""
+    from rl_circuits.analysis import empty_note
+
+    rel = "analysis/skipped_cells.json"
+    if "analyze" in stages and store.exists(rel):
+        note = empty_note(store.read_json(rel))
+        if note:
+            print(f"warning: {note}", file=sys.stderr)
 
 
 def cmd_shard(args) -> int:
@@ -165,8 +209,17 @@ def cmd_ray(args) -> int:
 
 def cmd_tiny_models(args) -> int:
     """Two tiny checkpoints trained to answer 7, and a GSM8K-format dataset to ask them."""
+    from rl_circuits.errors import ConfigError
     from rl_circuits.tiny import write_tiny_models
 
+    target = Path(args.directory)
+    # the target itself being a file is refused by write_tiny_models; here: a file above it
+    blocker = next((p for p in target.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(
+            f"tiny-models: {blocker} is a file, so {target} cannot be a directory; name a new or "
+            "existing directory"
+        )
     for path in write_tiny_models(args.directory):
         print(f"wrote {path}")
     return 0
@@ -265,10 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     from rl_circuits.errors import RLCircuitsError
 
     args = build_parser().parse_args(argv)
-    _threads()
     # grading supplies its own timeout; math-verify warns about its own being off
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     try:
+        _threads()
         return args.func(args)
     except RLCircuitsError as exc:
         print(f"error: {exc}", file=sys.stderr)

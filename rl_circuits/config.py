@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rl_circuits.errors import ConfigError
-from rl_circuits.pairs import Pair, load_pairs, parse_pairs
+from rl_circuits.pairs import Pair, load_pairs, parse_pairs, registry_templates
 
 _POSITIVE = ("> 0", lambda v: v > 0)
 _NON_NEGATIVE = (">= 0", lambda v: v >= 0)
@@ -62,7 +62,8 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any, Any]]] = {
         "grader": (str, "math-verify", _one_of("math-verify", "authors")),
     },
     "select": {
-        "n": (int, 100, _AT_LEAST_ONE),
+        # >= 2: the paired bootstrap and sample diversity need two questions
+        "n": (int, 100, (">= 2", lambda v: v >= 2)),
         "seed": (int, 42, None),
         "alphas": (list, [0.03, 0.1, 0.3, 0.5], None),
         "beta": ((int, float), 0.5, _POSITIVE),
@@ -129,9 +130,55 @@ class RunConfig:
         return {**self.values, "pairs": pairs}
 
 
+def upgrade_resolved(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored resolved config in the current format: keys added since it was written get
+    their defaults, so a newer version's new settings are no change for old runs."""
+    import dataclasses
+
+    from rl_circuits.pairs import Pair
+
+    out = dict(stored)
+    for section, schema in SCHEMA.items():
+        table = stored.get(section, {})
+        if isinstance(table, dict):
+            out[section] = {**{k: d for k, (_, d, _) in schema.items()}, **table}
+    pairs = stored.get("pairs")
+    if isinstance(pairs, dict):
+        defaults = {
+            f.name: f.default
+            for f in dataclasses.fields(Pair)
+            if f.default is not dataclasses.MISSING and f.name != "stop"
+        }
+        out["pairs"] = {
+            name: {**defaults, **entry} if isinstance(entry, dict) else entry
+            for name, entry in pairs.items()
+        }
+    return out
+
+
+def config_from_resolved(resolved: dict[str, Any], source: str) -> RunConfig:
+    """Parse a stored resolved config (config.json of a run) back into a `RunConfig`."""
+    if not isinstance(resolved, dict) or not isinstance(resolved.get("run"), dict):
+        raise ConfigError(f"{source} is not a run config (no run table)")
+    doc = {k: v for k, v in resolved.items() if k not in ("run", "pairs")}
+    doc["run"] = resolved["run"]
+    doc["pairs_inline"] = {
+        name: {k: v for k, v in pair.items() if k != "name" and v is not None}
+        for name, pair in (resolved.get("pairs") or {}).items()
+    }
+    return parse_config(doc, source)
+
+
 def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
     """Read and validate a TOML config file (`overrides` replace keys, as the CLI's flags do)."""
     path = Path(path)
+    if path.is_dir():
+        hint = (
+            " (a run directory? pass the TOML config it was made with)"
+            if (path / "config.json").is_file()
+            else ""
+        )
+        raise ConfigError(f"config file {str(path)!r} is a directory, not a TOML file{hint}")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
@@ -146,9 +193,22 @@ def parse_config(
 ) -> RunConfig:
     """Validate a config document; the top-level keys form the `[run]` section."""
     raw = dict(raw)
-    inline_pairs = parse_pairs({"pairs": raw.pop("pairs_inline", {})}, source)
+    inline = raw.pop("pairs_inline", {})
+    if not isinstance(inline, dict):
+        raise ConfigError(f"{source}: pairs_inline must be tables [pairs_inline.NAME]")
+    # inline pairs have the registry's fields, named templates included
+    templates = registry_templates() if inline else {}
+    inline_pairs = parse_pairs(
+        {"pairs": inline, "templates": templates}, source, table="pairs_inline"
+    )
     sections = {name: raw.pop(name) for name in list(raw) if isinstance(raw[name], dict)}
-    sections["run"] = raw
+    # run settings go at the top level or in an explicit [run] table, not both
+    both = sorted(set(raw) & set(sections.get("run", {})))
+    if both:
+        raise ConfigError(
+            f"{source}: {', '.join(both)} is set both at the top level and in [run]; keep one"
+        )
+    sections["run"] = {**raw, **sections.get("run", {})}
     for section, table in (overrides or {}).items():
         sections.setdefault(section, {}).update(table)
     values: dict[str, dict[str, Any]] = {}
@@ -194,12 +254,20 @@ def _check_cross_fields(values: dict[str, dict[str, Any]], source: str) -> None:
         )
     alphas = select["alphas"]
     if not alphas or any(
-        isinstance(a, bool) or not isinstance(a, int | float) or not 0 < a < math.inf
-        for a in alphas
+        isinstance(a, bool) or not isinstance(a, int | float) or not 0 < a <= 1 for a in alphas
     ):
         raise ConfigError(
             f"{source}: select.alphas = {alphas!r} is out of range: must be a non-empty list of "
-            "finite numbers > 0"
+            "numbers in (0, 1] (alpha is the fraction of the reference length scored; above 1 "
+            "every answer is too short)"
+        )
+    # alpha-A folders are named with format(A, "g"): two alphas with one name would share one
+    names = [f"{float(a):g}" for a in alphas]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(
+            f"{source}: select.alphas = {alphas!r} lists alpha {', '.join(twice)} more than once "
+            "(values equal to 6 significant digits count as one); list each alpha once"
         )
     circuits = values["circuits"]
     for key, allowed in (("thresholds", "in (0, 1]"), ("alphas", "among select.alphas")):
@@ -225,8 +293,24 @@ def _check_cross_fields(values: dict[str, dict[str, Any]], source: str) -> None:
                 "run directory, so use letters, digits, '_', '-' and '.' (not first), without "
                 "'/' or '..'"
             )
+        twice = sorted({v for v in run[key] if run[key].count(v) > 1})
+        if twice:
+            raise ConfigError(
+                f"{source}: {key} lists {', '.join(map(repr, twice))} more than once; list each "
+                "once"
+            )
     if not all(isinstance(i, str) and i for i in run["ids"]):
         raise ConfigError(f"{source}: ids must be a list of question ids such as 'gsm8k-12'")
+    stray = [i for i in run["ids"] if not any(i.startswith(f"{d}-") for d in run["datasets"])]
+    if stray:
+        raise ConfigError(
+            f"{source}: ids entry {stray[0]!r} names no dataset of this run: an id is "
+            f"DATASET-ID with DATASET among {', '.join(run['datasets'])} (e.g. "
+            f"'{run['datasets'][0]}-12')"
+        )
+    twice = sorted({i for i in run["ids"] if run["ids"].count(i) > 1})
+    if twice:
+        raise ConfigError(f"{source}: ids lists {twice[0]!r} more than once; list each once")
 
 
 def _pairs(names: list[str], inline: dict[str, Pair], source: str) -> dict[str, Pair]:

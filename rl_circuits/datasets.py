@@ -136,7 +136,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(1-based line number, object) for each non-blank line of a JSONL file."""
     rows = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM is fine
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read dataset file {path}: {exc}") from exc
     for number, line in enumerate(lines, start=1):
@@ -212,7 +212,7 @@ def _load_local(name: str, data_dir: str | Path, split: str) -> list[Record]:
         where = "directory" if not path.parent.is_dir() else "file"
         missing = path.parent if where == "directory" else path
         raise DataError(
-            f"dataset {name!r}: {where} {missing} not found; pass --data-dir pointing at a "
+            f"dataset {name!r}: {where} {missing} not found; set data_dir (in the config) to a "
             f"folder that holds {name}/{split}.jsonl"
         )
     rows = [(f"{path}:{number}", row) for number, row in _read_jsonl(path)]
@@ -231,7 +231,7 @@ def _hub_rows(
     except Exception as exc:  # any download failure gets the same advice
         raise DataError(
             f"cannot load {repo} from the Hugging Face hub ({type(exc).__name__}: {exc}); "
-            "check the network or pass --data-dir with a local copy"
+            "check the network or set data_dir (in the config) to a local copy"
         ) from exc
     return [(f"{location}[{index}]", dict(row)) for index, row in enumerate(table)]
 
@@ -252,16 +252,16 @@ def _load_hub(name: str, split: str) -> list[Record]:
     if name in NAMED_FORMATS:
         raise DataError(
             f"dataset {name!r} is read from a local copy in the Qwen2.5-Math harness's format; "
-            f"pass --data-dir pointing at a folder that holds {name}/{split}.jsonl"
+            f"set data_dir (in the config) to a folder that holds {name}/{split}.jsonl"
         )
     if name == "college_math":
         raise DataError(
-            "College Math has no copy on the Hugging Face hub; pass --data-dir pointing at a "
+            "College Math has no copy on the Hugging Face hub; set data_dir (in the config) to a "
             "folder that holds college_math/test.jsonl"
         )
     raise DataError(
         f"unknown dataset {name!r}: the hub datasets are {', '.join(HUB_SOURCES)}; for another "
-        f"name pass --data-dir pointing at a folder that holds {name}/{split}.jsonl"
+        f"name set data_dir (in the config) to a folder that holds {name}/{split}.jsonl"
     )
 
 

@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from rl_circuits.config import RunConfig
 
 SHARDED_STAGES = ("generate", "attribute")
-PREREQUISITE = {"generate": "datasets", "attribute": "select"}
 MERGE_WAIT = 600.0  # seconds a starting shard worker waits for a finished one's merge
 STOP_GRACE = 30.0  # seconds stopped workers get to exit on SIGINT before SIGKILL
 TAIL_LINES = 40
@@ -108,12 +107,12 @@ def merge_finished(
     """
     from rl_circuits import pipeline
     from rl_circuits.config import load_config
-    from rl_circuits.store import RunStore
+    from rl_circuits.stages import open_run
 
     _check_stage(stage)
     cfg = load_config(config_path)
     try:
-        store = RunStore.open(_run_dir(cfg, run_dir), cfg.resolved(), merging=True)
+        store, _ = open_run(_run_dir(cfg, run_dir), cfg, merging=True)
     except LockedError:
         return None
     with store:
@@ -129,19 +128,21 @@ def _prepare(
     """Before starting workers: install (or check) the config with the exclusive lock, clean
     up after killed writers, and check the earlier stage ran. -> (config, run dir, done)."""
     from rl_circuits.config import load_config
-    from rl_circuits.store import RunStore
+    from rl_circuits.stages import iter_missing, open_run, stage_current
 
     _check_stage(stage)
     cfg = load_config(config_path)
     root = _run_dir(cfg, run_dir)
-    with RunStore.open(root, cfg.resolved(), force=force) as store:
-        if store.stage_done(stage):
+    store, _ = open_run(root, cfg, force=force)
+    with store:
+        if stage_current(store, stage):
             return cfg, root, True
-        before = PREREQUISITE[stage]
-        if not store.stage_done(before):
+        missing = list(iter_missing(store, stage))
+        if missing:
             raise StoreError(
-                f"the {stage} stage needs the {before} stage of run directory {root} first: "
-                f"rl-circuits {before} {config_path}"
+                f"the {stage} stage needs the {', '.join(missing)} stage of run directory "
+                f"{root} first: rl-circuits {missing[0]} {config_path} (or rl-circuits run "
+                f"{config_path})"
             )
     return cfg, root, False
 
@@ -149,9 +150,10 @@ def _prepare(
 def _merge_after_workers(stage: str, cfg: RunConfig, root: Path) -> None:
     """The exclusive merge once every worker has ended; all their work must be there."""
     from rl_circuits import pipeline
-    from rl_circuits.store import RunStore
+    from rl_circuits.stages import open_run
 
-    with RunStore.open(root, cfg.resolved(), merging=True) as store:
+    store, _ = open_run(root, cfg, merging=True)
+    with store:
         if not pipeline.merge_stage(stage, cfg, store):
             raise WorkerError(
                 f"every {stage} worker ended without error but some questions have no output "

@@ -17,7 +17,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from rl_circuits.checkpoints import Checkpoint, iter_tensors, load_tokenizer, resolve, weight_files
-from rl_circuits.errors import CheckpointError
+from rl_circuits.errors import CheckpointError, ConfigError
 from rl_circuits.paths import resource_dir
 
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -254,8 +254,8 @@ def load_model(
     model without changing its function, the residual stream or any edge score; other
     processing (centring writing weights) would change scores and is not offered.
     """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = as_dtype(dtype)
+    device = check_device(device)
     ckpt = resolve(path_or_hub_id, revision)
     mmap = model_map_for(ckpt)
     files = weight_files(ckpt, allow_pickle=allow_pickle)
@@ -277,5 +277,54 @@ def load_model(
             center_unembed=center_unembed,
             refactor_factored_attn_matrices=False,
         )
+    model.checkpoint_max_positions = ckpt.config.get("max_position_embeddings")
     model.eval()
     return model
+
+
+DTYPE_NAMES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from itself or its name as configs write it ("float32", "bfloat16")."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype.removeprefix("torch.") if isinstance(dtype, str) else None
+    if name not in DTYPE_NAMES:
+        raise ConfigError(
+            f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPE_NAMES)} "
+            "(or the torch dtype)"
+        )
+    return DTYPE_NAMES[name]
+
+
+def check_device(device: str | torch.device | None) -> str | torch.device:
+    """The device to use ("auto"/None: cuda if available, else cpu), refused clearly when it
+    is no torch device or its backend is not available here."""
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"device {device!r} is not a torch device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        ) from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {device!r}: this torch has no usable CUDA GPU (torch {torch.__version__}, "
+            f"cuda build {torch.version.cuda}); use device = 'cpu' or 'auto', or install a "
+            "CUDA build of torch on a GPU machine"
+        )
+    if parsed.type == "cuda" and parsed.index is not None:
+        if parsed.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r}: MPS is not available here; use 'cpu' or 'auto'")
+    return device

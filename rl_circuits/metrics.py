@@ -42,19 +42,37 @@ __all__ = [
 
 
 def _array(x, dtype=np.float64) -> np.ndarray:
-    """A numpy copy-free view of a numpy array or (detached, CPU) torch tensor."""
+    """A numpy view of a numpy array or a (detached, CPU) torch tensor of any dtype; score
+    objects (`EdgeScores`, the store's `Scores`) give their `values`."""
+    if not isinstance(x, torch.Tensor | np.ndarray) and hasattr(x, "values"):
+        x = x.values
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype)
+        x = x.detach().cpu()
+        if x.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16
+            x = x.float()
+        x = x.numpy()
+    try:
+        return np.asarray(x, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"expected edge scores (a tensor, an array or a score object), got "
+            f"{type(x).__name__}: {exc}"
+        ) from None
 
 
 def check_scores(W) -> np.ndarray:
-    """W as float64 [n, n_upstream, n_downstream], checked."""
+    """W as float64 [n, n_upstream, n_downstream], checked (finite)."""
     W = _array(W)
     if W.ndim != 3:
         raise ValueError(f"edge scores must be [n, n_upstream, n_downstream], got shape {W.shape}")
     if W.shape[0] == 0:
         raise ValueError("edge scores hold no samples")
+    if not np.isfinite(W).all():
+        bad = np.argwhere(~np.isfinite(W))[0]
+        raise ValueError(
+            f"edge scores hold NaN/inf (first at sample {bad[0]}, entry {tuple(bad[1:])}); "
+            "recompute them (in float32) or drop that sample"
+        )
     return W
 
 

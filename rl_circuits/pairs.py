@@ -59,12 +59,13 @@ def registry_files() -> list[Path]:
     return [resource_dir("model_maps") / "pairs.toml", *sorted(user.glob("*.toml"))]
 
 
-def parse_pairs(raw: dict, source: str) -> dict[str, Pair]:
-    """Validate the `[pairs.*]` tables of one TOML document (templates may be named)."""
+def parse_pairs(raw: dict, source: str, table: str = "pairs") -> dict[str, Pair]:
+    """Validate the `[pairs.*]` tables of one TOML document (templates may be named);
+    `table` is how messages name them (`pairs_inline` in run configs)."""
     templates = raw.get("templates", {})
     pairs = {}
     for name, entry in raw.get("pairs", {}).items():
-        where = f"{source}: [pairs.{name}]"
+        where = f"{source}: [{table}.{name}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where} must be a table")
         for key, value in entry.items():
@@ -101,6 +102,18 @@ def parse_pairs(raw: dict, source: str) -> dict[str, Pair]:
             )
         pairs[name] = Pair(name=name, **{**entry, "template": template, "stop": tuple(stop)})
     return pairs
+
+
+def registry_templates() -> dict[str, str]:
+    """The named prompt templates of every registry file (`[templates]`), later files first."""
+    templates: dict[str, str] = {}
+    for file in registry_files():
+        try:
+            raw = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file} is not valid TOML: {exc}") from exc
+        templates.update(raw.get("templates", {}))
+    return templates
 
 
 def load_pairs() -> dict[str, Pair]:

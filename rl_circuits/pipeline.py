@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from rl_circuits.config import RunConfig
 from rl_circuits.datasets import dataset_file, dataset_hash, load_dataset
-from rl_circuits.errors import ConfigError, NumericalError, RLCircuitsError
+from rl_circuits.errors import ConfigError, NumericalError, RLCircuitsError, StoreError
 from rl_circuits.generation import GenerationSettings, make_generator
 from rl_circuits.grading import grade
 from rl_circuits.pairs import Pair
@@ -79,10 +79,13 @@ def model_runs(cfg: RunConfig) -> Iterator[ModelRun]:
 
 
 def device_of(cfg: RunConfig) -> str:
-    device = cfg["model"]["device"]
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    """model.device ("auto": cuda if available), refused clearly when unusable here."""
+    from rl_circuits.loading import check_device
+
+    try:
+        return str(check_device(cfg["model"]["device"]))
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg.source}: model.{exc}") from None
 
 
 def _data_dir(cfg: RunConfig) -> str | None:
@@ -92,7 +95,6 @@ def _data_dir(cfg: RunConfig) -> str | None:
 def stage_datasets(cfg: RunConfig, store: RunStore) -> None:
     """Normalise each dataset to {id, question, gold} records in `datasets/NAME.jsonl`."""
     limit = cfg["run"]["limit"] or None
-    hashes = {}
     for name in cfg["run"]["datasets"]:
         rel = f"datasets/{name}.jsonl"
         if not store.exists(rel):
@@ -100,10 +102,12 @@ def stage_datasets(cfg: RunConfig, store: RunStore) -> None:
             records = load_dataset(
                 name, data_dir=_data_dir(cfg), split=cfg["run"]["split"], limit=limit, ids=ids
             )
+            # the hash of the file these records came from, recorded before them: a later
+            # change of the file is then seen as one (rl_circuits.stages)
+            if _data_dir(cfg):
+                path = dataset_file(name, _data_dir(cfg), cfg["run"]["split"])
+                store.update_manifest({"dataset_hashes": {name: dataset_hash(path)}})
             store.write_jsonl(rel, [r.to_dict() for r in records])
-        if _data_dir(cfg):
-            hashes[name] = dataset_hash(dataset_file(name, _data_dir(cfg), cfg["run"]["split"]))
-    store.update_manifest({"dataset_hashes": hashes})
     store.mark_done("datasets", {"datasets": cfg["run"]["datasets"]})
 
 
@@ -415,6 +419,13 @@ def _attribution_jobs(cfg: RunConfig, store: RunStore, run: ModelRun, shard):
         }
         for alpha in cfg.alphas:
             out = attribution_dir(run.pair.name, run.role, dataset, alpha)
+            if alpha not in selection.t_cut:
+                raise StoreError(
+                    f"{store.label(f'select/{run.pair.name}/{dataset}.json')} has no T_cut for "
+                    f"alpha {alpha:g} (it was made under other select.alphas); rerun the select "
+                    "stage (`rl-circuits run CONFIG --force` recomputes what a config change "
+                    "made stale)"
+                )
             cut = selection.t_cut[alpha]
             # Paper text: both models skip a question either answered in fewer than T_cut
             # tokens, so the comparison stays paired. Authors' code: such a question is kept

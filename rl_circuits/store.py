@@ -52,7 +52,7 @@ import sys
 import time
 import weakref
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -681,6 +681,10 @@ class RunStore:
         self.root = root
         self._config_bytes = config_bytes
         self._shard = shard
+        # the stored config this open replaced (force=True), for callers that invalidate results
+        self.previous_config: dict[str, Any] | None = None
+        # stage -> fingerprint of the config keys its outputs depend on, recorded in markers
+        self.fingerprints: dict[str, str] = {}
         self._writable = lock_fd is not None
         self._closed = False
         self._release = (
@@ -700,6 +704,7 @@ class RunStore:
         shard: tuple[int, int] | None = None,
         wait: float = 0.0,
         merging: bool = False,
+        upgrade: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> RunStore:
         """Create or re-open `run_dir` for writing; holds its lock until `close()`.
 
@@ -710,7 +715,10 @@ class RunStore:
 
         `shard=(i, n)` joins an existing run as shard worker i of n (see `_open_shard`); `wait`
         is how long it waits for a merge in progress. `merging` marks an exclusive store opened
-        only to merge finished shards, a short hold that shard workers wait for.
+        only to merge finished shards, a short hold that shard workers wait for. `upgrade` maps
+        a stored config to the current format (keys added since, at their defaults) before the
+        comparison, so such keys are no change. `previous_config` then holds the stored config
+        when it was replaced (else None).
         """
         if shard is not None:
             if force or manifest_extra:
@@ -726,7 +734,7 @@ class RunStore:
         store = cls(root, lock_fd=_acquire_lock(root, purpose=purpose), config_bytes=config_bytes)
         try:
             store._remove_stale_temp_files()
-            events = store._install_config(config_bytes, force=force)
+            events = store._install_config(config_bytes, force=force, upgrade=upgrade)
             store._update_manifest(extra, events)
         except BaseException:
             store.close()
@@ -847,7 +855,9 @@ class RunStore:
         """sha256 of config.json's bytes."""
         return None if self._config_bytes is None else _sha256(self._config_bytes)
 
-    def _install_config(self, new_bytes: bytes, *, force: bool) -> list[dict[str, Any]]:
+    def _install_config(
+        self, new_bytes: bytes, *, force: bool, upgrade=None
+    ) -> list[dict[str, Any]]:
         path = self.root / CONFIG_NAME
         label = self.label(CONFIG_NAME)
         old_bytes = path.read_bytes() if path.is_file() else None
@@ -857,9 +867,13 @@ class RunStore:
             _atomic_write(path, [new_bytes], label=label)
             return []
         try:
-            changes = config_diff(json.loads(old_bytes), json.loads(new_bytes))
+            old = json.loads(old_bytes)
+            changes = config_diff(old if upgrade is None else upgrade(old), json.loads(new_bytes))
         except ValueError as exc:
+            old = None
             changes = [f"(the stored config.json is unreadable: {exc})"]
+        if changes:
+            self.previous_config = old
         if changes and not force:
             listing = "\n".join(f"  {line}" for line in changes)
             raise ConfigError(
@@ -1031,6 +1045,8 @@ class RunStore:
             "config_hash": self.config_hash,
             "info": info or {},
         }
+        if stage in self.fingerprints:
+            marker["fingerprint"] = self.fingerprints[stage]
         self.write_json(self._marker_rel(stage), marker)
 
     def stage_done(self, stage: str) -> bool:
@@ -1040,6 +1056,20 @@ class RunStore:
         """The marker: {stage, completed_at, config_hash, info}; None if not done."""
         rel = self._marker_rel(stage)
         return self.read_json(rel) if self.exists(rel) else None
+
+    def remove(self, rel_path: PathArg) -> None:
+        """Delete a file or a directory tree of the run (absent: nothing to do)."""
+        import shutil
+
+        self._check_exclusive(f"removing {os.fspath(rel_path)!r}")
+        path = self._resolve(rel_path, for_write=True)
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StoreError(f"could not remove {self.label(rel_path)}: {_reason(exc)}") from exc
 
     def clear_done(self, stage: str) -> None:
         """Remove the marker so the stage runs again."""

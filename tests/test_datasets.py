@@ -133,7 +133,7 @@ def test_unknown_format_is_reported(tmp_path):
 
 
 def test_missing_directory_or_file(tmp_path):
-    with pytest.raises(DataError, match="--data-dir") as err:
+    with pytest.raises(DataError, match="set data_dir \\(in the config\\)") as err:
         load_dataset("nowhere", data_dir=tmp_path)
     assert str(tmp_path / "nowhere") in str(err.value)
     (tmp_path / "gsm8k").mkdir()
@@ -194,9 +194,13 @@ def test_hub_path(fake_hub):
 
 
 def test_hub_errors(fake_hub, monkeypatch):
-    with pytest.raises(DataError, match="no copy on the Hugging Face hub.*--data-dir"):
+    with pytest.raises(
+        DataError, match="no copy on the Hugging Face hub.*set data_dir \\(in the config\\)"
+    ):
         load_dataset("college_math")
-    with pytest.raises(DataError, match="unknown dataset 'synth'.*--data-dir"):
+    with pytest.raises(
+        DataError, match="unknown dataset 'synth'.*set data_dir \\(in the config\\)"
+    ):
         load_dataset("synth")
     assert fake_hub == []  # neither touched the hub
 
@@ -204,7 +208,9 @@ def test_hub_errors(fake_hub, monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
-    with pytest.raises(DataError, match="ConnectionError: no network.*--data-dir"):
+    with pytest.raises(
+        DataError, match="ConnectionError: no network.*set data_dir \\(in the config\\)"
+    ):
         load_dataset("gsm8k")
 
 

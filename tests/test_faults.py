@@ -363,8 +363,33 @@ def test_row05_tokenizer_larger_than_embedding(world, tmp_path, capsys):
         (
             "alphas = [0.3, 1.0]",
             "alphas = [0.0, 1.0]",
-            "select.alphas = [0.0, 1.0] is out of range: must be a non-empty list of finite "
-            "numbers > 0",
+            "select.alphas = [0.0, 1.0] is out of range: must be a non-empty list of numbers "
+            "in (0, 1]",
+        ),
+        (
+            "alphas = [0.3, 1.0]",
+            "alphas = [0.3, 2.0]",
+            "select.alphas = [0.3, 2.0] is out of range: must be a non-empty list of numbers "
+            "in (0, 1]",
+        ),
+        (
+            "alphas = [0.3, 1.0]",
+            "alphas = [0.3, 0.30000001, 1.0]",
+            "select.alphas = [0.3, 0.30000001, 1.0] lists alpha 0.3 more than once",
+        ),
+        ('datasets = ["mixed"]', 'datasets = ["mixed", "mixed"]', "datasets lists 'mixed' more"),
+        ('pairs = ["tiny"]', 'pairs = ["tiny", "tiny"]', "pairs lists 'tiny' more than once"),
+        (
+            'pairs = ["tiny"]',
+            'pairs = ["tiny"]\nids = ["7"]',
+            "ids entry '7' names no dataset of this run: an id is DATASET-ID with DATASET among "
+            "mixed (e.g. 'mixed-12')",
+        ),
+        ('pairs = ["tiny"]', 'pairs = ["tiny"]\nids = ["sevens-1"]', "ids entry 'sevens-1'"),
+        (
+            "[select]\n",
+            '[select]\n[run]\ntiny_models = "x"\n',
+            "tiny_models is set both at the top level and in [run]; keep one",
         ),
         (
             "beta = 0.1",
@@ -373,7 +398,8 @@ def test_row05_tokenizer_larger_than_embedding(world, tmp_path, capsys):
         ),
         ("delta = 1.0", "delta = 1.5", "select.delta = 1.5 is out of range: must be in (0, 1]"),
         ("delta = 1.0", "delta = 0.0", "select.delta = 0.0 is out of range: must be in (0, 1]"),
-        ("n = 10", "n = 0", "select.n = 0 is out of range: must be >= 1"),
+        ("n = 10", "n = 0", "select.n = 0 is out of range: must be >= 2"),
+        ("n = 10", "n = 1", "select.n = 1 is out of range: must be >= 2"),
         ("gamma = 3.0", "gamma = inf", "select.gamma = inf must be a finite number (> 0)"),
     ],
 )
