@@ -90,7 +90,7 @@ def weight_files(ckpt: Checkpoint, allow_pickle: bool = False) -> list[Path]:
     Each safetensors file's header is checked here (no tensor is read), so a truncated or
     corrupted file is named before any model is built, whichever library loads it.
     """
-    files = sorted(ckpt.path.glob("*.safetensors"))
+    files = _indexed_shards(ckpt.path) or sorted(ckpt.path.glob("*.safetensors"))
     if files:
         for file in files:
             _check_safetensors(file)
@@ -106,6 +106,33 @@ def weight_files(ckpt: Checkpoint, allow_pickle: bool = False) -> list[Path]:
     if not pickles:
         raise CheckpointError(f"{ckpt.path} has no weight files (*.safetensors).")
     return pickles
+
+
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def _indexed_shards(path: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index names, each required to be present."""
+    index = path / SHARD_INDEX
+    if not index.is_file():
+        return []
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{index} is not a valid shard index (a JSON object with a 'weight_map' of tensor "
+            f"name -> file): {type(exc).__name__}: {exc}"
+        ) from exc
+    missing = [name for name in names if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{path}: shard file{'s' if len(missing) > 1 else ''} {', '.join(missing)} named in "
+            f"{SHARD_INDEX} {'are' if len(missing) > 1 else 'is'} missing "
+            f"({len(names) - len(missing)} of {len(names)} shards present); download "
+            f"{'them' if len(missing) > 1 else 'it'} again."
+        )
+    return [path / name for name in names]
 
 
 def _corrupted(file: Path, exc: Exception) -> CheckpointError:
@@ -154,6 +181,7 @@ def load_tokenizer(path: str | Path):
     import transformers
 
     path = Path(path)
+    _require_tokenizer_files(path)
     declared = None
     config_file = path / "tokenizer_config.json"
     if config_file.is_file():
@@ -164,8 +192,43 @@ def load_tokenizer(path: str | Path):
         else transformers.AutoTokenizer
     )
     try:
-        return cls.from_pretrained(str(path), trust_remote_code=False)
+        tokenizer = cls.from_pretrained(str(path), trust_remote_code=False)
     except Exception as exc:
         raise CheckpointError(
             f"cannot load the tokenizer in {path}: {type(exc).__name__}: {exc}"
         ) from exc
+    if len(tokenizer) < MIN_TOKENIZER_SIZE:  # a class built from defaults, not from files
+        raise CheckpointError(
+            f"the tokenizer in {path} has only {len(tokenizer)} token(s); its vocabulary files "
+            f"are missing or empty. {_TOKENIZER_FIX}"
+        )
+    return tokenizer
+
+
+# Files that hold a vocabulary, in the formats transformers reads (any one is enough).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+)
+MIN_TOKENIZER_SIZE = 2
+_TOKENIZER_FIX = (
+    "Copy the tokenizer files saved with the model into the directory "
+    "(tokenizer.save_pretrained(directory) writes them)."
+)
+
+
+def _require_tokenizer_files(path: Path) -> None:
+    """Refuse a checkpoint without vocabulary files: some tokenizer classes would otherwise be
+    built from their defaults with a vocabulary of one token."""
+    if any((path / name).is_file() for name in TOKENIZER_FILES) or any(path.glob("*.tiktoken")):
+        return
+    present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    raise CheckpointError(
+        f"checkpoint directory {path} has no tokenizer: none of "
+        f"{', '.join(TOKENIZER_FILES)} or *.tiktoken is there (it holds "
+        f"{', '.join(present) or 'nothing'}). {_TOKENIZER_FIX}"
+    )

@@ -34,11 +34,14 @@ def cmd_check_model(args) -> int:
 
     from rl_circuits.checkpoints import load_tokenizer, resolve
     from rl_circuits.graph import GRAPHS, build_graph
-    from rl_circuits.loading import load_model
+    from rl_circuits.loading import load_model, tokenizer_size_note
 
     dtype = getattr(torch, args.dtype)
     ckpt = resolve(args.path, args.revision)
     model = load_model(args.path, revision=args.revision, dtype=dtype, device=args.device)
+    note = tokenizer_size_note(len(model.tokenizer), model.cfg.d_vocab)
+    if note:
+        print(f"warning: {ckpt.path}: {note}", file=sys.stderr)
     hf = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=dtype, use_safetensors=True)
     hf.to(args.device)
     tokens = load_tokenizer(ckpt.path)(CHECK_PROMPT, return_tensors="pt").input_ids
@@ -267,7 +270,34 @@ def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-merge", action="store_true", help=argparse.SUPPRESS)
 
 
+# Modules the zoo's training needs (the `zoo` extra), checked before any training starts.
+ZOO_MODULES = ("trl", "accelerate")
+
+
+def _missing_modules(names: tuple[str, ...]) -> list[str]:
+    import importlib.util
+
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent package absent, or a module without spec
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def _zoo_main(argv: list[str]) -> int:
+    from rl_circuits.errors import ConfigError
+
+    missing = _missing_modules(ZOO_MODULES)
+    if missing and not {"-h", "--help"} & set(argv):
+        raise ConfigError(
+            f"zoo build trains with {', '.join(missing)}, which "
+            f"{'are' if len(missing) > 1 else 'is'} not installed: run "
+            "`pip install 'rl-circuits[zoo]'` (the zoo extra) first"
+        )
     from rl_circuits.zoo import main as zoo_main
 
     return zoo_main(argv)

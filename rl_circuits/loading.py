@@ -227,6 +227,20 @@ def _checked_tokenizer(ckpt: Checkpoint, d_vocab: int):
     return tokenizer
 
 
+def tokenizer_size_note(n_tokens: int, d_vocab: int, ratio: float = 0.5) -> str | None:
+    """A warning when the tokenizer covers under `ratio` of the embedding's rows.
+
+    Padding a vocabulary to a multiple of 64 or 128 leaves a few hundred unused rows; a
+    tokenizer far smaller than the embedding is more likely another model's.
+    """
+    if n_tokens >= ratio * d_vocab:
+        return None
+    return (
+        f"the tokenizer has {n_tokens} tokens but the embedding has {d_vocab} rows "
+        f"({n_tokens / d_vocab:.0%}); check that the tokenizer files belong to this model"
+    )
+
+
 def _attach_tokenizer(model: HookedTransformer, tokenizer) -> None:
     """Use the checkpoint's tokenizer as saved (TransformerLens would reload it by class)."""
     if tokenizer.pad_token is None:

@@ -165,3 +165,113 @@ def test_attribute_refuses_block_layouts_it_does_not_model(model, flag, monkeypa
     monkeypatch.setattr(model.cfg, flag, True)
     with pytest.raises(ValueError, match=f"does not support models with {flag}=True"):
         attribute(model, *_inputs(model))
+
+
+def _copy_checkpoint(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+@pytest.mark.parametrize("keep_config", [False, True])
+def test_checkpoint_without_tokenizer_files(tiny_checkpoints, tmp_path, capsys, keep_config):
+    from rl_circuits.checkpoints import TOKENIZER_FILES
+    from rl_circuits.errors import CheckpointError
+    from rl_circuits.loading import load_model
+
+    # Qwen2's tokenizer class builds itself from defaults (one token) when its files are absent
+    ckpt = _copy_checkpoint(tiny_checkpoints["Qwen2ForCausalLM"], tmp_path / "notok")
+    for file in ckpt.glob("tokenizer*"):
+        if not (keep_config and file.name == "tokenizer_config.json"):
+            file.unlink()
+    with pytest.raises(CheckpointError) as err:
+        load_model(ckpt, device="cpu")
+    message = str(err.value)
+    assert f"checkpoint directory {ckpt} has no tokenizer" in message
+    assert all(name in message for name in TOKENIZER_FILES)
+    assert "tokenizer.save_pretrained" in message and "config.json" in message  # what is there
+    assert main(["check-model", str(ckpt)]) == 2
+    assert f"error: checkpoint directory {ckpt} has no tokenizer" in capsys.readouterr().err
+
+
+def test_check_model_warns_when_tokenizer_is_far_smaller_than_embedding(tmp_path, capsys):
+    import transformers
+
+    from rl_circuits.tiny import char_tokenizer, tiny_config
+
+    tokenizer = char_tokenizer()
+    rows = 4 * len(tokenizer)
+    config = tiny_config("LlamaForCausalLM", vocab_size=rows)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "big", safe_serialization=True)
+    tokenizer.save_pretrained(tmp_path / "big")
+    assert main(["check-model", str(tmp_path / "big")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path / 'big'}: the tokenizer has {len(tokenizer)} tokens but the " in err
+    assert f"embedding has {rows} rows (25%)" in err
+
+
+def test_check_model_is_quiet_on_a_matching_tokenizer(tiny_checkpoints, capsys):
+    assert main(["check-model", str(tiny_checkpoints["Qwen2ForCausalLM"])]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_missing_shard_is_named(tmp_path, capsys):
+    import transformers
+
+    from rl_circuits.checkpoints import SHARD_INDEX
+    from rl_circuits.errors import CheckpointError
+    from rl_circuits.loading import load_model
+    from rl_circuits.tiny import char_tokenizer, tiny_config
+
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(tiny_config("LlamaForCausalLM", len(tokenizer)))
+    ckpt = tmp_path / "sharded"
+    hf.save_pretrained(ckpt, safe_serialization=True, max_shard_size="40KB")
+    tokenizer.save_pretrained(ckpt)
+    index = json.loads((ckpt / SHARD_INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 3
+    whole = load_model(ckpt, device="cpu")  # every shard present: loads, weights as HF's
+    assert torch.equal(whole.W_E, hf.model.embed_tokens.weight)
+    (ckpt / shards[1]).unlink()
+    with pytest.raises(CheckpointError) as err:
+        load_model(ckpt, device="cpu")
+    message = str(err.value)
+    assert f"shard file {shards[1]} named in {SHARD_INDEX} is missing" in message
+    assert f"({len(shards) - 1} of {len(shards)} shards present)" in message
+    assert "weights missing" not in message
+    assert main(["check-model", str(ckpt)]) == 2
+    assert f"shard file {shards[1]} named in {SHARD_INDEX}" in capsys.readouterr().err
+    (ckpt / SHARD_INDEX).write_text("{}")
+    with pytest.raises(CheckpointError, match=f"{SHARD_INDEX} is not a valid shard index"):
+        load_model(ckpt, device="cpu")
+
+
+@pytest.mark.parametrize("hide", ["sys.modules", "find_spec"])
+def test_zoo_build_without_trl_fails_before_training(monkeypatch, capsys, hide):
+    import importlib.util
+    import sys
+
+    import rl_circuits.zoo
+
+    if hide == "sys.modules":
+        monkeypatch.setitem(sys.modules, "trl", None)  # import trl raises ImportError
+    else:
+        real = importlib.util.find_spec
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a)
+        )
+    started = []
+    monkeypatch.setattr(rl_circuits.zoo, "main", lambda argv: started.append(argv) or 0)
+    assert main(["zoo", "build", "--reduced"]) == 2
+    err = capsys.readouterr().err
+    assert "error: zoo build trains with trl, which is not installed" in err
+    assert "pip install 'rl-circuits[zoo]'" in err
+    assert started == []  # nothing was trained
+    monkeypatch.undo()
+    monkeypatch.setattr(rl_circuits.zoo, "main", lambda argv: started.append(argv) or 0)
+    assert main(["zoo", "build", "--reduced"]) == 0  # trl installed here: the build starts
+    assert started == [["--reduced"]]
