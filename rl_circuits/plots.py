@@ -7,6 +7,7 @@ so a cell can be traced back to the hook that produced it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,7 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from rl_circuits.graph import parse_node
-from rl_circuits.metrics import Mask, Scores, check_mask, check_scores, relative_change
+from rl_circuits.metrics import Mask, Scores, check_mask, check_scores
 from rl_circuits.stats import METRIC_LABELS
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "metric_vs_alpha",
     "output_entropy_lines",
     "relative_change_heatmap",
+    "short_node_label",
 ]
 
 BEFORE_COLOUR, AFTER_COLOUR = "#1f77b4", "#d62728"
@@ -38,12 +40,17 @@ def relative_change_heatmap(
     edge_mask: Mask,
     title: str | None = None,
 ) -> go.Figure:
-    """Figure 2: relative change of mean |W| per edge, upstream rows x downstream columns.
+    """Figure 2: change of mean |W| per edge, upstream rows x downstream columns.
 
-    Diverging colours centred on 0 (red: stronger after); non-edges are NaN, left blank. Hover
-    shows both node names, both models' mean |W| and the relative change. Head-level graphs
-    (node names `hook[h]`) get one view with each layer's heads summed and a drop-down to
-    drill into the heads of any layer (see `_head_heatmap`).
+    Colour is log2(after / before) on a scale symmetric about 0 (red: stronger after), so a
+    halving and a doubling look equally strong; the range is ±R for the smallest R in
+    `LOG2_LIMITS` that holds 99% of the edges, and cells beyond it are clipped (the colour
+    bar's title says so). Non-edges are grey. Hover shows both node names, both models' mean |W|,
+    the relative change in percent and the ratio. Tick labels are short (`L3 q` for
+    `blocks.3.hook_q_input`, the hover keeps the hook name) and the figure grows with the
+    node count so that every label has room. Head-level graphs (node names `hook[h]`) get one
+    view with each layer's heads summed and a drop-down to drill into the heads of any layer
+    (see `_head_heatmap`).
     """
     before, after = check_scores(W_before), check_scores(W_after)
     mask = check_mask(edge_mask, before)
@@ -54,37 +61,145 @@ def relative_change_heatmap(
         )
     if any(parse_node(name)[1] is not None for name in (*upstream, *downstream)):
         return _head_heatmap(before, after, list(upstream), list(downstream), mask, title)
-    change = np.where(mask, relative_change(before, after), np.nan)
-    means = np.stack([np.abs(before).mean(axis=0), np.abs(after).mean(axis=0)], axis=-1)
-    figure = go.Figure(
-        go.Heatmap(
-            z=change,
-            x=list(downstream),
-            y=list(upstream),
-            customdata=means,
-            colorscale="RdBu_r",
-            zmid=0,
-            colorbar={"title": {"text": "relative change"}, "tickformat": "+.0%"},
-            hoverongaps=False,
-            hovertemplate=(
-                "upstream %{y}<br>downstream %{x}<br>"
-                "before mean |W| %{customdata[0]:.3e}<br>after mean |W| %{customdata[1]:.3e}<br>"
-                "relative change %{z:+.1%}<extra></extra>"
-            ),
-        )
-    )
-    figure.update_layout(
-        title=title or "Relative change of edge strength (after vs before)",
-        xaxis={"title": {"text": "downstream node"}, "tickangle": -60, "tickfont": {"size": 9}},
-        yaxis={
-            "title": {"text": "upstream node"},
-            "autorange": "reversed",
-            "tickfont": {"size": 9},
-        },
-        height=max(450, 160 + 14 * len(upstream)),
-        plot_bgcolor="white",
-    )
+    keep = np.ones(before.shape[1:], bool) if mask is None else mask
+    mb = np.where(keep, np.abs(before).mean(axis=0), 0.0)
+    ma = np.where(keep, np.abs(after).mean(axis=0), 0.0)
+    figure = go.Figure(_change_trace(mb, ma, downstream, upstream, True, summed=False))
+    _layout_heatmap(figure, title, [(len(upstream), len(downstream))], upstream, downstream)
     return figure
+
+
+# Half-ranges of the log2 colour scale (±R: from x 2^-R to x 2^R); the smallest that holds
+# 99% of the edges is used, so one extreme edge does not wash out all others.
+LOG2_LIMITS = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0)
+_SHORT_HOOKS = {
+    "q_input": "q",
+    "k_input": "k",
+    "v_input": "v",
+    "mlp_in": "mlp",
+    "attn_in": "attn",
+    "attn_out": "attn",
+    "mlp_out": "mlp",
+    "result": "attn",
+    "resid_pre": "pre",
+    "resid_mid": "mid",
+    "resid_post": "post",
+}
+_CELL_PX = 13  # room per tick label (9 px font)
+
+
+def short_node_label(name: str) -> str:
+    """A compact tick label: `blocks.3.hook_q_input` -> `L3 q`, `...hook_result[2]` -> `L3 attn[2]`,
+    `hook_embed` -> `embed`; other names are returned unchanged."""
+    hook, head = parse_node(name)
+    match = re.fullmatch(r"blocks\.(\d+)\.(?:attn\.)?hook_(\w+)", hook)
+    if hook == "hook_embed":
+        label = "embed"
+    elif match and match[2] in _SHORT_HOOKS:
+        label = f"L{match[1]} {_SHORT_HOOKS[match[2]]}"
+    else:
+        return name
+    return label if head is None else f"{label}[{head}]"
+
+
+def log2_limit(log_ratio: np.ndarray) -> float:
+    """The colour range ±R of a log2-ratio map: the smallest `LOG2_LIMITS` entry holding 99% of
+    its finite cells (1 when there are none)."""
+    values = np.abs(log_ratio[np.isfinite(log_ratio)])
+    if values.size == 0:
+        return 1.0
+    q = float(np.quantile(values, 0.99))
+    return next((limit for limit in LOG2_LIMITS if limit >= q), LOG2_LIMITS[-1])
+
+
+def _ratio_text(log2_value: float) -> str:
+    ratio = 2.0**log2_value
+    return f"×{ratio:.3g} ({ratio - 1:+.0%})"
+
+
+def _change_trace(
+    before: np.ndarray, after: np.ndarray, x, y, visible: bool, summed: bool = True
+) -> go.Heatmap:
+    """A log2(after / before) heatmap of (summed) mean |W|, clipped to a symmetric range; NaN
+    (grey) where there is no edge."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(before > 0, after / before, np.nan)
+        log_ratio = np.log2(ratio)  # after = 0: -inf, clipped below
+    limit = log2_limit(log_ratio)
+    n_clipped = int(np.count_nonzero(np.abs(log_ratio[~np.isnan(log_ratio)]) > limit))
+    colour = np.clip(log_ratio, -limit, limit)
+    step = 0.5 if limit <= 1 else (1.0 if limit <= 4 else 2.0)
+    ticks = np.arange(-limit, limit + step / 2, step)
+    text = [_ratio_text(v) for v in ticks]
+    if n_clipped:
+        text[0], text[-1] = f"≤ {text[0]}", f"≥ {text[-1]}"
+    clipped = f"{n_clipped} edge(s) beyond, clipped" if n_clipped else "no edge beyond"
+    colour_title = f"after / before<br>(log2 scale, ±{limit:g}:<br>{clipped})"
+    total = "Σ " if summed else ""
+    return go.Heatmap(
+        z=colour.astype(np.float32),
+        x=list(x),
+        y=list(y),
+        customdata=np.stack([before, after, ratio - 1, ratio], axis=-1).astype(np.float32),
+        colorscale="RdBu_r",
+        zmin=-limit,
+        zmax=limit,
+        zmid=0,
+        visible=visible,
+        colorbar={
+            "title": {"text": colour_title},
+            "tickmode": "array",
+            "tickvals": ticks.tolist(),
+            "ticktext": text,
+        },
+        hoverongaps=False,
+        hovertemplate=(
+            "upstream %{y}<br>downstream %{x}<br>"
+            f"before {total}mean |W| %{{customdata[0]:.3e}}<br>"
+            f"after {total}mean |W| %{{customdata[1]:.3e}}<br>"
+            "relative change %{customdata[2]:+.1%}<br>"
+            "after / before ×%{customdata[3]:.3g}<extra></extra>"
+        ),
+    )
+
+
+def _figure_size(n_rows: int, n_cols: int) -> dict:
+    """Height and width giving every row and column label `_CELL_PX` pixels."""
+    return {
+        "height": max(450, 220 + _CELL_PX * n_rows),
+        "width": max(800, 320 + _CELL_PX * n_cols),
+    }
+
+
+def _layout_heatmap(
+    figure: go.Figure,
+    title: str | None,
+    shapes: list[tuple[int, int]],
+    rows: Sequence[str],
+    cols: Sequence[str],
+) -> None:
+    """Axes with every node's short label shown (tickmode array), sized for the first view."""
+
+    def axis(names: Sequence[str], label: str) -> dict:
+        names = list(dict.fromkeys(names))
+        return {
+            "title": {"text": label},
+            "tickmode": "array",
+            "tickvals": names,
+            "ticktext": [short_node_label(name) for name in names],
+            "tickfont": {"size": 9},
+            "showgrid": False,
+        }
+
+    x_axis = axis(cols, "downstream node (L = layer; hover for the hook name)")
+    y_axis = axis(rows, "upstream node")
+    figure.update_layout(
+        title=title or "Change of edge strength, after vs before (grey: no edge)",
+        xaxis={**x_axis, "tickangle": -90},
+        yaxis={**y_axis, "autorange": "reversed"},
+        plot_bgcolor="#c8c8c8",
+        **_figure_size(*shapes[0]),
+    )
 
 
 def group_by_hook(names: Sequence[str]) -> tuple[list[str], np.ndarray]:
@@ -95,28 +210,6 @@ def group_by_hook(names: Sequence[str]) -> tuple[list[str], np.ndarray]:
     onehot = np.zeros((len(groups), len(names)))
     onehot[index, np.arange(len(names))] = 1.0
     return list(groups), onehot
-
-
-def _change_trace(before: np.ndarray, after: np.ndarray, x, y, visible: bool) -> go.Heatmap:
-    """A relative-change heatmap of summed mean |W| (NaN where there is no edge)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        change = np.where(before > 0, (after - before) / before, np.nan)
-    return go.Heatmap(
-        z=change.astype(np.float32),
-        x=list(x),
-        y=list(y),
-        customdata=np.stack([before, after], axis=-1).astype(np.float32),
-        colorscale="RdBu_r",
-        zmid=0,
-        visible=visible,
-        colorbar={"title": {"text": "relative change"}, "tickformat": "+.0%"},
-        hoverongaps=False,
-        hovertemplate=(
-            "upstream %{y}<br>downstream %{x}<br>"
-            "before Σ mean |W| %{customdata[0]:.3e}<br>after Σ mean |W| %{customdata[1]:.3e}<br>"
-            "relative change %{z:+.1%}<extra></extra>"
-        ),
-    )
 
 
 def _head_heatmap(
@@ -130,7 +223,7 @@ def _head_heatmap(
     """Figure 2 for a head-level graph (~800 x 3400 edges at 7B): readable at layer level.
 
     The first view sums mean |W| over each layer's heads (upstream `attn.hook_result`,
-    downstream `hook_{q,k,v}_input`) before taking the relative change; the drop-down shows
+    downstream `hook_{q,k,v}_input`) before taking the change; the drop-down shows
     one layer's heads instead: as writers (rows, against every summed reader) or as q/k/v
     readers (columns, against every summed writer).
     """
@@ -145,7 +238,7 @@ def _head_heatmap(
         )
     ]
     labels = ["all nodes, heads summed per layer"]
-    heights = [len(up_groups)]
+    shapes = [(len(up_groups), len(down_groups))]
     for g, group in enumerate(up_groups):
         rows = np.flatnonzero(up_onehot[g])
         if len(rows) > 1:  # the heads of one layer, as writers
@@ -159,7 +252,7 @@ def _head_heatmap(
                 )
             )
             labels.append(f"{group}: each head's outputs")
-            heights.append(len(rows))
+            shapes.append((len(rows), len(down_groups)))
     layers: dict[str, list[int]] = {}
     for j, name in enumerate(downstream):
         hook, head = parse_node(name)
@@ -176,31 +269,18 @@ def _head_heatmap(
             )
         )
         labels.append(f"{layer}: each head's q/k/v inputs")
-        heights.append(len(up_groups))
+        shapes.append((len(up_groups), len(cols)))
     buttons = [
         {
             "label": label,
             "method": "update",
-            "args": [
-                {"visible": [i == k for i in range(len(traces))]},
-                {"height": max(450, 200 + 14 * heights[k])},
-            ],
+            "args": [{"visible": [i == k for i in range(len(traces))]}, _figure_size(*shapes[k])],
         }
         for k, label in enumerate(labels)
     ]
     figure = go.Figure(traces)
-    figure.update_layout(
-        title=title or "Relative change of edge strength (after vs before)",
-        xaxis={"title": {"text": "downstream node"}, "tickangle": -60, "tickfont": {"size": 9}},
-        yaxis={
-            "title": {"text": "upstream node"},
-            "autorange": "reversed",
-            "tickfont": {"size": 9},
-        },
-        height=max(450, 200 + 14 * heights[0]),
-        plot_bgcolor="white",
-        updatemenus=[{"buttons": buttons, "direction": "down", "x": 0, "y": 1.12}],
-    )
+    _layout_heatmap(figure, title, shapes, [*up_groups, *upstream], [*down_groups, *downstream])
+    figure.update_layout(updatemenus=[{"buttons": buttons, "direction": "down", "x": 0, "y": 1.12}])
     return figure
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_attribution import clean_outputs, hand_ablated_loss
@@ -367,7 +368,11 @@ def test_heatmap_sums_heads_per_layer_and_drills_down():
     b = before.abs().mean(0)[ups][:, downs].sum().item()
     a = after.abs().mean(0)[ups][:, downs].sum().item()
     assert summary.customdata[row][col][0] == pytest.approx(b, rel=1e-6)
-    assert summary.z[row][col] == pytest.approx((a - b) / b, rel=1e-5)
+    assert summary.customdata[row][col][2] == pytest.approx((a - b) / b, rel=1e-5)
+    expected = np.clip(np.log2(a / b), summary.zmin, summary.zmax)
+    assert summary.z[row][col] == pytest.approx(expected, rel=1e-5)
+    buttons = figure.layout.updatemenus[0].buttons
+    assert buttons[0].args[1]["height"] == figure.layout.height  # each view sized to its own
     assert torch.isnan(torch.tensor(summary.z[row][list(summary.x).index("blocks.0.hook_q_input")]))
     menu = [button.label for button in figure.layout.updatemenus[0].buttons]
     assert menu[0] == "all nodes, heads summed per layer"

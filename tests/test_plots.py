@@ -12,10 +12,12 @@ from plotly.offline import get_plotlyjs
 
 from rl_circuits.metrics import output_entropy, relative_change
 from rl_circuits.plots import (
+    LOG2_LIMITS,
     diversity_bars,
     metric_vs_alpha,
     output_entropy_lines,
     relative_change_heatmap,
+    short_node_label,
 )
 from rl_circuits.report import png_images, render_report, write_report
 from rl_circuits.stats import compare, table1
@@ -63,17 +65,83 @@ def test_heatmap_nan_non_edges_zmid_and_hook_name_axes():
     assert isinstance(heatmap, go.Heatmap)
     z = np.asarray(heatmap.z, dtype=float)
     assert np.isnan(z[~MASK]).all() and np.isfinite(z[MASK]).all()
-    np.testing.assert_allclose(z[MASK], relative_change(before, after)[MASK])
-    assert heatmap.zmid == 0
+    mb, ma = np.abs(before).mean(axis=0), np.abs(after).mean(axis=0)
+    limit = heatmap.zmax
+    expected = np.log2(ma[MASK] / mb[MASK])
+    np.testing.assert_allclose(z[MASK], np.clip(expected, -limit, limit), rtol=1e-5)
+    assert heatmap.zmid == 0 and heatmap.zmin == -limit
     assert tuple(heatmap.y) == UPSTREAM and tuple(heatmap.x) == DOWNSTREAM
     custom = np.asarray(heatmap.customdata, dtype=float)
-    np.testing.assert_allclose(custom[..., 0], np.abs(before).mean(axis=0), rtol=1e-6)
-    np.testing.assert_allclose(custom[..., 1], np.abs(after).mean(axis=0), rtol=1e-6)
-    for field in ("%{y}", "%{x}", "customdata[0]", "customdata[1]", "%{z"):
+    np.testing.assert_allclose(custom[..., 0], mb, rtol=1e-6)
+    np.testing.assert_allclose(custom[..., 1], ma, rtol=1e-6)
+    # the hover still shows the relative change in percent
+    np.testing.assert_allclose(custom[..., 2][MASK], relative_change(before, after)[MASK], 1e-5)
+    for field in ("%{y}", "%{x}", "customdata[0]", "customdata[1]", "customdata[2]:+.1%"):
         assert field in heatmap.hovertemplate
     assert figure.layout.title.text == "Toy"
     with pytest.raises(ValueError, match="upstream"):
         relative_change_heatmap(before, after, UPSTREAM[:2], DOWNSTREAM, MASK)
+
+
+def test_heatmap_log2_scale_is_symmetric_and_states_its_clipping():
+    """A halving and a doubling get opposite colours of equal strength; extreme cells are
+    clipped to the stated range; the colour bar shows only ratios that can occur."""
+    base = np.ones((4, 3, 5)) * MASK
+    factors = np.ones((3, 5))
+    factors[0, 0], factors[0, 1], factors[0, 2] = 0.5, 2.0, 0.06  # -50%, +100%, -94%
+    factors[0, 3], factors[0, 4] = 10.68, 1.25  # +968%, +25%
+    factors[1, 3], factors[1, 4], factors[2, 4] = 0.8, 1.1, 0.9
+    heatmap = relative_change_heatmap(base, base * factors, UPSTREAM, DOWNSTREAM, MASK).data[0]
+    z = np.asarray(heatmap.z, dtype=float)
+    assert z[0, 0] == pytest.approx(-z[0, 1]) and z[0, 1] == pytest.approx(1.0)
+    limit = heatmap.zmax
+    assert limit == -heatmap.zmin and limit in LOG2_LIMITS
+    # 9 edges: the 99th percentile is close to the largest, so the range holds the extremes
+    assert z[0, 3] == pytest.approx(min(np.log2(10.68), limit), rel=1e-5)
+    assert z[0, 2] == pytest.approx(max(np.log2(0.06), -limit), rel=1e-5)
+    custom = np.asarray(heatmap.customdata, dtype=float)
+    assert custom[0, 2, 2] == pytest.approx(-0.94, rel=1e-5)  # hover: the true -94%
+    ticks = heatmap.colorbar.ticktext
+    assert all("%" in text for text in ticks)
+    assert float(ticks[0].split("(")[1].rstrip("%)")) > -100  # no impossible -500 %
+    assert f"±{limit:g}" in heatmap.colorbar.title.text
+
+    # One extreme edge among many: clipped, and the title says how many
+    rng = np.random.default_rng(0)
+    wide = 1 + rng.random((4, 40, 40))
+    ratio = np.ones((40, 40))
+    ratio[0, 0] = 1000.0
+    names_up = [f"blocks.{i}.hook_mlp_out" for i in range(40)]
+    names_down = [f"blocks.{i}.hook_mlp_in" for i in range(40)]
+    heatmap = relative_change_heatmap(
+        wide, wide * ratio, names_up, names_down, np.ones((40, 40), bool)
+    ).data[0]
+    assert heatmap.zmax == LOG2_LIMITS[0] and heatmap.z[0][0] == heatmap.zmax
+    assert "1 edge(s) beyond, clipped" in heatmap.colorbar.title.text
+    assert heatmap.colorbar.ticktext[-1].startswith("≥")
+
+
+def test_heatmap_labels_readable_on_121_downstream_nodes():
+    from rl_circuits.graph import build_graph
+
+    graph = build_graph("paper", 30)  # SmolLM2-135M: 30 layers
+    assert len(graph.downstream) == 121
+    rng = np.random.default_rng(1)
+    mask = graph.edge_mask.numpy()
+    before = rng.random((3, *mask.shape)) * mask
+    figure = relative_change_heatmap(before, before * 1.5, graph.upstream, graph.downstream, mask)
+    layout = figure.layout
+    # every node has a tick label (no auto-skipping), short, with room for its 9 px font
+    assert list(layout.xaxis.tickvals) == list(graph.downstream)
+    assert list(layout.yaxis.tickvals) == list(graph.upstream)
+    assert layout.xaxis.tickmode == "array" and layout.xaxis.tickfont.size == 9
+    assert max(len(t) for t in layout.xaxis.ticktext) <= 10
+    assert layout.xaxis.ticktext[:4] == ("L0 q", "L0 k", "L0 v", "L0 mlp")
+    assert layout.yaxis.ticktext[:3] == ("embed", "L0 attn", "L0 mlp")
+    assert (layout.width - 320) / 121 >= 12 and (layout.height - 220) / 61 >= 12
+    assert figure.data[0].x[0] == "blocks.0.hook_q_input"  # hover keeps the hook name
+    assert short_node_label("blocks.3.attn.hook_result[2]") == "L3 attn[2]"
+    assert short_node_label("custom_node") == "custom_node"
 
 
 def test_diversity_bars_output_entropy_and_metric_vs_alpha():
