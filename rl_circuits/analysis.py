@@ -257,6 +257,8 @@ def stage_report(cfg: RunConfig, store: RunStore) -> Path:
         figures=figures,
         notes=_notes(cfg),
         accuracy=accuracy_table(cfg, store),
+        funnel=run.funnel(),
+        skipped=run.skipped_cells(),
     )
     path = store.write_text("report/report.html", html)
     for name, image in png_images(figures).items():
@@ -276,8 +278,14 @@ def _notes(cfg: RunConfig) -> str:
         f"{cfg['select']['rules']} (reference {cfg['select']['reference']}, window "
         f"{cfg['select']['window']}, subset {cfg['select']['subset']}), end token "
         f"{cfg['generate']['end_token']}. "
-        "↑/↓ direction of the change after post-training, * interval excludes 0."
+        "↑/↓/→ direction of the change after post-training (→: none), * interval excludes 0."
     )
+
+
+def metric_words(metric: str) -> str:
+    """A metric's name in words for section titles: "activation_intensity" -> "Activation
+    intensity"."""
+    return metric.replace("_", " ").capitalize()
 
 
 @dataclass
@@ -376,6 +384,23 @@ class Run:
         rel = "analysis/skipped_cells.json"
         return self.store.read_json(rel) if self.store.exists(rel) else {}
 
+    def funnel(self) -> pd.DataFrame:
+        """Per pair x dataset: questions entering selection, removed by each filter (in order),
+        and kept, from the select stage's reports."""
+        rows = []
+        for pair in self.config.pairs:
+            for dataset in self.config["run"]["datasets"]:
+                rel = f"select/{pair}/{dataset}.json"
+                if not self.store.exists(rel):
+                    continue
+                report = self.store.read_json(rel).get("report", {})
+                row = {"pair": pair, "dataset": dataset, "questions": report.get("entering")}
+                for step in report.get("filters", []):
+                    row[f"− {step['filter'].replace('_', ' ')}"] = step["removed"]
+                row["kept"] = report.get("kept")
+                rows.append(row)
+        return pd.DataFrame(rows)
+
     def figures(self) -> dict:
         df = self.comparisons()
         figures = {}
@@ -409,7 +434,7 @@ class Run:
                     )
                 )
         for metric in TABLE_METRICS:
-            figures[f"{metric} vs alpha"] = metric_vs_alpha(df, metric)
+            figures[f"{metric_words(metric)} against alpha"] = metric_vs_alpha(df, metric)
         if self.store.exists("analysis/circuits.json"):
             for key, curves in self.store.read_json("analysis/circuits.json").items():
                 pair, dataset, alpha = key.split("|")

@@ -360,6 +360,7 @@ def _band(x: np.ndarray, low: np.ndarray, high: np.ndarray, colour: str, group: 
     return go.Scatter(
         x=np.concatenate([x, x[::-1]]),
         y=np.concatenate([high, low[::-1]]),
+        mode="lines",  # the default adds a marker at every boundary point of the polygon
         fill="toself",
         fillcolor=f"rgba({red},{green},{blue},0.2)",
         line={"width": 0},

@@ -413,6 +413,42 @@ class Table1:
         lines += ["\\bottomrule", "\\end{tabular}", "\\end{table}"]
         return "\n".join(lines) + "\n"
 
+    def details(self) -> pd.DataFrame:
+        """One row per cell with what the compact table leaves out: n, both values, the
+        difference with its bootstrap interval, and the permutation p-value (display strings)."""
+        long = self.rows
+        out = pd.DataFrame(
+            {
+                "dataset": long["dataset"],
+                "metric": [metric_label(m) for m in long["metric"]],
+                "α": [f"{float(a):g}" for a in long["alpha"]],
+                "pair": long["pair"],
+            }
+        )
+        if "n" in long:
+            out["n"] = [str(int(n)) if pd.notna(n) else MISSING for n in long["n"]]
+        out["before"] = [format_value(float(v)) for v in long["before"]]
+        out["after"] = [format_value(float(v)) for v in long["after"]]
+        diff = long["diff"] if "diff" in long else long["after"] - long["before"]
+        out["after − before"] = [format_value(float(v)) for v in diff]
+        if "ci_low" in long and "ci_high" in long:
+            level = f"{float(long['ci'].dropna().iloc[0]):.0%} " if "ci" in long else ""
+            out[f"{level}interval"] = [
+                f"[{format_value(float(lo))}, {format_value(float(hi))}]"
+                if pd.notna(lo)
+                else MISSING
+                for lo, hi in zip(long["ci_low"], long["ci_high"], strict=True)
+            ]
+        if "p_value" in long:
+            out["p"] = [f"{float(p):.3g}" if pd.notna(p) else MISSING for p in long["p_value"]]
+        return out.sort_values(["dataset", "metric", "α", "pair"], kind="stable").reset_index(
+            drop=True
+        )
+
+    def _repr_html_(self) -> str:
+        """Notebooks show the table as HTML (the same as the report's)."""
+        return self.to_html()
+
     def to_html(self) -> str:
         """A plain HTML table (class "table1") with a two-row header and the legend as caption."""
         e = html.escape
@@ -521,7 +557,7 @@ def table1(
     levels = sorted({float(c) for c in long["ci"].dropna()}) if "ci" in long.columns else []
     level = f"{levels[0]:.0%} " if len(levels) == 1 else ""
     note = (
-        "↑/↓: after − before is positive/negative; "
+        "↑/↓/→: after − before is positive/negative/zero; "
         f"*: the {level}paired bootstrap interval of the difference excludes 0."
     )
     return Table1(frame=frame, numbers=numbers, rows=long, note=note)

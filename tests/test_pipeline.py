@@ -160,3 +160,38 @@ def test_tiny_models_refuses_a_file_path(tmp_path, capsys):
     target.write_text("x")
     assert main(["tiny-models", str(target)]) == 2
     assert "is a file; name a directory" in capsys.readouterr().err
+
+
+def test_report_shows_funnel_statistics_and_word_titles(tiny_run):
+    """The tiny run's report: the selection funnel from select/*.json, Table 1's n, intervals
+    and p-values as text, section titles in words, and a size far below plotly.js's 4.8 MB."""
+    import re
+
+    from plotly.offline import get_plotlyjs
+
+    from rl_circuits import load_run
+
+    base, _ = tiny_run
+    run = base / "run"
+    html = (run / "report/report.html").read_text(encoding="utf-8")
+    size = len(html.encode())
+    print(f"tiny report: {size / 1e6:.2f} MB (plotly.js alone: {len(get_plotlyjs()) / 1e6:.2f} MB)")
+    assert size < 0.5 * len(get_plotlyjs())
+    report = json.loads((run / "select/tiny/sevens.json").read_text())["report"]
+    funnel = load_run(run).funnel()
+    row = funnel.iloc[0]
+    assert (row["pair"], row["dataset"]) == ("tiny", "sevens")
+    assert row["questions"] == report["entering"] and row["kept"] == report["kept"]
+    for step in report["filters"]:
+        assert row[f"− {step['filter'].replace('_', ' ')}"] == step["removed"]
+    assert "Question selection: how many questions each filter removed" in html
+    assert "Table 1 in full: sample size, intervals and p-values" in html
+    compare = [
+        json.loads(line)
+        for line in (run / "analysis/compare.jsonl").read_text().split("\n")
+        if line
+    ]
+    assert f"<td>{compare[0]['p_value']:.3g}</td>" in html
+    titles = re.findall(r"<h2>([^<]*)</h2>", html)
+    assert "Activation intensity against alpha" in titles
+    assert not [t for t in titles if re.search(r"\w_\w", t)]  # no code names as titles

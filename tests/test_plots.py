@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import re
 
 import numpy as np
@@ -161,6 +163,7 @@ def test_diversity_bars_output_entropy_and_metric_vs_alpha():
 
     figure = metric_vs_alpha(rows, "activation_intensity")
     bands = [t for t in figure.data if t.fill == "toself"]
+    assert all(t.mode == "lines" for t in bands)  # no marker on the bands' boundary points
     curves = [t for t in figure.data if t.mode == "lines+markers"]
     assert len(bands) == len(curves) == 4  # (before, after) x two pairs
     part = rows[(rows.metric == "activation_intensity") & (rows.pair == "Toy-A")]
@@ -196,21 +199,53 @@ def test_report_is_self_contained_with_table(tmp_path):
     assert path == tmp_path / "out" / "report.html"
     text = path.read_text(encoding="utf-8")
     bundle = get_plotlyjs()
-    assert text.count(bundle) == 1  # plotly.js inline, once
-    assert text.count("plotly.js v") == 1
+    # plotly.js inline once, gzip-compressed: the page decompresses exactly the bundle
+    packed = re.findall(r'<script id="plotlyjs-gzip"[^>]*>([^<]*)</script>', text)
+    assert len(packed) == 1 and gzip.decompress(base64.b64decode(packed[0])).decode() == bundle
+    assert text.count(packed[0]) == 1 and "DecompressionStream" in text
+    assert len(text.encode()) < 0.5 * len(bundle.encode())  # was the 4.8 MB bundle plus figures
     assert not re.search(r"<script[^>]*\bsrc\s*=", text)  # nothing fetched
     assert not re.search(r"<link[^>]*\bhref\s*=", text)
     assert '<table class="table1">' in text
     cell = table.frame.iloc[0, 1]
     assert f"<td>{cell}</td>" in text
     assert "Toy &lt;report&gt;" in text and "seed 0 &amp; co" in text
-    assert text.count("Plotly.newPlot") == 2
+    figures = re.findall(r'<script type="application/json" class="figure-json"[^>]*>', text)
+    assert len(figures) == 2 and text.count("Plotly.newPlot") == 1  # one loop draws them all
     assert [p.name for p in path.parent.iterdir()] == ["report.html"]  # no temp file left
+    # Table 1's statistics in full, not only in hovers: n, the interval and p of every cell
+    assert "Table 1 in full: sample size, intervals and p-values" in text
+    details = table.details()
+    assert len(details) == len(rows) and {"n", "95% interval", "p"} <= set(details.columns)
+    first = rows.sort_values(["dataset", "metric", "alpha", "pair"]).iloc[0]
+    assert str(int(first["n"])) in set(details["n"])
+    assert f"{first['p_value']:.3g}" in set(details["p"])
+    assert "→" in table.note  # every marker the table uses is in its legend
 
     # Rewriting replaces the file whole; without a table there is no table.
     write_report(path, title="again", table=None, figures={})
     assert '<table class="table1">' not in path.read_text(encoding="utf-8")
-    assert render_report(title="t", table=None, figures={}).count(bundle) == 1
+    assert render_report(title="t", table=None, figures={}).count(packed[0]) == 1
+
+
+def test_report_sections_funnel_and_skipped_cells():
+    funnel = pd.DataFrame(
+        [{"pair": "Toy", "dataset": "MATH", "questions": 6, "− both correct": 1, "kept": 5}]
+    )
+    text = render_report(
+        title="t",
+        table=None,
+        figures={},
+        funnel=funnel,
+        skipped={"Toy|MATH|0.5": "every question skipped"},
+    )
+    assert "<h2>Question selection: how many questions each filter removed</h2>" in text
+    assert "<th>− both correct</th>" in text
+    assert "<h2>Cells without results</h2>" in text
+    assert "<li>Toy, MATH, 0.5: every question skipped</li>" in text
+    # a figure title that closes the script element cannot break out of it
+    figure = go.Figure(layout={"title": {"text": "</script><b>x"}})
+    assert "</script><b>x" not in render_report(title="t", table=None, figures={"f": figure})
 
 
 def test_png_images_without_kaleido_returns_empty(monkeypatch, capsys):
