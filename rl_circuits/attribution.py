@@ -22,6 +22,7 @@ from transformer_lens import HookedTransformer
 from rl_circuits import efficient, heads
 from rl_circuits.errors import NumericalError
 from rl_circuits.graph import Graph, build_graph
+from rl_circuits.scoreview import ScoreView
 
 Method = Literal["eap", "eap-ig", "exact"]
 METHODS: tuple[str, ...] = ("eap", "eap-ig", "exact")
@@ -31,9 +32,10 @@ Metric = Callable[
 ]
 
 
-@dataclass(frozen=True)
-class EdgeScores:
-    """Per-sample edge scores with the hook names of their nodes."""
+@dataclass(frozen=True, repr=False)
+class EdgeScores(ScoreView):
+    """Per-sample edge scores with the hook names of their nodes (a short repr, `index`,
+    `top_edges` and `to_frame` come from `ScoreView`, shared with a run's stored `Scores`)."""
 
     values: Float[torch.Tensor, "batch n_upstream n_downstream"]  # float32, CPU
     upstream: tuple[str, ...]

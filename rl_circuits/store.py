@@ -61,6 +61,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from rl_circuits.errors import ConfigError, DataError, LockedError, StoreError
+from rl_circuits.scoreview import ScoreView
 
 if TYPE_CHECKING:
     import torch
@@ -347,9 +348,10 @@ def _release_lock(fd: int) -> None:
 # --------------------------------------------------------------------------- scores (safetensors)
 
 
-@dataclass(frozen=True, eq=False)
-class Scores:
-    """Edge scores of `n` questions: values[q, u, d] for upstream node u -> downstream node d."""
+@dataclass(frozen=True, eq=False, repr=False)
+class Scores(ScoreView):
+    """Edge scores of `n` questions: values[q, u, d] for upstream node u -> downstream node d
+    (a short repr, `index`, `top_edges` and `to_frame` come from `ScoreView`)."""
 
     values: torch.Tensor  # [n, n_up, n_down] float32
     ids: list[str]
