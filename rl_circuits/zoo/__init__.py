@@ -11,7 +11,15 @@ children from that SFT checkpoint: GRPO with a correctness reward (online, TRL
 
 from __future__ import annotations
 
-from rl_circuits.zoo.build import Zoo, build_zoo, default_root, load_zoo, main, register_pairs
+from rl_circuits.zoo.build import (
+    Zoo,
+    build_zoo,
+    default_root,
+    load_zoo,
+    main,
+    register_pairs,
+    summary_lines,
+)
 from rl_circuits.zoo.config import TaskSettings, ZooConfig
 from rl_circuits.zoo.dpo import DPOSettings
 from rl_circuits.zoo.grpo import GRPOSettings
@@ -31,4 +39,5 @@ __all__ = [
     "load_zoo",
     "main",
     "register_pairs",
+    "summary_lines",
 ]

@@ -26,10 +26,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from rl_circuits.zoo.model import generate
+from rl_circuits.zoo.progress import StageLog, quiet, stage_callback
 from rl_circuits.zoo.tasks import Problem, is_correct
 
 
@@ -106,8 +108,14 @@ def train_dpo(
     *,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    log_path: Path | None = None,
+    callbacks: Sequence = (),
 ) -> dict:
-    """Run DPO (+ NLL on chosen, weight `rpo_alpha`) on `model` in place; returns a summary."""
+    """Run DPO (+ NLL on chosen, weight `rpo_alpha`) on `model` in place; returns a summary.
+
+    One progress bar (when `progress`); every step's TRL log goes to `log_path` (JSON lines).
+    `callbacks` are extra `TrainerCallback`s (the sweep's evaluations).
+    """
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -142,8 +150,8 @@ def train_dpo(
             gradient_checkpointing=False,
             save_strategy="no",
             report_to="none",
-            logging_steps=10,
-            disable_tqdm=not progress,
+            logging_steps=1,
+            disable_tqdm=True,
             dataloader_num_workers=0,
         )
         trainer = DPOTrainer(
@@ -152,7 +160,9 @@ def train_dpo(
             args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
+            callbacks=list(callbacks),
         )
+        quiet(trainer, stage_callback("dpo", StageLog(log_path), progress, ("loss",)))
         trainer.train()
         history = [
             {k: round(v, 4) for k, v in h.items() if k in ("step", "loss", "rewards/accuracies")}

@@ -21,9 +21,11 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from rl_circuits.zoo.progress import StageLog, quiet, stage_callback
 from rl_circuits.zoo.tasks import Problem, is_correct
 
 
@@ -56,8 +58,14 @@ def train_grpo(
     *,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    log_path: Path | None = None,
+    callbacks: Sequence = (),
 ) -> dict:
-    """Run GRPO on `model` in place; returns a summary (steps, wall time, mean rewards)."""
+    """Run GRPO on `model` in place; returns a summary (steps, wall time, mean rewards).
+
+    One progress bar (when `progress`); every step's TRL log goes to `log_path` (JSON lines).
+    `callbacks` are extra `TrainerCallback`s (the sweep's evaluations).
+    """
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -87,8 +95,8 @@ def train_grpo(
             gradient_checkpointing=False,
             save_strategy="no",
             report_to="none",
-            logging_steps=max(settings.steps // 6, 1),
-            disable_tqdm=not progress,
+            logging_steps=1,
+            disable_tqdm=True,
             dataloader_num_workers=0,
         )
         trainer = GRPOTrainer(
@@ -97,7 +105,9 @@ def train_grpo(
             args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
+            callbacks=list(callbacks),
         )
+        quiet(trainer, stage_callback("grpo", StageLog(log_path), progress, ("reward",)))
         trainer.train()
         history = [
             {"step": h["step"], "reward": round(h["reward"], 4)}

@@ -22,10 +22,12 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from rl_circuits.zoo.model import accuracy
+from rl_circuits.zoo.progress import StageLog
 from rl_circuits.zoo.tasks import Problem
 
 
@@ -119,8 +121,13 @@ def train_sft(
     *,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    log_path: Path | None = None,
 ) -> SFTResult:
-    """Train `model` in place on `train`; returns the chosen weights (see module docstring)."""
+    """Train `model` in place on `train`; returns the chosen weights (see module docstring).
+
+    One progress bar (when `progress`); each step's loss and learning rate, and each
+    evaluation, go to `log_path` (JSON lines).
+    """
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -147,6 +154,7 @@ def train_sft(
     stopped = "max_steps"
     bar = tqdm(range(settings.max_steps), desc="sft", disable=not progress, leave=False)
     step = 0
+    log = StageLog(log_path)
     for step in bar:
         batch = collate(examples, next(stream), tokenizer.pad_token_id, device)
         loss = model(**batch).loss
@@ -156,10 +164,12 @@ def train_sft(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
+        log.write({"step": done, "loss": loss.item(), "learning_rate": schedule.get_last_lr()[0]})
         due = done % settings.eval_every == 0 and done >= settings.min_steps
         if due or done == settings.max_steps:
             acc = accuracy(model, tokenizer, val, template, max_new_tokens)
             history.append({"step": done, "loss": round(loss.item(), 4), "val_accuracy": acc})
+            log.write(history[-1])
             bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{acc:.2f}")
             if acc > best[0]:
                 best = (acc, done, copy.deepcopy(model.state_dict()))
@@ -167,6 +177,7 @@ def train_sft(
                 stopped = "target_accuracy"
                 break
     bar.close()
+    log.close()
     model.load_state_dict(best[2])
     model.eval()
     return SFTResult(
