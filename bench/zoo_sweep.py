@@ -17,28 +17,32 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import TrainerCallback
 
-from rl_circuits.zoo import build_zoo, load_zoo
+from rl_circuits.zoo import ZooConfig, build_zoo
 from rl_circuits.zoo import dpo as dpo_stage
 from rl_circuits.zoo import grpo as grpo_stage
 from rl_circuits.zoo.model import accuracy, load_checkpoint
 from rl_circuits.zoo.tasks import DATASET_NAME, read_jsonl
 
-RESULTS = Path(__file__).parent / "results" / "zoo_sweep.json"
+RESULTS = Path(
+    os.environ.get("ZOO_SWEEP_RESULTS", Path(__file__).parent / "results" / "zoo_sweep.json")
+)
 GRPO_RUNS = [
-    {"steps": 60, "prompts_per_step": 8, "num_generations": 8, "learning_rate": 5e-5},
     {"steps": 60, "prompts_per_step": 16, "num_generations": 8, "learning_rate": 1e-4},
     {"steps": 60, "prompts_per_step": 16, "num_generations": 8, "learning_rate": 2e-4},
+    {"steps": 60, "prompts_per_step": 8, "num_generations": 8, "learning_rate": 2e-4},
 ]
 DPO_RUNS = [
-    {"epochs": 3, "learning_rate": 5e-5, "rpo_alpha": 5.0},
-    {"epochs": 3, "learning_rate": 2e-4, "rpo_alpha": 5.0},
-    {"epochs": 3, "learning_rate": 5e-4, "rpo_alpha": 5.0},
+    {"epochs": 4, "learning_rate": 5e-5},
+    {"epochs": 4, "learning_rate": 2e-4},
+    {"epochs": 4, "learning_rate": 5e-4},
 ]
 
 
@@ -106,6 +110,19 @@ def run(kind: str, overrides: dict, zoo, splits, every: int, pair_cache: dict) -
     }
 
 
+def open_zoo(root: Path) -> SimpleNamespace:
+    """The parts of a finished zoo the sweep needs (any ZOO_FORMAT: only the SFT is used)."""
+    manifest = json.loads((root / "zoo.json").read_text())
+    config = ZooConfig.from_dict(manifest["config"])
+    return SimpleNamespace(
+        config=config,
+        sft=root / "sft",
+        data_dir=root / "data",
+        template=config.task.template,
+        max_new_tokens=config.task.max_new_tokens,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--zoo", type=Path, help="a built zoo's folder (default: build one)")
@@ -115,9 +132,7 @@ def main() -> None:
     parser.add_argument("--dpo", type=json.loads, help="JSON list of DPO overrides")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    zoo = load_zoo(args.zoo) if args.zoo else build_zoo(register=False)
-    if zoo is None:
-        raise SystemExit(f"{args.zoo} holds no finished zoo; build one with `rl-circuits zoo`")
+    zoo = open_zoo(args.zoo) if args.zoo else build_zoo(register=False)
     folder = zoo.data_dir / DATASET_NAME
     splits = {name: read_jsonl(folder / f"{name}.jsonl") for name in ("test", "validation")}
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}

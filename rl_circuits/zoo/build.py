@@ -51,6 +51,7 @@ from rl_circuits.zoo.model import (
     sha256_file,
 )
 from rl_circuits.zoo.paired import describe, mcnemar_exact
+from rl_circuits.zoo.progress import library_output_off
 from rl_circuits.zoo.tasks import DATASET_NAME, generate_splits, summary, write_splits
 
 STAGES = ("sft", "grpo", "dpo")
@@ -112,7 +113,7 @@ def build_zoo(
     with _locked(root):
         zoo = None if force else load_zoo(root, config)
         if zoo is None:
-            with _torch_threads(num_threads):
+            with _torch_threads(num_threads), library_output_off():
                 manifest = _build(config, root, progress=progress, device=device)
             _write_atomic(root / DONE_FILE, json.dumps(manifest, indent=2))
             zoo = load_zoo(root, config)

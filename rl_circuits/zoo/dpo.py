@@ -40,9 +40,9 @@ class DPOSettings:
     """Knobs of the DPO stage."""
 
     seed: int = 3
-    pair_prompts: int = 600
+    pair_prompts: int = 1000
     samples_per_prompt: int = 4
-    sample_temperature: float = 1.0
+    sample_temperature: float = 0.7
     epochs: int = 2
     batch_size: int = 32
     learning_rate: float = 5e-5
@@ -147,7 +147,7 @@ def train_dpo(
             data_seed=settings.seed,
             use_cpu=str(device) == "cpu",
             bf16=False,
-            gradient_checkpointing=False,
+            activation_checkpointing=False,
             save_strategy="no",
             report_to="none",
             logging_steps=1,

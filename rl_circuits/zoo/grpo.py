@@ -35,11 +35,11 @@ class GRPOSettings:
 
     seed: int = 2
     steps: int = 40
-    prompts_per_step: int = 8
+    prompts_per_step: int = 16
     num_generations: int = 8
     learning_rate: float = 5e-5
     beta: float = 0.0
-    temperature: float = 1.0
+    temperature: float = 0.7
     train_prompts: int = 1000
 
 
@@ -92,7 +92,7 @@ def train_grpo(
             data_seed=settings.seed,
             use_cpu=str(device) == "cpu",
             bf16=False,
-            gradient_checkpointing=False,
+            activation_checkpointing=False,
             save_strategy="no",
             report_to="none",
             logging_steps=1,

@@ -8,7 +8,10 @@ per training stage, and each log entry written as one JSON line to
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -75,3 +78,31 @@ def quiet(trainer, callback) -> None:
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(callback)
+
+
+@contextlib.contextmanager
+def library_output_off() -> Iterator[None]:
+    """Silence what the libraries print during a build, restoring their settings afterwards.
+
+    transformers' weight loading/writing bars, datasets' `map` bars (TRL tokenising its
+    dataset) and the deprecation warning about TRL's `gradient_checkpointing` default would
+    otherwise interleave with the stage bars.
+    """
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_bars = hf_logging.is_progress_bar_enabled()
+    ds_bars = datasets.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*gradient_checkpointing.*", category=FutureWarning
+            )
+            yield
+    finally:
+        if hf_bars:
+            hf_logging.enable_progress_bar()
+        if ds_bars:
+            datasets.enable_progress_bars()
