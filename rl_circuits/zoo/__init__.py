@@ -1,7 +1,7 @@
 """A small SFT / GRPO / DPO model zoo trained offline on CPU: the paper's question in miniature.
 
 `build_zoo()` generates a synthetic arithmetic word-problem task, trains a 0.8M-parameter
-Qwen2 from scratch by SFT (stopped at a middling validation accuracy), then post-trains two
+Qwen2 from scratch by SFT (a short schedule that settles near 40%), then post-trains two
 children from that SFT checkpoint: GRPO with a correctness reward (online, TRL
 `GRPOTrainer`) and DPO on preference pairs sampled once from the SFT model (offline, TRL
 `DPOTrainer`, with an NLL term on the chosen answers). It registers the pairs `toy-grpo` and
