@@ -13,7 +13,7 @@ step at temperature 0.7 and lr 5e-5, 50 steps. At temperature 1 most samples fai
 greedy decoding never does (27% sample vs 42% greedy accuracy), learning rates of 1e-4 and
 above lowered accuracy within 10 steps, and accuracy dips for the first 20 steps before it
 rises. GRPO's gain is the least stable of the zoo's: on this task it moves test accuracy by
--5 to +8 points from one 10-step evaluation to the next.
+up to 6 points from one 10-step evaluation to the next (docs/zoo.md).
 """
 
 from __future__ import annotations

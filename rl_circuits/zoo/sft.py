@@ -11,7 +11,7 @@ decays; in a sweep the seed alone moved greedy accuracy after the same 1200 step
 to 89%). The loop can evaluate every `eval_every` steps from `min_steps` on and stop at the
 first evaluation that reaches `target_accuracy` (else it keeps the best weights seen). The
 zoo used to stop at a 40% target, on the steep part of the curve, and that checkpoint was
-fragile: no GRPO or DPO setting raised its validation accuracy by more than 4 points, and
+fragile: no GRPO or DPO setting raised its validation accuracy by more than 4.5 points, and
 learning rates of 1e-4 and above lowered it (docs/zoo.md). The default now runs a 550-step
 schedule to its end (`min_steps = max_steps`, one evaluation): a model that has settled at
 a middling accuracy (about 40%), with room left for GRPO and DPO to raise.
