@@ -13,14 +13,12 @@ def run_demo(run_dir: str | None = None, progress: bool = True) -> int:
     """Zoo, then every stage of `configs/demo.toml`; a second run reuses everything."""
     from rl_circuits.analysis import load_run
     from rl_circuits.cli import main
-    from rl_circuits.zoo import build_zoo
+    from rl_circuits.zoo import build_zoo, summary_lines
 
     zoo = build_zoo(progress=progress)
-    print(
-        f"zoo: {zoo.root} (test accuracy "
-        + ", ".join(f"{stage} {acc:.0%}" for stage, acc in zoo.accuracy.items())
-        + ")"
-    )
+    print(f"zoo: {zoo.root}")
+    for line in summary_lines(zoo):
+        print(f"  {line}")
     # configs/demo.toml with the zoo's data directory, next to the zoo it belongs to
     text = (resource_dir("configs") / "demo.toml").read_text()
     config = zoo.root / "demo.toml"

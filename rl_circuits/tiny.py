@@ -17,14 +17,30 @@ CHARACTERS = string.digits + string.ascii_letters + string.punctuation + " \n"
 
 
 def char_tokenizer(extra_tokens: tuple[str, ...] = ()):
-    """A character-level `PreTrainedTokenizerFast` (special tokens first, then characters)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A character-level `PreTrainedTokenizerFast` (special tokens first, then characters).
+
+    Built the way transformers builds a Qwen2 tokenizer (NFC, Qwen2's split regex, byte-level
+    alphabet, BPE) but with no merges, so every character is one token. transformers 5's
+    `AutoTokenizer` rebuilds any Qwen2 checkpoint's tokenizer as `Qwen2Tokenizer` from the saved
+    vocabulary; built this way, that rebuild is this exact tokenizer (a word-level tokenizer
+    would lose its spaces). Characters outside `CHARACTERS` are dropped, as `Qwen2Tokenizer`
+    drops them (it has no unknown token).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *extra_tokens, *CHARACTERS])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
+    byte_char = _byte_level_alphabet()
+    symbols = [*SPECIAL_TOKENS, *extra_tokens, *(byte_char[ord(c)] for c in CHARACTERS)]
+    vocab = {tok: i for i, tok in enumerate(symbols)}
+    core = Tokenizer(models.BPE(vocab, [], unk_token=None, fuse_unk=False, byte_fallback=False))
+    core.normalizer = normalizers.NFC()
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    core.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token="<pad>",
@@ -32,6 +48,23 @@ def char_tokenizer(extra_tokens: tuple[str, ...] = ()):
         eos_token="<eos>",
         unk_token="<unk>",
     )
+
+
+# transformers' Qwen2Tokenizer pre-tokenizer regex (models/qwen2/tokenization_qwen2.py)
+QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (space -> "\u0120", newline -> "\u010a")."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = [b for b in range(256) if b not in printable]
+    return {
+        **{b: chr(b) for b in printable},
+        **{b: chr(256 + i) for i, b in enumerate(extra)},
+    }
 
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")

@@ -6,23 +6,31 @@ TransformerLens and Hugging Face, that the pairs are registered, that the cache 
 and that a second build from the same seeds gives bit-identical weights.
 """
 
+import contextlib
 import dataclasses
+import io
 import json
+import math
+import re
 import shutil
 import tomllib
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rl_circuits.checkpoints import load_tokenizer
+from rl_circuits.cli import main as cli_main
 from rl_circuits.datasets import load_dataset
 from rl_circuits.loading import load_model
 from rl_circuits.pairs import load_pairs
 from rl_circuits.paths import resource_dir
-from rl_circuits.zoo import ZooConfig, build_zoo, load_zoo, main
+from rl_circuits.tiny import ARCHITECTURES, char_tokenizer, make_tiny_checkpoint
+from rl_circuits.zoo import ZooConfig, build_zoo, load_zoo, main, summary_lines
 from rl_circuits.zoo.build import DONE_FILE, STAGES, STARTED_FILE
 from rl_circuits.zoo.model import make_tokenizer, sha256_file
+from rl_circuits.zoo.paired import mcnemar_exact
 from rl_circuits.zoo.tasks import (
     extract_answer,
     generate_splits,
@@ -114,12 +122,23 @@ def test_tokenizer_is_one_token_per_character_and_round_trips(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reduced(tmp_path_factory):
-    """(zoo, home): the reduced zoo built under a temporary RL_CIRCUITS_HOME."""
+def built(tmp_path_factory):
+    """(zoo, home, output): the reduced zoo built under a temporary RL_CIRCUITS_HOME, with
+    progress on, and what the build printed (stdout and stderr together)."""
     home = tmp_path_factory.mktemp("home")
+    output = io.StringIO()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RL_CIRCUITS_HOME", str(home))
-        yield build_zoo(ZooConfig().reduced(), progress=False), home
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            zoo = build_zoo(ZooConfig().reduced(), progress=True)
+        yield zoo, home, output.getvalue()
+
+
+@pytest.fixture(scope="module")
+def reduced(built):
+    """(zoo, home) of the shared reduced zoo."""
+    zoo, home, _ = built
+    return zoo, home
 
 
 def card(zoo, stage) -> dict:
@@ -206,8 +225,9 @@ def test_pairs_are_registered(reduced, monkeypatch):
     monkeypatch.setenv("RL_CIRCUITS_HOME", str(home))
     assert zoo.pairs_file == home / "pairs" / "toy.toml"
     pairs = load_pairs()
+    tokenizer = make_tokenizer()
     longest = max(
-        len(make_tokenizer()(p.solution, add_special_tokens=False).input_ids)
+        len(tokenizer(p.solution, add_special_tokens=False).input_ids)
         for split in ("train", "validation", "test")
         for p in read_jsonl(zoo.data_dir / "toy_math" / f"{split}.jsonl")
     )
@@ -252,3 +272,116 @@ def test_same_seeds_give_identical_weights(reduced, tmp_path):
         assert (
             sha256_file(again.checkpoint(stage) / "model.safetensors") == card(zoo, stage)["sha256"]
         )
+
+
+# ---- paired test, output, plain-transformers loading (issues 15, 11, 16) -----------------
+
+
+def test_mcnemar_exact_counts_discordant_questions():
+    before = [True] * 10 + [False] * 10 + [True] * 5
+    after = [True] * 10 + [True] * 9 + [False] + [False] * 5
+    test = mcnemar_exact(before, after)
+    assert (test["gained"], test["lost"]) == (9, 5)
+    assert test["gain"] == pytest.approx(4 / 25)
+    assert test["before"] == pytest.approx(15 / 25) and test["after"] == pytest.approx(19 / 25)
+    # two-sided exact binomial: 2 * P(X <= 5), X ~ Bin(14, 1/2)
+    expected = 2 * sum(math.comb(14, k) for k in range(6)) / 2**14
+    assert test["p_value"] == pytest.approx(expected)
+    assert mcnemar_exact(after, before)["p_value"] == pytest.approx(expected)  # symmetric
+    assert mcnemar_exact([True] * 10, [False] * 10)["p_value"] == pytest.approx(2 / 2**10)
+    assert mcnemar_exact([True, False], [True, False])["p_value"] == 1.0  # no discordant pair
+    with pytest.raises(ValueError, match="one answer per question"):
+        mcnemar_exact([True], [True, False])
+
+
+@pytest.mark.slow
+def test_cards_record_per_question_answers_and_paired_tests(reduced):
+    zoo, _ = reduced
+    size = zoo.config.task.test_size
+    hits = {stage: card(zoo, stage)["test_correct"] for stage in STAGES}
+    for stage, bits in hits.items():
+        assert len(bits) == size and set(bits) <= {"0", "1"}
+        assert bits.count("1") / size == pytest.approx(zoo.accuracy[stage])
+    before = [b == "1" for b in hits["sft"]]
+    for stage in ("grpo", "dpo"):
+        expected = mcnemar_exact(before, [b == "1" for b in hits[stage]])
+        assert card(zoo, stage)["paired_test"] == expected == zoo.paired[stage]
+        assert "McNemar exact p = " in (zoo.checkpoint(stage) / "README.md").read_text()
+    lines = summary_lines(zoo)
+    assert lines[0].startswith(f"greedy test accuracy ({size} questions): SFT ")
+    assert lines[1].startswith("GRPO vs SFT: ") and lines[2].startswith("DPO vs SFT: ")
+
+
+@pytest.mark.slow
+def test_build_shows_progress_and_summaries_not_trainer_dicts(built):
+    zoo, _, output = built
+    assert "{'loss'" not in output and "'reward'" not in output  # no raw TRL log dicts
+    for stage in STAGES:
+        info = card(zoo, stage)
+        log = zoo.root / info["log"]
+        summary = [line for line in output.splitlines() if line.startswith(f"{stage}: ")]
+        assert any(
+            f"{info['steps']} steps in " in line and "validation accuracy" in line
+            and f"log {log}" in line
+            for line in summary
+        ), (stage, summary)  # fmt: skip
+        entries = [json.loads(line) for line in log.read_text().splitlines()]
+        assert max(e["step"] for e in entries) == info["steps"]
+    grpo_log = [json.loads(line) for line in (zoo.root / "logs" / "grpo.jsonl").open()]
+    assert all("reward" in e for e in grpo_log if "loss" in e)
+    for desc in ("sft", "grpo", "dpo"):  # one progress bar per training stage
+        assert re.search(rf"{desc}: +\d+%", output), desc
+
+
+PROMPTS = [
+    "Q: Ida has 9 boxes of 8 pens, loses 3. How many pens?\nA: ",
+    "Q:  two  spaces,\n\nnew lines\tand a tab 'quoted' it's\nA: 9*8=72\n\\boxed{72}",
+]
+
+
+def _check_plain_transformers(path, tokenizer) -> None:
+    """AutoTokenizer / AutoModelForCausalLM on `path` give the training tokenizer and model."""
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(path)
+    for text in PROMPTS:
+        ids = tokenizer(text).input_ids
+        assert plain(text).input_ids == ids, type(plain).__name__
+        assert plain.decode(ids) == tokenizer.decode(ids)
+    assert plain("Q: a b").input_ids == tokenizer("Q: a b").input_ids
+    assert plain.decode(plain("Q: a b\nA: ").input_ids) == "Q: a b\nA: "  # spaces kept
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        assert getattr(plain, name) == getattr(tokenizer, name), name
+    model = AutoModelForCausalLM.from_pretrained(path)
+    saved = load_file(str(path / "model.safetensors"))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+
+
+@pytest.mark.slow
+def test_checkpoints_load_with_plain_transformers(reduced):
+    zoo, _ = reduced
+    tokenizer = make_tokenizer()
+    for stage in STAGES:
+        path = zoo.checkpoint(stage)
+        _check_plain_transformers(path, tokenizer)
+        # the model card's loading example runs as written
+        readme = (path / "README.md").read_text()
+        code = readme.split("```python\n")[1].split("```")[0]
+        assert len(code.strip().splitlines()) == 3
+        namespace: dict = {}
+        exec(code, namespace)  # noqa: S102 (the card's own example)
+        assert namespace["tokenizer"](PROMPTS[0]).input_ids == tokenizer(PROMPTS[0]).input_ids
+        assert type(namespace["model"]).__name__ == "Qwen2ForCausalLM"
+
+
+def test_tiny_models_load_with_plain_transformers(tmp_path, capsys):
+    assert cli_main(["tiny-models", str(tmp_path)]) == 0
+    for role in ("before", "after"):
+        _check_plain_transformers(tmp_path / role, char_tokenizer())
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_tiny_checkpoints_of_every_family_load_with_plain_transformers(tmp_path, architecture):
+    path = make_tiny_checkpoint(tmp_path / "m", architecture)
+    _check_plain_transformers(path, char_tokenizer())

@@ -1,7 +1,7 @@
 """A small SFT / GRPO / DPO model zoo trained offline on CPU: the paper's question in miniature.
 
 `build_zoo()` generates a synthetic arithmetic word-problem task, trains a 0.8M-parameter
-Qwen2 from scratch by SFT (stopped at a middling validation accuracy), then post-trains two
+Qwen2 from scratch by SFT (a short schedule that settles near 40%), then post-trains two
 children from that SFT checkpoint: GRPO with a correctness reward (online, TRL
 `GRPOTrainer`) and DPO on preference pairs sampled once from the SFT model (offline, TRL
 `DPOTrainer`, with an NLL term on the chosen answers). It registers the pairs `toy-grpo` and
@@ -11,7 +11,15 @@ children from that SFT checkpoint: GRPO with a correctness reward (online, TRL
 
 from __future__ import annotations
 
-from rl_circuits.zoo.build import Zoo, build_zoo, default_root, load_zoo, main, register_pairs
+from rl_circuits.zoo.build import (
+    Zoo,
+    build_zoo,
+    default_root,
+    load_zoo,
+    main,
+    register_pairs,
+    summary_lines,
+)
 from rl_circuits.zoo.config import TaskSettings, ZooConfig
 from rl_circuits.zoo.dpo import DPOSettings
 from rl_circuits.zoo.grpo import GRPOSettings
@@ -31,4 +39,5 @@ __all__ = [
     "load_zoo",
     "main",
     "register_pairs",
+    "summary_lines",
 ]

@@ -5,6 +5,7 @@
     data/toy_math/{train,validation,test}.jsonl   the task (MATH-500 fields)
     sft/  grpo/  dpo/                               Hugging Face checkpoints (safetensors,
                                                     tokenizer, README.md, zoo_card.json)
+    logs/{sft,grpo,dpo}.jsonl                       every training step's log entry
     zoo.json                                        manifest, written last
 
 and registers the pairs `toy-grpo` (sft -> grpo) and `toy-dpo` (sft -> dpo) in
@@ -41,7 +42,7 @@ from rl_circuits.zoo import grpo as grpo_stage
 from rl_circuits.zoo import sft as sft_stage
 from rl_circuits.zoo.config import ZOO_FORMAT, ZooConfig
 from rl_circuits.zoo.model import (
-    accuracy,
+    correct,
     count_parameters,
     init_model,
     load_checkpoint,
@@ -49,6 +50,8 @@ from rl_circuits.zoo.model import (
     save_checkpoint,
     sha256_file,
 )
+from rl_circuits.zoo.paired import describe, mcnemar_exact
+from rl_circuits.zoo.progress import library_output_off
 from rl_circuits.zoo.tasks import DATASET_NAME, generate_splits, summary, write_splits
 
 STAGES = ("sft", "grpo", "dpo")
@@ -69,6 +72,7 @@ class Zoo:
     grpo: Path
     dpo: Path
     accuracy: dict[str, float]
+    paired: dict[str, dict]
     pairs_file: Path | None = None
     dataset: str = DATASET_NAME
 
@@ -109,7 +113,7 @@ def build_zoo(
     with _locked(root):
         zoo = None if force else load_zoo(root, config)
         if zoo is None:
-            with _torch_threads(num_threads):
+            with _torch_threads(num_threads), library_output_off():
                 manifest = _build(config, root, progress=progress, device=device)
             _write_atomic(root / DONE_FILE, json.dumps(manifest, indent=2))
             zoo = load_zoo(root, config)
@@ -128,6 +132,7 @@ def load_zoo(root: str | Path, config: ZooConfig | None = None) -> Zoo | None:
             return None  # built by another version of this module
         built = ZooConfig.from_dict(manifest["config"])
         accuracy = {stage: manifest["stages"][stage]["test_accuracy"] for stage in STAGES}
+        paired = {stage: manifest["stages"][stage]["paired_test"] for stage in STAGES[1:]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # json.JSONDecodeError is a ValueError
     if config is not None and built.digest() != config.digest():
@@ -142,7 +147,20 @@ def load_zoo(root: str | Path, config: ZooConfig | None = None) -> Zoo | None:
         grpo=root / "grpo",
         dpo=root / "dpo",
         accuracy=accuracy,
+        paired=paired,
     )
+
+
+def summary_lines(zoo: Zoo) -> list[str]:
+    """The zoo's greedy test accuracies and each post-training stage's paired test vs SFT."""
+    size = zoo.config.task.test_size
+    lines = [
+        f"greedy test accuracy ({size} questions): "
+        + ", ".join(f"{ALGORITHMS[s]} {zoo.accuracy[s]:.1%}" for s in STAGES)
+    ]
+    for stage in STAGES[1:]:
+        lines.append(f"{ALGORITHMS[stage]} vs SFT: {describe(zoo.paired[stage])}")
+    return lines
 
 
 def register_pairs(zoo: Zoo) -> Path:
@@ -205,15 +223,19 @@ def _build(config: ZooConfig, root: Path, *, progress: bool, device) -> dict:
     data_card = {name: summary(problems) for name, problems in splits.items()}
     test, val = splits["test"], splits["validation"]
 
-    def evaluate(model, problems) -> float:
-        return accuracy(model.to(device), tokenizer, problems, template, budget)
+    def answers(model, problems) -> list[bool]:
+        return correct(model.to(device), tokenizer, problems, template, budget)
 
+    def evaluate(model, problems) -> float:
+        return sum(answers(model, problems)) / len(problems)
+
+    logs = root / "logs"
     stages: dict[str, dict] = {}
 
     # SFT from scratch
     model = init_model(config.model, tokenizer, config.init_seed).to(device)
     base_test = evaluate(model, test)
-    log(f"sft: {count_parameters(model):,} parameters, untrained test accuracy {base_test:.3f}")
+    log(f"sft: {count_parameters(model):,} parameters, untrained test accuracy {base_test:.1%}")
     result = sft_stage.train_sft(
         model,
         tokenizer,
@@ -224,9 +246,11 @@ def _build(config: ZooConfig, root: Path, *, progress: bool, device) -> dict:
         config.sft,
         device=device,
         progress=progress,
+        log_path=logs / "sft.jsonl",
     )
     path = save_checkpoint(result.model, tokenizer, root / "sft", budget)
     model, _ = load_checkpoint(path, device)
+    sft_correct = answers(model, test)
     stages["sft"] = {
         "algorithm": "SFT",
         "parent": None,
@@ -237,25 +261,41 @@ def _build(config: ZooConfig, root: Path, *, progress: bool, device) -> dict:
         "history": result.history,
         "train_wall_s": round(result.wall_s, 1),
         "test_accuracy_before": base_test,
-        "test_accuracy": evaluate(model, test),
+        "test_accuracy": sum(sft_correct) / len(test),
+        "test_correct": _bits(sft_correct),
         "validation_accuracy": result.val_accuracy,
+        "log": "logs/sft.jsonl",
     }
-    log(f"sft: test accuracy {stages['sft']['test_accuracy']:.3f} ({result.stopped})")
+    log(
+        f"sft: {result.steps} steps in {result.wall_s:.0f} s ({result.stopped}), validation "
+        f"accuracy {result.val_accuracy:.1%}, test {stages['sft']['test_accuracy']:.1%}; "
+        f"log {logs / 'sft.jsonl'}"
+    )
     sft_test, sft_val = stages["sft"]["test_accuracy"], result.val_accuracy
 
-    def child_card(model, settings, out: dict) -> dict:
-        """Model-card entries of a stage trained from the SFT checkpoint."""
-        return {
+    def child_card(stage: str, model, settings, out: dict) -> dict:
+        """Model-card entries of a stage trained from the SFT checkpoint; logs its summary."""
+        hits = answers(model, test)
+        card = {
             "parent": "sft",
             "settings": dataclasses.asdict(settings),
             "steps": out["steps"],
             "history": out["history"],
             "train_wall_s": round(out["wall_s"], 1),
             "test_accuracy_before": sft_test,
-            "test_accuracy": evaluate(model, test),
+            "test_accuracy": sum(hits) / len(test),
+            "test_correct": _bits(hits),
+            "paired_test": mcnemar_exact(sft_correct, hits),
             "validation_accuracy_before": sft_val,
             "validation_accuracy": evaluate(model, val),
+            "log": f"logs/{stage}.jsonl",
         }
+        log(
+            f"{stage}: {out['steps']} steps in {out['wall_s']:.0f} s, validation accuracy "
+            f"{sft_val:.1%} -> {card['validation_accuracy']:.1%}, test "
+            f"{describe(card['paired_test'])}; log {logs / f'{stage}.jsonl'}"
+        )
+        return card
 
     # GRPO from SFT (online: samples from the current policy)
     model, _ = load_checkpoint(root / "sft", device)
@@ -268,11 +308,11 @@ def _build(config: ZooConfig, root: Path, *, progress: bool, device) -> dict:
         config.grpo,
         device=device,
         progress=progress,
+        log_path=logs / "grpo.jsonl",
     )
     path = save_checkpoint(out["model"], tokenizer, root / "grpo", budget)
     model, _ = load_checkpoint(path, device)
-    stages["grpo"] = {"algorithm": "GRPO", **child_card(model, config.grpo, out)}
-    log(f"grpo: test accuracy {sft_test:.3f} -> {stages['grpo']['test_accuracy']:.3f}")
+    stages["grpo"] = {"algorithm": "GRPO", **child_card("grpo", model, config.grpo, out)}
 
     # DPO from SFT (offline: pairs sampled once from the SFT model)
     model, _ = load_checkpoint(root / "sft", device)
@@ -281,8 +321,20 @@ def _build(config: ZooConfig, root: Path, *, progress: bool, device) -> dict:
         model, tokenizer, splits["train"], template, budget, config.dpo, progress=progress
     )
     pair_stats["wall_s"] = round(time.perf_counter() - t0, 1)
-    log(f"dpo: {pair_stats['pairs']} pairs from {pair_stats['prompts']} prompts")
-    out = dpo_stage.train_dpo(model, tokenizer, pairs, config.dpo, device=device, progress=progress)
+    log(
+        f"dpo: {pair_stats['pairs']} preference pairs from {pair_stats['prompts']} questions "
+        f"sampled in {pair_stats['wall_s']:.0f} s"
+    )
+    out = dpo_stage.train_dpo(
+        model,
+        tokenizer,
+        pairs,
+        config.dpo,
+        device=device,
+        progress=progress,
+        log_path=logs / "dpo.jsonl",
+    )
+    out["wall_s"] += pair_stats["wall_s"]
     path = save_checkpoint(out["model"], tokenizer, root / "dpo", budget)
     with (path / "preference_pairs.jsonl").open("w") as handle:
         for pair in pairs:
@@ -294,9 +346,8 @@ def _build(config: ZooConfig, root: Path, *, progress: bool, device) -> dict:
         "loss_type": out["loss_type"],
         "loss_weights": out["loss_weights"],
         "pairs": pair_stats,
-        **child_card(model, config.dpo, out),
+        **child_card("dpo", model, config.dpo, out),
     }
-    log(f"dpo: test accuracy {sft_test:.3f} -> {stages['dpo']['test_accuracy']:.3f}")
 
     for stage, card in stages.items():
         card["sha256"] = sha256_file(root / stage / "model.safetensors")
@@ -319,6 +370,11 @@ def _build(config: ZooConfig, root: Path, *, progress: bool, device) -> dict:
         _write_card(root / stage, stage, manifest)
     log(f"zoo: built in {manifest['wall_s']:.0f} s at {root}")
     return manifest
+
+
+def _bits(hits: list[bool]) -> str:
+    """Per-question correctness as a compact string of 0/1 (test-split order)."""
+    return "".join("1" if hit else "0" for hit in hits)
 
 
 def _write_card(path: Path, stage: str, manifest: dict) -> None:
@@ -356,8 +412,13 @@ def _write_card(path: Path, stage: str, manifest: dict) -> None:
         ),
         f"- prompt template: `{json.dumps(manifest['template'])}`; greedy decoding, at most "
         f"{manifest['max_new_tokens']} new tokens",
-        f"- greedy test accuracy: {before:.3f} before -> {card['test_accuracy']:.3f} after "
-        f"({config['task']['test_size']} questions, exact integer in the last `\\boxed{{}}`)",
+        f"- greedy test accuracy: {before:.1%} before -> {card['test_accuracy']:.1%} after "
+        f"({config['task']['test_size']} questions, exact integer in the last `\\boxed{{}}`)"
+        + (
+            f"; paired over the same questions: {describe(card['paired_test'])}"
+            if "paired_test" in card
+            else ""
+        ),
         f"- steps: {card['steps']}; training wall time {card['train_wall_s']} s "
         f"({manifest['threads']} thread(s), {manifest['device']})",
         f"- seeds: data {config['task']['seed']}, init {config['init_seed']}, "
@@ -378,7 +439,26 @@ def _write_card(path: Path, stage: str, manifest: dict) -> None:
             f"- stopping: {card['stopped']} (best validation accuracy "
             f"{card['validation_accuracy']:.3f} at step {card['best_step']})"
         )
+    where = json.dumps(str(path.resolve()))
+    lines += [
+        "",
+        "## Load it",
+        "",
+        "Plain `transformers` gives the exact tokenizer and model the zoo trained (the",
+        "tokenizer adds no `<bos>`; prompt with the template above):",
+        "",
+        "```python",
+        *LOADING_EXAMPLE.format(path=where).splitlines(),
+        "```",
+    ]
     (path / "README.md").write_text("\n".join(lines) + "\n")
+
+
+# The model card's loading example (three lines; a test runs it).
+LOADING_EXAMPLE = """from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained({path})
+model = AutoModelForCausalLM.from_pretrained({path})
+"""
 
 
 def _versions() -> dict:
@@ -469,7 +549,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"zoo: {zoo.root}")
     print(f"data_dir: {zoo.data_dir} (dataset {zoo.dataset})")
     for stage in STAGES:
-        print(f"{stage}: {zoo.checkpoint(stage)}  test accuracy {zoo.accuracy[stage]:.3f}")
+        print(f"{stage}: {zoo.checkpoint(stage)}")
+    for line in summary_lines(zoo):
+        print(line)
     if zoo.pairs_file is not None:
         print(f"pairs: toy-grpo, toy-dpo registered in {zoo.pairs_file}")
     return 0

@@ -129,14 +129,21 @@ def generate(
     return out
 
 
+def correct(
+    model, tokenizer, problems: Sequence[Problem], template: str, max_new_tokens: int, **kw
+) -> list[bool]:
+    """Per problem: is the greedy answer exactly right? (The paired test needs each one.)"""
+    prompts = [template.replace("{q}", p.question) for p in problems]
+    completions = generate(model, tokenizer, prompts, max_new_tokens, **kw)
+    return [is_correct(c, p.answer) for c, p in zip(completions, problems, strict=True)]
+
+
 def accuracy(
     model, tokenizer, problems: Sequence[Problem], template: str, max_new_tokens: int, **kw
 ) -> float:
     """Greedy exact-answer accuracy on `problems`."""
-    prompts = [template.replace("{q}", p.question) for p in problems]
-    completions = generate(model, tokenizer, prompts, max_new_tokens, **kw)
-    hits = sum(is_correct(c, p.answer) for c, p in zip(completions, problems, strict=True))
-    return hits / max(len(problems), 1)
+    hits = correct(model, tokenizer, problems, template, max_new_tokens, **kw)
+    return sum(hits) / max(len(problems), 1)
 
 
 def save_checkpoint(model, tokenizer, path: Path, max_new_tokens: int) -> Path:
