@@ -305,7 +305,16 @@ def _zoo_main(argv: list[str]) -> int:
 
 def _demo(run_dir: str) -> int:
     from rl_circuits.demo import run_demo
+    from rl_circuits.errors import ConfigError
+    from rl_circuits.zoo import ZooConfig, default_root, load_zoo
 
+    missing = _missing_modules(ZOO_MODULES)
+    if missing and load_zoo(default_root(ZooConfig()), ZooConfig()) is None:
+        raise ConfigError(
+            f"the demo first trains its model zoo with {', '.join(missing)}, which "
+            f"{'are' if len(missing) > 1 else 'is'} not installed: run "
+            "`pip install 'rl-circuits[zoo]'` (the zoo extra), or `make demo`"
+        )
     return run_demo(run_dir)
 
 

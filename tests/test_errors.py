@@ -275,3 +275,23 @@ def test_zoo_build_without_trl_fails_before_training(monkeypatch, capsys, hide):
     monkeypatch.setattr(rl_circuits.zoo, "main", lambda argv: started.append(argv) or 0)
     assert main(["zoo", "build", "--reduced"]) == 0  # trl installed here: the build starts
     assert started == [["--reduced"]]
+
+
+def test_demo_without_trl_fails_before_training_unless_the_zoo_is_built(
+    monkeypatch, capsys, tmp_path
+):
+    import sys
+
+    import rl_circuits.demo
+
+    monkeypatch.setenv("RL_CIRCUITS_HOME", str(tmp_path))  # no zoo built here
+    monkeypatch.setitem(sys.modules, "trl", None)
+    started = []
+    monkeypatch.setattr(rl_circuits.demo, "run_demo", lambda run_dir: started.append(run_dir) or 0)
+    assert main(["demo", "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "error: the demo first trains its model zoo with trl, which is not installed" in err
+    assert "pip install 'rl-circuits[zoo]'" in err and started == []
+    monkeypatch.setattr("rl_circuits.zoo.load_zoo", lambda root, config: object())  # built
+    assert main(["demo", "--run-dir", str(tmp_path / "run")]) == 0
+    assert started == [str(tmp_path / "run")]
