@@ -110,29 +110,24 @@ def _weighted_histogram_entropy(
 ) -> Batched:
     """Eq. 15 on weighted sample sets; each set's histogram spans its own [min, max].
 
-    Counts below an edge e in sample k are found by one search in a sorted integer key array:
-    value x becomes k * (N + 1) + (number of pooled values < x), and x < e iff that number is
-    below the number of pooled values < e. Bins are np.histogram's: [e_j, e_j+1), last closed.
+    Each sample's |values| are sorted once; the count of a sample below a bin edge e is one
+    binary search in its own row (x < e), so a range's histogram of every sample costs P
+    searches of B edges and no pooled index array (which at 7B heads-graph size would be tens
+    of GB). Bins are np.histogram's: [e_j, e_j+1), the last one closed.
     """
-    values = np.sort(np.abs(flat_entries(pool, mask)), axis=1)  # [P, m]
+    entries = flat_entries(pool, mask)
+    values = np.empty(entries.shape)
+    for k, row in enumerate(entries):  # one row at a time: no second [P, m] temporary
+        values[k] = np.sort(np.abs(row))
     n_pool, m = values.shape
-    order = np.argsort(values, axis=None)
-    every = values.ravel()[order]
-    position = np.arange(every.size)
-    first = np.maximum.accumulate(np.where(np.diff(every, prepend=-np.inf) > 0, position, 0))
-    below_value = np.empty(every.size, dtype=np.int64)
-    below_value[order] = first  # number of pooled values strictly below each value
-    stride = every.size + 1
-    rows = np.arange(n_pool)
-    keys = rows.repeat(m) * stride + below_value
     lows, highs = values[:, 0], values[:, -1]
 
     def per_sample_counts(ranges: np.ndarray) -> np.ndarray:
         """[U, P, bins] histogram counts of each pooled sample for each (lo, hi) range."""
         edges = np.stack([np.histogram_bin_edges(r, bins=bins) for r in ranges])  # [U, B+1]
-        below_edge = np.searchsorted(every, edges[:, :-1], side="left")  # [U, B]
-        queries = rows[None, :, None] * stride + below_edge[:, None, :]  # [U, P, B]
-        below = np.searchsorted(keys, queries, side="left") - rows[None, :, None] * m
+        below = np.empty((len(ranges), n_pool, bins), dtype=np.int64)
+        for k in range(n_pool):  # the number of values[k] < e
+            below[:, k, :] = np.searchsorted(values[k], edges[:, :-1], side="left")
         return np.diff(below, axis=2, append=m)
 
     def evaluate(weights: Weights) -> np.ndarray:
