@@ -247,12 +247,20 @@ def compare(
     two-sided paired permutation `p_value` ((1 + #|d*| >= |d|) / (1 + R)), `direction`
     (up/down/flat), `significant` (the interval excludes 0), and each model's own interval.
     """
-    b, a = check_scores(before), check_scores(after)
-    if b.shape != a.shape:
-        raise ValueError(
-            f"before {b.shape} and after {a.shape} must score the same questions and edges"
-        )
+    # One float64 copy of both models' scores (at 7B heads-graph size each model's is GBs):
+    # `b` and `a` become views of the pool that the bootstrap resamples.
+    b = check_scores(before)
     n = len(b)
+    pool = np.empty((2 * n, *b.shape[1:]))
+    pool[:n] = b
+    del b
+    a = check_scores(after)
+    if a.shape != pool[:n].shape:
+        raise ValueError(
+            f"before {pool[:n].shape} and after {a.shape} must score the same questions and edges"
+        )
+    pool[n:] = a
+    b, a = pool[:n], pool[n:]
     if n < 2:
         raise ValueError("compare needs at least 2 paired samples")
     if n_resamples < 1:
@@ -271,7 +279,6 @@ def compare(
     boot_before, boot_after = np.hstack([counts, none]), np.hstack([none, counts])
     perm_after, perm_before = np.hstack([swap, 1 - swap]), np.hstack([1 - swap, swap])
 
-    pool = np.concatenate([b, a])
     tail = 100 * (1 - ci) / 2
     records = []
     for name, metric in chosen.items():
