@@ -28,6 +28,17 @@ def tiny_checkpoint(request, tiny_checkpoints):
     return tiny_checkpoints[request.param]
 
 
+@pytest.fixture(scope="module")
+def models64(tiny_checkpoints):
+    """architecture name -> its tiny checkpoint loaded in float64, for the exactness tests."""
+    from rl_circuits.loading import load_model
+
+    return {
+        arch: load_model(path, dtype=torch.float64, device="cpu", max_seq_len=64)
+        for arch, path in tiny_checkpoints.items()
+    }
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """Tiny trained models + dataset, configs/tiny.toml pointed at them, and one complete run."""

@@ -21,14 +21,6 @@ def _batch(seed=0, batch=2, pos=14, start=7, vocab=90):
     return tokens, mask
 
 
-@pytest.fixture(scope="module")
-def models64(tiny_checkpoints):
-    return {
-        arch: load_model(path, dtype=torch.float64, device="cpu", max_seq_len=64)
-        for arch, path in tiny_checkpoints.items()
-    }
-
-
 @contextmanager
 def _official_hooks(model):
     """TransformerLens's own per-input hook points (one key/value input per query head),

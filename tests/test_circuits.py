@@ -16,7 +16,6 @@ from rl_circuits.faithfulness import (
     overlap_curve,
 )
 from rl_circuits.graph import GRAPHS, build_graph
-from rl_circuits.loading import load_model
 
 torch.set_num_threads(1)
 
@@ -27,14 +26,6 @@ def _batch(seed=0, batch=2, pos=12, start=6, vocab=90):
     mask = torch.zeros_like(tokens, dtype=torch.bool)
     mask[:, start:] = True
     return tokens, mask
-
-
-@pytest.fixture(scope="module")
-def models64(tiny_checkpoints):
-    return {
-        arch: load_model(path, dtype=torch.float64, device="cpu", max_seq_len=64)
-        for arch, path in tiny_checkpoints.items()
-    }
 
 
 def _clean(model, tokens, mask):

@@ -26,14 +26,6 @@ def _batch(seed=0, batch=2, pos=14, start=7):
     return tokens, mask
 
 
-@pytest.fixture(scope="module")
-def models64(tiny_checkpoints):
-    return {
-        arch: load_model(path, dtype=torch.float64, device="cpu", max_seq_len=64)
-        for arch, path in tiny_checkpoints.items()
-    }
-
-
 def _raw_scores(model, tokens, mask, graph: str, scales) -> torch.Tensor:
     """The engines' own float64 matrices (attribute() hands out float32 copies)."""
     g = build_graph(graph, model.cfg.n_layers, model.cfg.n_heads)
