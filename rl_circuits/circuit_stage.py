@@ -64,11 +64,14 @@ def stage_circuits(cfg: RunConfig, store: RunStore, progress: bool = True) -> No
                 scores = store.read_scores(rel)
                 gens = _by_id(store.records(f"generate/{run.key}/{dataset}").load())
                 cut = int(scores.meta["t_cut"])
+                # As attributed: the first T_cut answer tokens, or all of a shorter answer
+                # (kept under the authors' rules), the loss over those answer tokens.
+                answers = {qid: gens[qid]["answer_ids"][:cut] for qid in scores.ids}
                 items = [
-                    (qid, gens[qid]["prompt_ids"] + gens[qid]["answer_ids"][:cut])
+                    (qid, gens[qid]["prompt_ids"] + answers[qid], len(answers[qid]))
                     for qid in scores.ids
                 ]
-                work.append((dataset, alpha, scores, items, cut))
+                work.append((dataset, alpha, scores, items))
             if not work:
                 continue
             model = load_model(
@@ -77,18 +80,18 @@ def stage_circuits(cfg: RunConfig, store: RunStore, progress: bool = True) -> No
                 dtype=DTYPES[cfg["model"]["dtype"]],
                 device=device_of(cfg),
                 n_devices=cfg["model"]["n_devices"],
-                max_seq_len=max(len(t) for *_, items, _ in work for _, t in items),
+                max_seq_len=max(len(t) for *_, items in work for _, t, _ in items),
                 allow_pickle=cfg["model"]["allow_pickle"],
             )
-            for dataset, alpha, scores, items, cut in work:
+            for dataset, alpha, scores, items in work:
                 desc = f"circuits {pair.name}/{role} {dataset} alpha={alpha:g}"
-                result = _cell_losses(model, scores, items, cut, cfg, desc, progress)
+                result = _cell_losses(model, scores, items, cfg, desc, progress)
                 store.write_json(circuit_file(pair.name, role, dataset, alpha), result)
             del model
     store.mark_done("circuits", {"enabled": True})
 
 
-def _cell_losses(model, scores, items, cut: int, cfg: RunConfig, desc: str, progress: bool):
+def _cell_losses(model, scores, items, cfg: RunConfig, desc: str, progress: bool):
     """{ids, ks, losses [k][n], none [n], clean [n]} of one cell; clean is the all-edge circuit."""
     c, a = cfg["circuits"], cfg["attribute"]
     mask = scores.edge_mask.numpy()
@@ -115,9 +118,9 @@ def _cell_losses(model, scores, items, cut: int, cfg: RunConfig, desc: str, prog
             tokens = torch.zeros(len(group), width, dtype=torch.long)
             loss_mask = torch.zeros(len(group), width, dtype=torch.bool)
             for row, i in enumerate(group):
-                toks = items[i][1]
+                _, toks, n_loss = items[i]
                 tokens[row, : len(toks)] = torch.tensor(toks)
-                loss_mask[row, len(toks) - cut : len(toks)] = True
+                loss_mask[row, len(toks) - n_loss : len(toks)] = True
             out = evaluate_circuit(
                 model,
                 tokens,

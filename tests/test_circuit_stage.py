@@ -3,17 +3,33 @@
 import json
 import math
 
+import pytest
+
 from rl_circuits.cli import main
 
 
-def test_circuits_stage_runs_resumes_and_reaches_table1_and_report(tiny_run, tmp_path):
+@pytest.mark.parametrize(
+    ("select", "rank_by"),
+    [
+        ({}, "mean"),
+        # The authors' rules keep answers shorter than T_cut, their loss over what they have.
+        ({'reference = "min"': 'reference = "mean"\nrules = "authors-code"'}, "sample"),
+    ],
+)
+def test_circuits_stage_runs_resumes_and_reaches_table1_and_report(
+    tiny_run, tmp_path, select, rank_by
+):
     from rl_circuits import load_run
 
     base, config = tiny_run
     run_dir = tmp_path / "run"
     text = config.read_text().replace(f'run_dir = "{base / "run"}"', f'run_dir = "{run_dir}"')
+    for old, new in select.items():
+        assert old in text
+        text = text.replace(old, new)
     config = tmp_path / "circuits.toml"
-    config.write_text(text + "\n[circuits]\nenabled = true\npoints = 6\nbatch_size = 3\n")
+    extra = f'\n[circuits]\nenabled = true\npoints = 6\nbatch_size = 3\nrank_by = "{rank_by}"\n'
+    config.write_text(text + extra)
     assert main(["run", str(config)]) == 0
     run = load_run(run_dir)
     curves = run.circuit_curves()
@@ -30,6 +46,12 @@ def test_circuits_stage_runs_resumes_and_reaches_table1_and_report(tiny_run, tmp
             # The all-edge circuit is the clean model: the loss the attribute stage measured.
             for qid, clean in zip(cell["ids"], cell["clean"], strict=True):
                 assert math.isclose(clean, scores.meta["loss"][qid], rel_tol=1e-5)
+            if select and role == "before":  # 22-token answers, T_cut(1.0) = 30
+                lengths = {
+                    g["id"]: len(g["answer_ids"]) for g in run.generations("tiny", role, "sevens")
+                }
+                short = [q for q in cell["ids"] if lengths[q] < scores.meta["t_cut"]]
+                assert short or alpha < 1.0
             # No edge: zero final residual, uniform next-token distribution.
             assert all(math.isclose(n, math.log(vocab), rel_tol=1e-6) for n in cell["none"])
     key = "tiny|sevens|1"
