@@ -17,12 +17,11 @@ from tqdm.auto import tqdm
 from rl_circuits.circuits import evaluate_circuit, log_grid, top_k_circuits
 from rl_circuits.config import RunConfig
 from rl_circuits.pipeline import (
-    DTYPES,
     ROLES,
     ModelRun,
     _by_id,
     attribution_dir,
-    device_of,
+    load_for_scoring,
 )
 from rl_circuits.store import RunStore
 
@@ -38,8 +37,6 @@ def circuit_alphas(cfg: RunConfig) -> list[float]:
 
 def stage_circuits(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
     """Losses of every grid circuit per question; a no-op marked done when not enabled."""
-    from rl_circuits.loading import load_model
-
     c = cfg["circuits"]
     if not c["enabled"]:
         store.mark_done("circuits", {"enabled": False})
@@ -74,15 +71,8 @@ def stage_circuits(cfg: RunConfig, store: RunStore, progress: bool = True) -> No
                 work.append((dataset, alpha, scores, items))
             if not work:
                 continue
-            model = load_model(
-                run.path,
-                revision=run.revision,
-                dtype=DTYPES[cfg["model"]["dtype"]],
-                device=device_of(cfg),
-                n_devices=cfg["model"]["n_devices"],
-                max_seq_len=max(len(t) for *_, items in work for _, t, _ in items),
-                allow_pickle=cfg["model"]["allow_pickle"],
-            )
+            max_len = max(len(t) for *_, items in work for _, t, _ in items)
+            model = load_for_scoring(cfg, run, max_len)
             for dataset, alpha, scores, items in work:
                 desc = f"circuits {pair.name}/{role} {dataset} alpha={alpha:g}"
                 result = _cell_losses(model, scores, items, cfg, desc, progress)

@@ -322,6 +322,22 @@ def attribution_dir(pair: str, role: str, dataset: str, alpha: float) -> str:
     return f"attribute/{pair}/{role}/{dataset}/alpha-{alpha:g}"
 
 
+def load_for_scoring(cfg: RunConfig, run: ModelRun, max_seq_len: int):
+    """One model of a pair as the config's [model] section asks, for sequences up to
+    `max_seq_len` tokens (the attribute and circuits stages)."""
+    from rl_circuits.loading import load_model
+
+    return load_model(
+        run.path,
+        revision=run.revision,
+        dtype=DTYPES[cfg["model"]["dtype"]],
+        device=device_of(cfg),
+        n_devices=cfg["model"]["n_devices"],
+        max_seq_len=max_seq_len,
+        allow_pickle=cfg["model"]["allow_pickle"],
+    )
+
+
 def stage_attribute(
     cfg: RunConfig,
     store: RunStore,
@@ -336,7 +352,6 @@ def stage_attribute(
     batch on every run. `shard=(i, n)` processes every n-th batch from i, for one worker per
     GPU; a shard worker's store leaves the merging to an exclusive one (`merge_attribute`).
     """
-    from rl_circuits.loading import load_model
 
     part = shard_of(store, shard)
     merge = store.shard is None
@@ -350,15 +365,7 @@ def stage_attribute(
                     _merge_all(cfg, store, run)
                 continue
             max_len = max(len(t) for *_, batches in jobs for b in batches for _, t, _ in b)
-            model = load_model(
-                run.path,
-                revision=run.revision,
-                dtype=DTYPES[cfg["model"]["dtype"]],
-                device=device_of(cfg),
-                n_devices=cfg["model"]["n_devices"],
-                max_seq_len=max_len,
-                allow_pickle=cfg["model"]["allow_pickle"],
-            )
+            model = load_for_scoring(cfg, run, max_len)
             for dataset, alpha, batches in jobs:
                 out = attribution_dir(pair.name, role, dataset, alpha)
                 with tqdm(
