@@ -43,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     from rl_circuits import attribute, load_model
-    from rl_circuits.circuits import evaluate_circuit, log_grid, top_k_circuits
+    from rl_circuits.engine.circuits import evaluate_circuit, log_grid, top_k_circuits
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

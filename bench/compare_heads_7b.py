@@ -22,7 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def one(n: int) -> None:
     import numpy as np
 
-    from rl_circuits.stats import compare
+    from rl_circuits.analysis.stats import compare
 
     rng = np.random.default_rng(0)
     before = rng.standard_normal((n, 813, 2381), dtype=np.float32) * 1e-3

@@ -62,7 +62,7 @@ MODEL = dict(
 
 def build_checkpoint(path: Path, **overrides) -> Path:
     """A random Qwen2 checkpoint of the benchmark's shape (or `overrides`) at `path`."""
-    from rl_circuits.tiny import make_tiny_checkpoint
+    from rl_circuits.models.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(path, "Qwen2ForCausalLM", **{**MODEL, **overrides})
 
@@ -116,8 +116,8 @@ def authors_recipe(model, tokens, mask) -> torch.Tensor:
     hooks copy each upstream output into a [batch, pos, n_upstream, d_model] buffer, backward
     hooks on each downstream input contract its (per-head) gradient with the buffer prefix.
     """
-    from rl_circuits.attribution import masked_nll
-    from rl_circuits.graph import build_graph
+    from rl_circuits.engine.attribution import masked_nll
+    from rl_circuits.engine.graph import build_graph
 
     graph = build_graph("paper", model.cfg.n_layers)
     batch, pos = tokens.shape
@@ -159,8 +159,8 @@ def _load(method: str, ckpt: Path, max_seq_len: int):
     """The model and one call of `method` on it (a closure of tokens and mask)."""
     from contextlib import nullcontext
 
-    from rl_circuits.attribution import attribute, masked_nll
-    from rl_circuits.efficient import efficient_attention
+    from rl_circuits.engine.attribution import attribute, masked_nll
+    from rl_circuits.engine.efficient import efficient_attention
 
     if method == "hf_sdpa":
         import transformers
@@ -178,7 +178,7 @@ def _load(method: str, ckpt: Path, max_seq_len: int):
 
         return run, vocab
 
-    from rl_circuits.loading import load_model
+    from rl_circuits.models.loading import load_model
 
     model = load_model(ckpt, dtype=torch.float32, device="cpu", max_seq_len=max_seq_len)
     model.requires_grad_(False)
@@ -266,9 +266,9 @@ def preload() -> None:
     """Import what the workers use once, so each forked worker starts in a second, not ten."""
     import transformers.models.qwen2.modeling_qwen2  # noqa: F401
 
-    import rl_circuits.attribution  # noqa: F401
-    import rl_circuits.efficient  # noqa: F401
-    import rl_circuits.loading  # noqa: F401
+    import rl_circuits.engine.attribution  # noqa: F401
+    import rl_circuits.engine.efficient  # noqa: F401
+    import rl_circuits.models.loading  # noqa: F401
 
 
 def in_fork(fn, *args, timeout: float = 900):
@@ -316,8 +316,8 @@ def rounds_for(length: int) -> int:
 
 def check_authors_recipe(ckpt: Path) -> float:
     """Relative difference between the authors' recipe and attribute() (must be ~1e-6)."""
-    from rl_circuits.attribution import attribute
-    from rl_circuits.loading import load_model
+    from rl_circuits.engine.attribution import attribute
+    from rl_circuits.models.loading import load_model
 
     model = load_model(ckpt, dtype=torch.float32, device="cpu", max_seq_len=128)
     model.requires_grad_(False)

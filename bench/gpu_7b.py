@@ -2,7 +2,7 @@
 
 Randomly initialised models with the real Qwen2.5-7B and Mistral-7B (v0.1, sliding window 4096)
 configurations in bfloat16, built through the package's own loading path
-(`rl_circuits.loading.hooked_config` from a config dict; no download, no weights on disk),
+(`rl_circuits.models.loading.hooked_config` from a config dict; no download, no weights on disk),
 weights drawn on the GPU. For 1k, 2k, 4k and 8k tokens (one sample) it measures:
 
   fwd_bwd_tl  plain HookedTransformer forward+backward, TransformerLens attention
@@ -41,10 +41,10 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from transformer_lens import HookedTransformer  # noqa: E402
 
-from rl_circuits.attribution import attribute, masked_nll  # noqa: E402
-from rl_circuits.checkpoints import Checkpoint  # noqa: E402
-from rl_circuits.efficient import efficient_attention  # noqa: E402
-from rl_circuits.loading import hooked_config, model_map_for  # noqa: E402
+from rl_circuits.engine.attribution import attribute, masked_nll  # noqa: E402
+from rl_circuits.engine.efficient import efficient_attention  # noqa: E402
+from rl_circuits.models.checkpoints import Checkpoint  # noqa: E402
+from rl_circuits.models.loading import hooked_config, model_map_for  # noqa: E402
 
 CONFIGS = {
     "qwen2.5-7b": dict(

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from grading_corpus import _styles  # noqa: E402
 
-from rl_circuits.datasets import _read_jsonl, dataset_file, parse_rows  # noqa: E402
-from rl_circuits.grading import grade  # noqa: E402
+from rl_circuits.data.datasets import _read_jsonl, dataset_file, parse_rows  # noqa: E402
+from rl_circuits.data.grading import grade  # noqa: E402
 
 RUNNER = """
 import json, signal, sys

@@ -1,9 +1,10 @@
 """Analytic GPU memory of attribute(graph="heads", checkpoint=True) on Qwen2.5-7B at 4096 tokens.
 
 No GPU was lent to the task that added the heads graph, so its 7B memory is estimated, not
-measured: from the model's real configuration (through `rl_circuits.loading.hooked_config`,
+measured: from the model's real configuration (through `rl_circuits.models.loading.hooked_config`,
 as a checkpoint's config.json would be read), the heads engine's own buffer sizes
-(`rl_circuits.heads.buffer_bytes`, which a test checks against what the engine allocates), and
+(`rl_circuits.engine.heads.buffer_bytes`, which a test checks against what the engine
+allocates), and
 the paper graph's peak measured on an H200 (bench/README.md, `gpu_7b.py`, eap_ckpt at 4096
 tokens: 11.9 GiB above the weights). The heads call runs the same forward, checkpointing and
 backward as the paper call; it differs by its engine buffers, its transients, and keys and
@@ -30,9 +31,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 from gpu_7b import CONFIGS  # noqa: E402
 
-from rl_circuits.checkpoints import Checkpoint  # noqa: E402
-from rl_circuits.heads import buffer_bytes  # noqa: E402
-from rl_circuits.loading import hooked_config, model_map_for  # noqa: E402
+from rl_circuits.engine.heads import buffer_bytes  # noqa: E402
+from rl_circuits.models.checkpoints import Checkpoint  # noqa: E402
+from rl_circuits.models.loading import hooked_config, model_map_for  # noqa: E402
 
 GIB = 2**30
 # attribute(graph="paper", checkpoint=True) extra peak above the weights, H200, bfloat16

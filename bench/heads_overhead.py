@@ -42,9 +42,9 @@ METHODS = ("fwd_bwd", "paper", "heads", "paper_ckpt", "heads_ckpt")
 
 def _load(method: str, ckpt: Path, max_seq_len: int):
     """The model and one call of `method` on it (a closure of tokens and mask)."""
-    from rl_circuits.attribution import attribute, masked_nll
-    from rl_circuits.efficient import efficient_attention
-    from rl_circuits.loading import load_model
+    from rl_circuits.engine.attribution import attribute, masked_nll
+    from rl_circuits.engine.efficient import efficient_attention
+    from rl_circuits.models.loading import load_model
 
     model = load_model(ckpt, dtype=torch.float32, device="cpu", max_seq_len=max_seq_len)
     model.requires_grad_(False)

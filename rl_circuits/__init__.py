@@ -8,16 +8,16 @@ run = rl_circuits.load_run("runs/paper"); run.table1()
 from importlib import import_module
 
 _EXPORTS = {
-    "load_model": "rl_circuits.loading",
-    "attribute": "rl_circuits.attribution",
-    "EdgeScores": "rl_circuits.attribution",
-    "masked_nll": "rl_circuits.attribution",
-    "evaluate_circuit": "rl_circuits.circuits",
-    "build_graph": "rl_circuits.graph",
-    "parse_node": "rl_circuits.graph",
-    "load_run": "rl_circuits.analysis",
-    "compare": "rl_circuits.stats",
-    "table1": "rl_circuits.analysis",
+    "load_model": "rl_circuits.models.loading",
+    "attribute": "rl_circuits.engine.attribution",
+    "EdgeScores": "rl_circuits.engine.attribution",
+    "masked_nll": "rl_circuits.engine.attribution",
+    "evaluate_circuit": "rl_circuits.engine.circuits",
+    "build_graph": "rl_circuits.engine.graph",
+    "parse_node": "rl_circuits.engine.graph",
+    "load_run": "rl_circuits.analysis.reader",
+    "compare": "rl_circuits.analysis.stats",
+    "table1": "rl_circuits.analysis.reader",
     "load_config": "rl_circuits.config",
 }
 __all__ = sorted(_EXPORTS)

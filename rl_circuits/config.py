@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rl_circuits.errors import ConfigError
-from rl_circuits.pairs import Pair, load_pairs, parse_pairs, registry_templates
+from rl_circuits.models.pairs import Pair, load_pairs, parse_pairs, registry_templates
 
 _POSITIVE = ("> 0", lambda v: v > 0)
 _NON_NEGATIVE = (">= 0", lambda v: v >= 0)
@@ -87,7 +87,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any, Any]]] = {
         "efficient_attention": (bool, True, None),
         "checkpoint": (bool, False, None),
     },
-    "circuits": {  # the optional faithfulness stage (rl_circuits.circuit_stage)
+    "circuits": {  # the optional faithfulness stage (rl_circuits.pipeline.circuits)
         "enabled": (bool, False, None),
         "points": (int, 20, (">= 2", lambda v: v >= 2)),  # log grid of k, 1 edge to all
         "thresholds": (list, [0.8, 0.9], None),  # circuit size: smallest k with f(k) >= t
@@ -135,7 +135,7 @@ def upgrade_resolved(stored: dict[str, Any]) -> dict[str, Any]:
     their defaults, so a newer version's new settings are no change for old runs."""
     import dataclasses
 
-    from rl_circuits.pairs import Pair
+    from rl_circuits.models.pairs import Pair
 
     out = dict(stored)
     for section, schema in SCHEMA.items():

@@ -11,7 +11,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from rl_circuits.tiny import ARCHITECTURES, make_tiny_checkpoint  # noqa: E402
+from rl_circuits.models.tiny import ARCHITECTURES, make_tiny_checkpoint  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -31,7 +31,7 @@ def tiny_checkpoint(request, tiny_checkpoints):
 @pytest.fixture(scope="module")
 def models64(tiny_checkpoints):
     """architecture name -> its tiny checkpoint loaded in float64, for the exactness tests."""
-    from rl_circuits.loading import load_model
+    from rl_circuits.models.loading import load_model
 
     return {
         arch: load_model(path, dtype=torch.float64, device="cpu", max_seq_len=64)
@@ -42,7 +42,7 @@ def models64(tiny_checkpoints):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """Tiny trained models + dataset, configs/tiny.toml pointed at them, and one complete run."""
-    from rl_circuits.cli import main
+    from rl_circuits.cli.main import main
 
     base = tmp_path_factory.mktemp("pipeline")
     assert main(["tiny-models", str(base / "models")]) == 0

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from rl_circuits.pairs import home_dir
+from rl_circuits.models.pairs import home_dir
 from rl_circuits.zoo import dpo as dpo_stage
 from rl_circuits.zoo import grpo as grpo_stage
 from rl_circuits.zoo import sft as sft_stage

@@ -1,6 +1,6 @@
 """The zoo's tokenizer and tiny Qwen2 model, batched greedy/sampled decoding and checkpoint I/O.
 
-The tokenizer is the character tokenizer of `rl_circuits.tiny`, used as Qwen2 tokenizers are:
+The tokenizer is the character tokenizer of `rl_circuits.models.tiny`, used as Qwen2 tokenizers are:
 no `<bos>` is added (the Qwen2 model map loads with `default_prepend_bos = false`), so the
 zoo's training loops, TRL, the pipeline's generation (`tokenizer(prompt)`) and
 TransformerLens' `to_tokens` all see the same prompt tokens. `<eos>` ends every solution.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from rl_circuits.checkpoints import load_tokenizer
-from rl_circuits.tiny import char_tokenizer
+from rl_circuits.models.checkpoints import load_tokenizer
+from rl_circuits.models.tiny import char_tokenizer
 from rl_circuits.zoo.tasks import Problem, is_correct
 
 

@@ -6,7 +6,7 @@ Answers are non-negative integers, so grading is an exact integer comparison of 
 `\\boxed{}` (chance level is about 0%). The splits are written in the MATH-500 JSONL format
 (`problem`, `solution`, `answer`) so the pipeline's dataset reader loads them unchanged.
 
-The grader lives here, not in `rl_circuits.grading`, so the zoo is self-contained.
+The grader lives here, not in `rl_circuits.data.grading`, so the zoo is self-contained.
 """
 
 from __future__ import annotations

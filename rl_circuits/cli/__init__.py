@@ -1,0 +1,1 @@
+"""The `rl-circuits` command line and the demo."""

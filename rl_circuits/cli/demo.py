@@ -1,0 +1,42 @@
+"""`rl-circuits demo`: build the toy zoo if absent, run the whole study on it, print Table 1."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rl_circuits.resources import resource_dir
+
+
+def run_demo(run_dir: str | None = None, progress: bool = True) -> int:
+    """Zoo, then every stage of `configs/demo.toml`; a second run reuses everything."""
+    from rl_circuits.analysis.reader import load_run
+    from rl_circuits.cli.main import main
+    from rl_circuits.zoo import build_zoo, summary_lines
+
+    zoo = build_zoo(progress=progress)
+    print(f"zoo: {zoo.root}")
+    for line in summary_lines(zoo):
+        print(f"  {line}")
+    # configs/demo.toml with the zoo's data directory, next to the zoo it belongs to
+    text = (resource_dir("configs") / "demo.toml").read_text()
+    config = zoo.root / "demo.toml"
+    _write_if_changed(config, f"data_dir = {json.dumps(str(zoo.data_dir))}\n{text}")
+    run_dir = run_dir or "runs/demo"
+    code = main(["run", str(config), "--run-dir", run_dir])
+    if code:
+        return code
+    run = load_run(Path(run_dir))
+    print()
+    print(run.table1().to_markdown())
+    print(f"\nreport: {run.root.resolve() / 'report' / 'report.html'}")
+    return 0
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if path.is_file() and path.read_text() == text:
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,379 @@
+"""The `rl-circuits` command: one subcommand per pipeline stage, `run` to chain them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rl_circuits.pipeline.integrity import STAGE_NAMES as STAGES
+
+CHECK_PROMPT = "Natalia sold clips to 48 of her friends in April. 48 / 2 = 24. \\boxed{72}"
+
+
+def _threads() -> None:
+    """One torch thread unless the user asks otherwise: two on a busy 2-core box run 30x slower."""
+    import torch
+
+    from rl_circuits.errors import ConfigError
+
+    text = os.environ.get("RL_CIRCUITS_THREADS", "1")
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ConfigError(
+            f"RL_CIRCUITS_THREADS={text!r} must be a whole number of torch threads >= 1 "
+            "(e.g. RL_CIRCUITS_THREADS=2)"
+        )
+    torch.set_num_threads(int(text))
+
+
+def cmd_check_model(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rl_circuits.engine.graph import GRAPHS, build_graph
+    from rl_circuits.models.checkpoints import load_tokenizer, resolve
+    from rl_circuits.models.loading import load_model, tokenizer_size_note
+
+    dtype = getattr(torch, args.dtype)
+    ckpt = resolve(args.path, args.revision)
+    model = load_model(args.path, revision=args.revision, dtype=dtype, device=args.device)
+    note = tokenizer_size_note(len(model.tokenizer), model.cfg.d_vocab)
+    if note:
+        print(f"warning: {ckpt.path}: {note}", file=sys.stderr)
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=dtype, use_safetensors=True)
+    hf.to(args.device)
+    tokens = load_tokenizer(ckpt.path)(CHECK_PROMPT, return_tensors="pt").input_ids
+    tokens = tokens.to(args.device)
+    with torch.no_grad():
+        diff = (model(tokens) - hf(tokens).logits).abs().max().item()
+    print(f"checkpoint: {ckpt.path} ({ckpt.architecture}, {model.cfg.n_layers} layers)")
+    print(
+        f"max |logit difference| vs Hugging Face ({args.dtype}, {tokens.shape[1]} tokens): "
+        f"{diff:.3e}"
+    )
+    for name in GRAPHS:
+        graph = build_graph(name, model.cfg.n_layers, model.cfg.n_heads)
+        print(
+            f"graph {name!r}: {len(graph.upstream)} upstream x {len(graph.downstream)} "
+            f"downstream nodes, {graph.n_edges} edges"
+        )
+    return 0 if diff < args.tolerance else 1
+
+
+def _open(args):
+    """The config and its run store; a forced config change has deleted what it made stale."""
+    from rl_circuits.config import load_config
+    from rl_circuits.pipeline.integrity import open_run
+    from rl_circuits.pipeline.stages import device_of
+
+    cfg = load_config(args.config)
+    device_of(cfg)  # an unusable device fails before any work
+    run_dir = Path(args.run_dir or cfg["run"]["run_dir"])
+    store, changes = open_run(run_dir, cfg, force=args.force)
+    if changes.stages:
+        print(f"config or data changed; these stages recompute:\n{changes.describe()}")
+    return cfg, store, changes
+
+
+def stage_functions() -> dict:
+    from rl_circuits.analysis import reader as analysis
+    from rl_circuits.pipeline import circuits as circuit_stage
+    from rl_circuits.pipeline import stages as pipeline
+
+    return {
+        "datasets": pipeline.stage_datasets,
+        "generate": pipeline.stage_generate,
+        "grade": pipeline.stage_grade,
+        "select": pipeline.stage_select,
+        "attribute": pipeline.stage_attribute,
+        "circuits": circuit_stage.stage_circuits,
+        "analyze": analysis.stage_analyze,
+        "report": analysis.stage_report,
+    }
+
+
+def cmd_stage(args) -> int:
+    if getattr(args, "ray", None) is not None and args.shard:
+        print(
+            "error: --ray runs every shard itself; it cannot be used with --shard", file=sys.stderr
+        )
+        return 2
+    _prepare_tiny_models(args.config)
+    if getattr(args, "ray", None) is not None:
+        return cmd_ray(args)
+    if getattr(args, "workers", None) is not None:
+        return cmd_workers(args)
+    if getattr(args, "shard", None):
+        return cmd_shard(args)
+    from rl_circuits.errors import StoreError
+    from rl_circuits.pipeline.integrity import iter_missing, stage_current
+
+    functions = stage_functions()
+    cfg, store, changes = _open(args)
+    with store:
+        if args.command == "run":
+            stages = STAGES
+        else:
+            missing = list(iter_missing(store, args.command))
+            never = [s for s in missing if s not in changes.stages]
+            if never:
+                raise StoreError(
+                    f"the {args.command} stage needs the {', '.join(never)} stage"
+                    f"{'s' if len(never) > 1 else ''} of run directory {store.root} first: run "
+                    f"`rl-circuits {never[0]} {args.config}`"
+                    + (" (and the next ones)" if len(never) > 1 else "")
+                    + f", or `rl-circuits run {args.config}` for every missing stage"
+                )
+            for stage in missing:  # made stale by this config change: redone first
+                print(f"{stage}: recomputing (invalidated by the config change)")
+            stages = (*missing, args.command)
+        for stage in stages:
+            if args.command == "run" and stage_current(store, stage):
+                print(f"{stage}: done")
+                continue
+            functions[stage](cfg, store)
+            print(f"{stage}: done")
+        _warn_empty_cells(store, stages)
+    print(f"run directory: {store.root}")
+    return 0
+
+
+def _warn_empty_cells(store, stages) -> None:
+    """Cells configured but left without results are said at the end, not only in files."""
+    from rl_circuits.analysis.reader import empty_note
+
+    rel = "analysis/skipped_cells.json"
+    if "analyze" in stages and store.exists(rel):
+        note = empty_note(store.read_json(rel))
+        if note:
+            print(f"warning: {note}", file=sys.stderr)
+
+
+def cmd_shard(args) -> int:
+    """One shard worker (shared lock); then, if no other worker runs, the merge."""
+    from rl_circuits.pipeline.distributed import merge_finished, parse_shard, run_shard
+
+    if args.force:
+        print(
+            "error: --force cannot be used with --shard: shard workers never change the "
+            "stored config; run the stage once without --shard --force first",
+            file=sys.stderr,
+        )
+        return 2
+    index, count = parse_shard(args.shard)
+    run_shard(args.command, args.config, args.run_dir, (index, count))
+    print(f"{args.command} shard {index}/{count}: done")
+    if args.no_merge:
+        return 0
+    merged = merge_finished(args.command, args.config, args.run_dir)
+    if merged is None:
+        print(
+            f"{args.command}: other shard workers still run (or one is merging); the last one "
+            "to finish merges"
+        )
+    elif merged:
+        print(f"{args.command}: done (shards merged)")
+    else:
+        print(
+            f"{args.command}: merged the finished part; other shards' questions are missing: "
+            "run their workers (or the stage without --shard) to finish"
+        )
+    return 0
+
+
+def cmd_workers(args) -> int:
+    """Launcher: one shard worker process per visible GPU (or --workers N), then the merge."""
+    from rl_circuits.pipeline.distributed import run_stage_workers
+
+    count = run_stage_workers(
+        args.command, args.config, args.run_dir, args.workers or None, force=args.force
+    )
+    print(f"{args.command}: done" + (f" ({count} workers)" if count else ""))
+    return 0
+
+
+def cmd_ray(args) -> int:
+    """Ray backend: one task per shard on a Ray cluster (or a local instance), then the merge."""
+    from rl_circuits.pipeline.distributed import run_stage_on_ray
+
+    results = run_stage_on_ray(
+        args.command,
+        args.config,
+        args.run_dir,
+        args.workers or None,
+        args.ray or None,
+        force=args.force,
+    )
+    for result in results:
+        print(f"shard {result['shard']}: {result['seconds']:.1f} s on {result['host']}")
+    print(f"{args.command}: done" + (f" ({len(results)} Ray tasks)" if results else ""))
+    return 0
+
+
+def cmd_tiny_models(args) -> int:
+    """Two tiny checkpoints trained to answer 7, and a GSM8K-format dataset to ask them."""
+    from rl_circuits.errors import ConfigError
+    from rl_circuits.models.tiny import write_tiny_models
+
+    target = Path(args.directory)
+    # the target itself being a file is refused by write_tiny_models; here: a file above it
+    blocker = next((p for p in target.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(
+            f"tiny-models: {blocker} is a file, so {target} cannot be a directory; name a new or "
+            "existing directory"
+        )
+    for path in write_tiny_models(args.directory):
+        print(f"wrote {path}")
+    return 0
+
+
+def _prepare_tiny_models(config: str) -> None:
+    """Write the config's `tiny_models` directory first when it is absent (configs/tiny.toml)."""
+    from rl_circuits.config import load_config
+    from rl_circuits.models.tiny import write_tiny_models
+
+    directory = load_config(config)["run"]["tiny_models"]
+    if directory and not Path(directory).exists():
+        print(f"tiny_models: {directory} is absent; writing it (rl-circuits tiny-models)")
+        for path in write_tiny_models(directory):
+            print(f"wrote {path}")
+
+
+def _add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    """--shard, --workers, --ray: data parallel over questions (pipeline.distributed)."""
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="be shard worker I of N: process every N-th chunk (generate) or batch (attribute) "
+        "of questions from I, alongside the other workers on the same run directory; the last "
+        "one to finish merges",
+    )
+    mode.add_argument(
+        "--workers",
+        metavar="N",
+        nargs="?",
+        type=int,
+        const=0,
+        help="start N shard workers here, one per visible GPU (default: as many as GPUs, 1 on "
+        "CPU), then merge; with --ray: the number of Ray tasks",
+    )
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        nargs="?",
+        const="",
+        help="run the shards as Ray tasks on the cluster at ADDRESS ('auto', "
+        "'ray://host:10001'; default: start a local instance), then merge (needs the ray extra)",
+    )
+    p.add_argument("--no-merge", action="store_true", help=argparse.SUPPRESS)
+
+
+# Modules the zoo's training needs (the `zoo` extra), checked before any training starts.
+ZOO_MODULES = ("trl", "accelerate")
+
+
+def _missing_modules(names: tuple[str, ...]) -> list[str]:
+    import importlib.util
+
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent package absent, or a module without spec
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def _zoo_main(argv: list[str]) -> int:
+    from rl_circuits.errors import ConfigError
+
+    missing = _missing_modules(ZOO_MODULES)
+    if missing and not {"-h", "--help"} & set(argv):
+        raise ConfigError(
+            f"zoo build trains with {', '.join(missing)}, which "
+            f"{'are' if len(missing) > 1 else 'is'} not installed: run "
+            "`pip install 'rl-circuits[zoo]'` (the zoo extra) first"
+        )
+    from rl_circuits.zoo import main as zoo_main
+
+    return zoo_main(argv)
+
+
+def _demo(run_dir: str) -> int:
+    from rl_circuits.cli.demo import run_demo
+    from rl_circuits.errors import ConfigError
+    from rl_circuits.zoo import ZooConfig, default_root, load_zoo
+
+    missing = _missing_modules(ZOO_MODULES)
+    if missing and load_zoo(default_root(ZooConfig()), ZooConfig()) is None:
+        raise ConfigError(
+            f"the demo first trains its model zoo with {', '.join(missing)}, which "
+            f"{'are' if len(missing) > 1 else 'is'} not installed: run "
+            "`pip install 'rl-circuits[zoo]'` (the zoo extra), or `make demo`"
+        )
+    return run_demo(run_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rl-circuits",
+        description="Compare a model's edge-attribution circuitry before and after "
+        "post-training. Stages: " + " -> ".join(STAGES) + "; `run` chains them.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", *STAGES):
+        p = sub.add_parser(name, help="run every stage" if name == "run" else f"the {name} stage")
+        p.add_argument("config", help="TOML run config, e.g. configs/paper.toml")
+        p.add_argument("--run-dir", help="run directory (default: the config's run_dir)")
+        p.add_argument("--force", action="store_true", help="accept a changed config")
+        if name in ("generate", "attribute"):
+            _add_parallel_flags(p)
+        p.set_defaults(func=cmd_stage)
+    p = sub.add_parser("check-model", help="load a checkpoint both ways and compare logits")
+    p.add_argument("path", help="checkpoint directory or hub id")
+    p.add_argument("--revision")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tolerance", type=float, default=1e-3)
+    p.set_defaults(func=cmd_check_model)
+    p = sub.add_parser("zoo", help="the demo's SFT/GRPO/DPO model zoo: `zoo build --help`")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("args", nargs=argparse.REMAINDER, help="options of `zoo build`")
+    p.set_defaults(func=lambda args: _zoo_main(args.args))
+    p = sub.add_parser("demo", help="build the zoo if absent and run the whole study on it")
+    p.add_argument("--run-dir", default="runs/demo")
+    p.set_defaults(func=lambda args: _demo(args.run_dir))
+    p = sub.add_parser("tiny-models", help="write the tiny before/after checkpoints of tiny.toml")
+    p.add_argument("directory")
+    p.set_defaults(func=cmd_tiny_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rl_circuits.errors import RLCircuitsError
+
+    args = build_parser().parse_args(argv)
+    # grading supplies its own timeout; math-verify warns about its own being off
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    try:
+        _threads()
+        return args.func(args)
+    except RLCircuitsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: finished work is saved; run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Questions and answers: benchmark datasets, generation, grading, the selection of Eqs. 10-12."""

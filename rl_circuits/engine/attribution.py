@@ -1,0 +1,362 @@
+"""Edge attribution patching: one edge-score matrix per sample, from TransformerLens hooks.
+
+score(u, d) = -<dL/dH_d, O_u>, summed over positions and d_model: the first-order change of
+the sample's loss when upstream output O_u is removed from downstream input H_d (zero
+ablation, paper Eq. 9). One forward and one backward pass fill every edge: forward hooks copy
+each upstream output into one preallocated buffer, and a gradient hook at each downstream
+site contracts its gradient with the buffer prefix of nodes that write before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Float, Int
+from transformer_lens import HookedTransformer
+
+from rl_circuits.engine import efficient, heads
+from rl_circuits.engine.graph import Graph, build_graph
+from rl_circuits.engine.scoreview import ScoreView
+from rl_circuits.errors import NumericalError
+
+Method = Literal["eap", "eap-ig", "exact"]
+METHODS: tuple[str, ...] = ("eap", "eap-ig", "exact")
+Metric = Callable[
+    [Float[torch.Tensor, "batch pos vocab"], Int[torch.Tensor, "batch pos"], torch.Tensor],
+    Float[torch.Tensor, " batch"],
+]
+
+
+@dataclass(frozen=True, repr=False)
+class EdgeScores(ScoreView):
+    """Per-sample edge scores with the hook names of their nodes (a short repr, `index`,
+    `top_edges` and `to_frame` come from `ScoreView`, shared with a run's stored `Scores`)."""
+
+    values: Float[torch.Tensor, "batch n_upstream n_downstream"]  # float32, CPU
+    upstream: tuple[str, ...]
+    downstream: tuple[str, ...]
+    edge_mask: Bool[torch.Tensor, "n_upstream n_downstream"]
+    loss: Float[torch.Tensor, " batch"]  # each sample's clean loss
+    graph: str
+    method: str
+
+
+def masked_nll(
+    logits: Float[torch.Tensor, "batch pos vocab"],
+    tokens: Int[torch.Tensor, "batch pos"],
+    loss_mask: Bool[torch.Tensor, "batch pos"],
+) -> Float[torch.Tensor, " batch"]:
+    """Each sample's mean negative log-likelihood of its masked tokens (paper Eq. 13)."""
+    target_mask = loss_mask[:, 1:]
+    rows, cols = target_mask.nonzero(as_tuple=True)  # only the predicting positions
+    selected = logits[rows, cols]
+    logp = selected.to(torch.promote_types(selected.dtype, torch.float32)).log_softmax(-1)
+    nll = -logp.gather(-1, tokens[rows, cols + 1].unsqueeze(-1)).squeeze(-1)
+    total = torch.zeros(tokens.shape[0], dtype=nll.dtype, device=nll.device)
+    total = total.index_add(0, rows, nll)
+    return total / target_mask.sum(1).to(nll.dtype)
+
+
+def attribute(
+    model: HookedTransformer,
+    tokens: Int[torch.Tensor, "batch pos"],
+    loss_mask: Bool[torch.Tensor, "batch pos"],
+    graph: str = "paper",
+    method: str = "eap",
+    *,
+    ig_steps: int = 8,
+    metric: Metric = masked_nll,
+    sample_ids: Sequence[str] | None = None,
+    efficient_attention: bool = True,
+    checkpoint: bool = False,
+) -> EdgeScores:
+    """Score every edge of `graph` for each sample of the batch.
+
+    `loss_mask[b, t]` is True where token t is predicted (from position t-1) in sample b's
+    loss. Pad on the right: with causal attention padding never reaches a sample's loss, so
+    each sample's matrix is the one it would get alone. Methods: `eap` (one forward and one
+    backward), `eap-ig` (gradients averaged over `ig_steps` inputs on the path from a zero
+    embedding to the real one, Hanna et al. 2024), `exact` (one forward per edge with O_u
+    really removed from H_d; for validation on small models).
+
+    `graph="heads"` scores every attention head as a node (`rl_circuits.engine.heads`: no per-head
+    copy of the residual stream is ever made; keys and values per query head).
+    `efficient_attention` computes attention with fused kernels (memory linear in pos, no
+    pattern tensors; hooks on `hook_pattern`/`hook_attn_scores` then raise): same scores.
+    `checkpoint` recomputes each block in the backward pass: less memory, one more forward.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
+        raise ValueError(f"ig_steps must be an integer >= 1, got {ig_steps!r}")
+    unsupported = [k for k in ("parallel_attn_mlp", "attn_only") if getattr(model.cfg, k, False)]
+    if unsupported:
+        raise ValueError(
+            f"attribute() does not support models with {unsupported[0]}=True: the graphs assume "
+            "each block's attention output feeds its MLP (attention then MLP, both present)"
+        )
+    g = build_graph(graph, model.cfg.n_layers, model.cfg.n_heads)
+    tokens, loss_mask = _check_inputs(model, tokens, loss_mask)
+    per_head = g.name == "heads"
+    if per_head:
+        heads.check_supported(model)
+    attention = efficient.efficient_attention(model) if efficient_attention else nullcontext()
+    blocks = efficient.checkpoint_blocks(model) if checkpoint else nullcontext()
+    ungrouped = heads.ungrouped_kv(model) if per_head else nullcontext()
+    with _frozen(model), torch.enable_grad(), ungrouped, attention, blocks:
+        if method == "exact":
+            exact = heads.exact_scores if per_head else _exact_scores
+            values, loss = exact(model, tokens, loss_mask, g, metric)
+        else:
+            steps = 1 if method == "eap" else ig_steps
+            scales = [k / steps for k in range(steps, 0, -1)]  # the real input first
+            gradient = heads.gradient_scores if per_head else _gradient_scores
+            values, loss = gradient(model, tokens, loss_mask, g, metric, scales)
+    _check_finite(loss, values, sample_ids, method)
+    return EdgeScores(
+        values=values.float().cpu(),
+        upstream=g.upstream,
+        downstream=g.downstream,
+        edge_mask=g.edge_mask,
+        loss=loss.float().cpu(),
+        graph=graph,
+        method=method,
+    )
+
+
+def _gradient_scores(model, tokens, loss_mask, graph: Graph, metric: Metric, scales):
+    batch, pos = tokens.shape
+    acc = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
+    chunks = _buffers(model, batch, pos, acc)
+    scores = torch.zeros(batch, len(graph.upstream), len(graph.downstream), dtype=acc)
+    scores = scores.to(tokens.device)
+    weight = 1.0 / len(scales)
+
+    def on_grad(d: int, grad: torch.Tensor) -> None:
+        n = graph.n_before[d]
+        for start, buf in chunks:
+            k = min(n - start, buf.shape[1])
+            if k <= 0:
+                break
+            g = grad.detach().to(buf.device, acc).flatten(1).unsqueeze(2)  # [b, p*m, 1]
+            part = torch.bmm(buf[:, :k].flatten(2), g).squeeze(2)  # [b, k]
+            scores[:, start : start + k, d] -= weight * part.to(scores.device)
+
+    def capture(d: int, x: torch.Tensor) -> torch.Tensor:
+        x = x.view_as(x)  # an autograd node of its own: its gradient is this site's alone
+        x.register_hook(lambda grad, d=d: on_grad(d, grad))
+        return x
+
+    slots = [buf[:, i] for _, buf in chunks for i in range(buf.shape[1])]
+    clean_loss = None
+    for scale in scales:
+        record = clean_loss is None
+        with _hooks(model, graph, transform=capture, record=slots if record else None) as hooks:
+            hooks.embed_scale = scale
+            loss = metric(model(tokens), tokens, loss_mask)
+            loss.sum().backward()  # samples are independent: each gets its own gradient
+        if record:
+            clean_loss = loss.detach()
+    return scores, clean_loss
+
+
+def _exact_scores(model, tokens, loss_mask, graph: Graph, metric: Metric):
+    batch, pos = tokens.shape
+    acc = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
+    chunks = _buffers(model, batch, pos, acc)
+    slots = [buf[:, i] for _, buf in chunks for i in range(buf.shape[1])]
+    with torch.no_grad():
+        with _hooks(model, graph, record=slots):
+            clean = metric(model(tokens), tokens, loss_mask)
+        scores = torch.zeros(batch, len(graph.upstream), len(graph.downstream), dtype=acc)
+        for d in range(len(graph.downstream)):
+            for u in range(graph.n_before[d]):
+
+                def ablate(node: int, x: torch.Tensor, u: int = u) -> torch.Tensor:
+                    return x - slots[u].to(x.device, x.dtype)
+
+                with _hooks(model, graph, transform=ablate, nodes=[d]):
+                    loss = metric(model(tokens), tokens, loss_mask)
+                scores[:, u, d] = (loss - clean).to("cpu", acc)
+    return scores, clean
+
+
+def _buffers(model, batch: int, pos: int, dtype) -> list[tuple[int, torch.Tensor]]:
+    """One buffer [batch, n, pos, d_model] per device for its contiguous run of upstream nodes."""
+    devices = [model.embed.W_E.device]
+    for block in model.blocks:
+        device = next(block.parameters()).device
+        devices += [device, device]
+    chunks, start = [], 0
+    for i in range(1, len(devices) + 1):
+        if i == len(devices) or devices[i] != devices[start]:
+            shape = (batch, i - start, pos, model.cfg.d_model)
+            chunks.append((start, torch.zeros(shape, dtype=dtype, device=devices[start])))
+            start = i
+    return chunks
+
+
+class _Hooks:
+    """State shared by the hooks of one pass: call counts per module, the input scale."""
+
+    def __init__(self):
+        self.calls: dict[str, int] = {}
+        self.embed_scale = 1.0
+        self.recorded: set[int] = set()  # upstream outputs already copied in this pass
+
+
+@contextmanager
+def _hooks(
+    model: HookedTransformer,
+    graph: Graph,
+    *,
+    transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    record: list[torch.Tensor] | None = None,
+    nodes: Sequence[int] | None = None,
+) -> Iterator[_Hooks]:
+    """Add the hooks for one forward pass; every hook added is removed on exit, even on error.
+
+    `transform(d, x)` replaces the input of downstream node d (all nodes, or `nodes`);
+    `record[u]` receives a copy of upstream output u. The embedding output is made the leaf
+    that gradients flow back to.
+    """
+    state = _Hooks()
+    handles = []
+    try:
+        if transform is not None:
+            by_module: dict[str, dict[int, list[int]]] = {}
+            for d in range(len(graph.downstream)) if nodes is None else nodes:
+                site = graph.sites[d]
+                for call in site.calls:
+                    by_module.setdefault(site.module, {}).setdefault(call, []).append(d)
+            for name, by_call in by_module.items():
+                kind = graph.sites[by_call[next(iter(by_call))][0]].kind
+
+                def apply(x, name=name, by_call=by_call):
+                    call = state.calls.get(name, 0)
+                    state.calls[name] = call + 1
+                    for d in by_call.get(call, ()):
+                        x = transform(d, x)
+                    return x
+
+                module = model.get_submodule(name)
+                if kind == "input":
+                    hook = module.register_forward_pre_hook(
+                        lambda mod, args, apply=apply: (apply(args[0]), *args[1:])
+                    )
+                else:
+                    hook = module.register_forward_hook(
+                        lambda mod, args, out, apply=apply: apply(out)
+                    )
+                handles.append(hook)
+
+        def on_output(u: int, out: torch.Tensor):
+            # First write wins: a checkpointed block's recomputation in the backward pass
+            # calls this again (and the downstream sites' counters are past their calls then).
+            if record is not None and u not in state.recorded:
+                record[u].copy_(out.detach())
+                state.recorded.add(u)
+            if u == 0:
+                out = out.detach().requires_grad_(torch.is_grad_enabled())
+                return out * state.embed_scale if state.embed_scale != 1.0 else out
+            return None
+
+        for u, name in enumerate(graph.upstream):
+            handles.append(
+                model.get_submodule(name).register_forward_hook(
+                    lambda mod, args, out, u=u: on_output(u, out)
+                )
+            )
+        yield state
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _frozen(model: torch.nn.Module) -> Iterator[None]:
+    """No parameter gradients during attribution; the user's flags are restored afterwards."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _check_inputs(model, tokens, loss_mask):
+    tokens = _as_tensor(tokens, "tokens")
+    loss_mask = _as_tensor(loss_mask, "loss_mask")
+    if tokens.ndim != 2:
+        raise ValueError(
+            f"tokens must be a 2-d tensor [batch, pos], got shape {tuple(tokens.shape)}"
+        )
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
+        raise ValueError(
+            f"tokens must hold integer token ids, got dtype {tokens.dtype}: pass token ids from "
+            "the tokenizer (e.g. tokens.long())"
+        )
+    if loss_mask.shape != tokens.shape or loss_mask.dtype != torch.bool:
+        raise ValueError(
+            f"loss_mask must be a bool tensor shaped like tokens {tuple(tokens.shape)}, "
+            f"got {loss_mask.dtype} {tuple(loss_mask.shape)}"
+        )
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab):
+        bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
+        raise ValueError(
+            f"token id {bad} is outside the model's vocabulary (0 to {model.cfg.d_vocab - 1}); "
+            "tokenize with this model's tokenizer, and pad with a valid id (e.g. 0)"
+        )
+    if loss_mask[:, 0].any():
+        raise ValueError("loss_mask[:, 0] must be False: no position predicts the first token")
+    empty = (~loss_mask.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"samples {empty} have no masked position to compute a loss on")
+    if tokens.shape[1] > model.cfg.n_ctx:
+        limit = getattr(model, "checkpoint_max_positions", None)
+        if limit is not None and tokens.shape[1] > limit:
+            hint = (
+                f"the checkpoint itself allows at most {limit} positions: truncate or split the "
+                "input"
+            )
+        else:
+            hint = f"load the model with max_seq_len >= {tokens.shape[1]}" + (
+                f" (the checkpoint allows up to {limit})" if limit else ""
+            )
+        raise ValueError(
+            f"sequence length {tokens.shape[1]} exceeds the model's n_ctx {model.cfg.n_ctx}; "
+            + hint
+        )
+    device = model.embed.W_E.device
+    return tokens.long().to(device), loss_mask.to(device)
+
+
+def _as_tensor(x, what: str) -> torch.Tensor:
+    """A tensor from a tensor, numpy array or nested list (as `torch.as_tensor` reads them)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    try:
+        return torch.as_tensor(np.asarray(x))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(
+            f"{what} must be a tensor, a numpy array or a rectangular nested list, got "
+            f"{type(x).__name__} ({exc})"
+        ) from None
+
+
+def _check_finite(loss, values, sample_ids, method: str) -> None:
+    bad = (~torch.isfinite(loss)) | (~torch.isfinite(values).flatten(1).all(1)).to(loss.device)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        name = sample_ids[i] if sample_ids is not None else f"sample {i}"
+        raise NumericalError(
+            f"{name}: loss {float(loss[i]):.4g} or its {method} scores are NaN/inf during "
+            "attribution; float16 overflows easily: load the model in float32 or bfloat16."
+        )

@@ -1,0 +1,135 @@
+"""The optional `circuits` stage: faithfulness curves of each model's own top-k circuits.
+
+For every (pair, model, dataset, alpha) cell of the attribute stage, edges are ranked by the
+model's mean score over the cell's questions (or, with `rank_by = "sample"`, each question by
+its own scores); the top-k circuits on a log grid of k, plus the empty circuit, are run with
+`evaluate_circuit` on the same tokens and loss positions that were attributed. One JSON file per
+cell (`circuits/PAIR/ROLE/DATASET/alpha-A.json`) holds the per-question losses, so a killed
+stage resumes at the first cell without one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rl_circuits.config import RunConfig
+from rl_circuits.engine.circuits import evaluate_circuit, log_grid, top_k_circuits
+from rl_circuits.pipeline.stages import (
+    ROLES,
+    ModelRun,
+    _by_id,
+    attribution_dir,
+    load_for_scoring,
+)
+from rl_circuits.store.run_store import RunStore
+
+
+def circuit_file(pair: str, role: str, dataset: str, alpha: float) -> str:
+    return f"circuits/{pair}/{role}/{dataset}/alpha-{alpha:g}.json"
+
+
+def circuit_alphas(cfg: RunConfig) -> list[float]:
+    """The alphas whose cells get circuits: `circuits.alphas`, or every selection alpha."""
+    return [float(a) for a in cfg["circuits"]["alphas"]] or cfg.alphas
+
+
+def stage_circuits(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
+    """Losses of every grid circuit per question; a no-op marked done when not enabled."""
+    c = cfg["circuits"]
+    if not c["enabled"]:
+        store.mark_done("circuits", {"enabled": False})
+        return
+    for pair in cfg.pairs.values():
+        for role in ROLES:
+            run = ModelRun(pair, role)
+            cells = [
+                (dataset, alpha)
+                for dataset in cfg["run"]["datasets"]
+                for alpha in circuit_alphas(cfg)
+                if not store.exists(circuit_file(pair.name, role, dataset, alpha))
+            ]
+            if not cells:
+                continue
+            work = []
+            for dataset, alpha in cells:
+                rel = f"{attribution_dir(pair.name, role, dataset, alpha)}/scores.safetensors"
+                if not store.exists(rel):  # every question of the cell was skipped
+                    store.write_json(circuit_file(pair.name, role, dataset, alpha), {"ids": []})
+                    continue
+                scores = store.read_scores(rel)
+                gens = _by_id(store.records(f"generate/{run.key}/{dataset}").load())
+                cut = int(scores.meta["t_cut"])
+                # As attributed: the first T_cut answer tokens, or all of a shorter answer
+                # (kept under the authors' rules), the loss over those answer tokens.
+                answers = {qid: gens[qid]["answer_ids"][:cut] for qid in scores.ids}
+                items = [
+                    (qid, gens[qid]["prompt_ids"] + answers[qid], len(answers[qid]))
+                    for qid in scores.ids
+                ]
+                work.append((dataset, alpha, scores, items))
+            if not work:
+                continue
+            max_len = max(len(t) for *_, items in work for _, t, _ in items)
+            model = load_for_scoring(cfg, run, max_len)
+            for dataset, alpha, scores, items in work:
+                desc = f"circuits {pair.name}/{role} {dataset} alpha={alpha:g}"
+                result = _cell_losses(model, scores, items, cfg, desc, progress)
+                store.write_json(circuit_file(pair.name, role, dataset, alpha), result)
+            del model
+    store.mark_done("circuits", {"enabled": True})
+
+
+def _cell_losses(model, scores, items, cfg: RunConfig, desc: str, progress: bool):
+    """{ids, ks, losses [k][n], none [n], clean [n]} of one cell; clean is the all-edge circuit."""
+    c, a = cfg["circuits"], cfg["attribute"]
+    mask = scores.edge_mask.numpy()
+    values = scores.values.double().numpy()
+    ks = log_grid(int(mask.sum()), c["points"])
+    key = np.abs(values) if c["ranking"] == "abs" else values
+    if c["rank_by"] == "mean":
+        shared = torch.from_numpy(top_k_circuits(key.mean(0), mask, ks, c["ranking"]))
+        groups = [
+            list(range(i, min(i + c["batch_size"], len(items))))
+            for i in range(0, len(items), c["batch_size"])
+        ]
+    else:
+        groups = [[i] for i in range(len(items))]
+    empty = torch.zeros((1, *mask.shape), dtype=torch.bool)
+    losses = np.zeros((len(ks) + 1, len(items)))
+    with tqdm(total=len(items), desc=desc, disable=not progress) as bar:
+        for group in groups:
+            if c["rank_by"] == "mean":
+                circuits = shared
+            else:
+                circuits = torch.from_numpy(top_k_circuits(key[group[0]], mask, ks, c["ranking"]))
+            width = max(len(items[i][1]) for i in group)
+            tokens = torch.zeros(len(group), width, dtype=torch.long)
+            loss_mask = torch.zeros(len(group), width, dtype=torch.bool)
+            for row, i in enumerate(group):
+                _, toks, n_loss = items[i]
+                tokens[row, : len(toks)] = torch.tensor(toks)
+                loss_mask[row, len(toks) - n_loss : len(toks)] = True
+            out = evaluate_circuit(
+                model,
+                tokens,
+                loss_mask,
+                torch.cat([empty, circuits]),
+                graph=a["graph"],
+                ablation=c["ablation"],
+                efficient_attention=a["efficient_attention"],
+            )
+            losses[:, group] = out.double().numpy()
+            bar.update(len(group))
+    return {
+        "ids": list(scores.ids),
+        "ks": ks,
+        "losses": losses[1:].tolist(),
+        "none": losses[0].tolist(),
+        "clean": losses[-1].tolist(),
+        "ranking": c["ranking"],
+        "rank_by": c["rank_by"],
+        "ablation": c["ablation"],
+        "graph": a["graph"],
+    }

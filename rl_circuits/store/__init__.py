@@ -1,0 +1,1 @@
+"""The run directory on disk: atomic files, locks, records, score tensors, the manifest."""

@@ -1,0 +1,273 @@
+"""Answer extraction and grading: real gold answers, equivalences, threads and grader failures."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import math_verify
+import pytest
+
+from rl_circuits.data.datasets import Record, load_dataset
+from rl_circuits.data.grading import (
+    Grade,
+    extract_answer,
+    extract_boxed,
+    gold_answer,
+    grade,
+    grade_many,
+)
+
+SHARED = Path("/work/shared/data")
+
+
+def self_grades(name: str, *, sample: int | None = None, exact_match: bool) -> Counter:
+    records = load_dataset(name, data_dir=SHARED)
+    if sample is not None:
+        records = random.Random(0).sample(records, sample)
+    responses = [f"Step 1 ... so the answer is $\\boxed{{{r.gold}}}$." for r in records]
+    grades = grade_many(responses, records, exact_match=exact_match, progress=False)
+    return Counter(g.verdict for g in grades)
+
+
+@pytest.mark.parametrize("name", ["gsm8k", "math500", "college_math"])
+def test_every_gold_grades_correct_against_itself(name):
+    # Measured: 1319/1319, 500/500, 2818/2818 (text-identical answers short-cut math-verify).
+    verdicts = self_grades(name, exact_match=True)
+    assert verdicts == Counter({"correct": sum(verdicts.values())})
+
+
+@pytest.mark.parametrize(
+    ("name", "sample", "minimum"),
+    [
+        ("gsm8k", None, 1.0),  # measured 1319/1319 = 100% (1.2-1.8 s)
+        ("math500", 300, 1.0),  # measured 300/300 = 100% (all 500: 100%, 2.6 s)
+        ("college_math", 25, 0.92),  # measured 25/25 = 100% (all 2818: 100%, ~110 s)
+    ],
+)
+def test_math_verify_agrees_gold_with_itself(name, sample, minimum):
+    verdicts = self_grades(name, sample=sample, exact_match=False)
+    assert verdicts["correct"] / sum(verdicts.values()) >= minimum, verdicts
+
+
+def test_different_gsm8k_golds_grade_incorrect():
+    # Each gold graded against the next question's gold: correct exactly when the numbers match.
+    records = load_dataset("gsm8k", data_dir=SHARED)
+    shifted = records[1:] + records[:1]
+    responses = [f"\\boxed{{{r.gold}}}" for r in records]
+    grades = grade_many(responses, shifted, exact_match=False, progress=False)
+    expected = [
+        "correct" if float(a.gold) == float(b.gold) else "incorrect"
+        for a, b in zip(records, shifted, strict=True)
+    ]
+    assert [g.verdict for g in grades] == expected
+    assert expected.count("correct") == 15  # measured: 15 neighbouring questions share a gold
+
+
+@pytest.mark.parametrize(
+    ("response", "gold"),
+    [
+        ("\\boxed{0.5}", "\\frac{1}{2}"),
+        ("\\boxed{\\frac{1}{2}}", "0.5"),
+        ("\\boxed{\\sqrt{8}}", "2\\sqrt{2}"),
+        ("\\boxed{1,000}", "1000"),
+        ("\\boxed{1000}", "1,000"),
+        ("\\boxed{\\dfrac{3}{4}}", "\\frac34"),
+        ("\\boxed{10-4n}", "$10-4 n$"),
+        ("\\boxed{x=3}", "3"),
+        ("\\boxed{(1, 2)}", "\\left( 1, 2 \\right)"),
+        ("\\boxed{\\frac{\\pi}{2}}", "\\pi/2"),
+        ("\\boxed{50\\%}", "0.5"),
+        ("The answer is: 18", "18"),
+    ],
+)
+def test_equivalent_answers(response, gold):
+    result = grade(response, gold, exact_match=False)
+    assert result.verdict == "correct", result
+
+
+@pytest.mark.parametrize(
+    ("response", "gold"),
+    [
+        ("\\boxed{5}", "6"),
+        ("\\boxed{\\frac{1}{3}}", "0.33"),
+        ("\\boxed{2\\sqrt{2}}", "\\sqrt{2}"),
+        ("\\boxed{(1, 2)}", "(2, 1)"),
+        ("\\boxed{x^2}", "x^3"),
+        ("\\boxed{-4}", "4"),
+        ("\\boxed{1000}", "100"),
+    ],
+)
+def test_non_equivalent_answers(response, gold):
+    assert grade(response, gold).verdict == "incorrect"
+
+
+def test_extract_boxed():
+    assert extract_boxed("a \\boxed{1} b \\boxed{\\frac{1}{\\sqrt{2}}} c") == "\\frac{1}{\\sqrt{2}}"
+    assert extract_boxed("\\fbox{7}") == "7"
+    assert extract_boxed("\\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"  # escaped braces do not nest
+    assert extract_boxed("\\boxed{\\left\\{ x \\right.}") == "\\left\\{ x \\right."
+    assert extract_boxed("so $\\boxed 5$.") == "5"
+    assert extract_boxed("\\boxed{3} then \\boxed{\\frac{1}{2") is None  # cut off in the box
+    assert extract_boxed("no box here") is None
+    assert extract_boxed("\\boxedx{3}") is None
+
+
+def test_extract_answer():
+    assert extract_answer("... The answer is: 18") == "18"
+    assert extract_answer("The answer is 3.5.\n") == "3.5"
+    assert extract_answer("The final answer is $\\frac{1}{2}$.") == "\\frac{1}{2}"
+    assert extract_answer("The answer is: 2 then \\boxed{4}") == "4"  # a box wins
+    assert extract_answer("The answer is 1. Wait, the answer is 2.") == "2"
+    assert extract_answer("Let me think about it") is None
+    assert extract_answer("\\boxed{}") is None
+
+
+def test_gold_answer():
+    assert gold_answer("  $\\frac{4}{5}$ ") == "\\frac{4}{5}"
+    assert gold_answer("$$x+1$$") == "x+1"
+    assert gold_answer("$\\min$ at $x=-1$") == "$\\min$ at $x=-1$"  # not one outer pair
+    assert gold_answer("110,880") == "110,880"  # College Math lists keep their commas
+    assert gold_answer(Record("a", "q", "$7$")) == "7"
+    assert gold_answer({"id": "a", "question": "q", "gold": "8"}) == "8"
+
+
+def test_no_answer_and_grade_fields():
+    truncated = "First, 3 + 4 = 7. Then we multiply by"
+    result = grade(truncated, "14")
+    assert result == Grade("no_answer", None, "14", None)
+    assert grade("", "14").verdict == "no_answer"
+    assert grade(None, "14").verdict == "no_answer"
+    assert grade("\\boxed{14", "14").verdict == "no_answer"  # unbalanced box
+    assert grade("x \\boxed{14}", "$14$").to_dict() == {
+        "verdict": "correct",
+        "extracted": "14",
+        "gold": "14",
+        "error": None,
+    }
+    assert grade("\\boxed{1}", "  ").verdict == "ungradable"
+
+
+def test_grading_from_other_threads():
+    cases = [
+        ("\\boxed{0.5}", "\\frac{1}{2}"),
+        ("\\boxed{3}", "4"),
+        ("\\boxed{\\sqrt{8}}", "2\\sqrt2"),
+    ]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        verdicts = list(pool.map(lambda case: grade(*case, exact_match=False).verdict, cases))
+    assert verdicts == ["correct", "incorrect", "correct"]
+
+
+def test_raising_verifier_is_ungradable(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("sympy exploded")
+
+    monkeypatch.setattr(math_verify, "verify", broken)
+    result = grade("\\boxed{2}", "3")
+    assert result.verdict == "ungradable"
+    assert result.extracted == "2"
+    assert "RuntimeError: sympy exploded" in result.error
+
+
+def test_hanging_verifier_times_out_and_stops(monkeypatch):
+    def hang(*args, **kwargs):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # pure-Python spin, like a sympy hang
+            pass
+        return True
+
+    monkeypatch.setattr(math_verify, "verify", hang)
+    start = time.monotonic()
+    result = grade("\\boxed{2}", "3", timeout=0.2)
+    elapsed = time.monotonic() - start
+    assert result.verdict == "ungradable"
+    assert "timed out after 0.2 s" in result.error
+    assert elapsed < 2
+    # The abandoned worker is interrupted rather than left spinning for 30 s.
+    for _ in range(100):
+        if not any(t.name == "rl-circuits-grade" for t in threading.enumerate()):
+            break
+        time.sleep(0.02)
+    assert not any(t.name == "rl-circuits-grade" for t in threading.enumerate())
+
+
+def test_grade_many_checks_lengths():
+    with pytest.raises(ValueError, match="2 responses but 1 gold"):
+        grade_many(["a", "b"], ["1"], progress=False)
+
+
+# ----------------------------------------------------------------- the authors' grader
+
+
+@pytest.mark.parametrize(
+    ("text", "gold", "dataset", "correct"),
+    [
+        ("Step 1: 9 eggs. ки\nThe answer is: 18 ки", "18", "gsm8k", True),  # step tags
+        ("She sells 9 eggs and earns 18", "18", "gsm8k", True),  # last-number fallback
+        ("She sells 9 eggs and earns 18 and 2 cents", "18", "gsm8k", False),
+        ("so \\boxed{50\\%}", "0.5", "gsm8k", True),  # percent and the x100 rule
+        ("so \\boxed{5000}", "50", "gsm8k", True),
+        ("\\boxed{18.0012}", "18", "gsm8k", True),  # relative 1e-4
+        ("\\boxed{18.01}", "18", "gsm8k", False),
+        ("I guess \\boxed{}", "18", "gsm8k", False),  # an empty box is an answer, and wrong
+        ("The final answer is $\\frac{1}{2}$. I hope it is correct.", "0.5", "minerva_math", True),
+        ("\\boxed{\\dfrac{1}{2}}", "\\frac12", "math500", True),
+        ("\\boxed{(3, \\frac{\\pi}{2})}", "\\left( 3, \\frac{\\pi}{2} \\right)", "math500", True),
+        ("\\boxed{(\\frac{\\pi}{2}, 3)}", "\\left( 3, \\frac{\\pi}{2} \\right)", "math500", False),
+        ("\\boxed{[2, 5)}", "[2,5)", "math500", True),  # intervals
+        (
+            "\\boxed{\\begin{bmatrix} 1 & 2 \\\\ 3 & 4 \\end{bmatrix}}",
+            "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}",
+            "math500",
+            True,
+        ),
+        ("\\boxed{12 \\text{ dollars}}", "12", "gsm8k", True),  # units
+        ("The answer is 1,234.", "1234", "gsm8k", True),
+        ("\\boxed{x = 5}", "$5$", "college_math", True),
+        ("the result is \\boxed{18}<|im_end|> junk 19", "18", "gsm8k", True),  # stop strings
+    ],
+)
+def test_authors_grader_rules(text, gold, dataset, correct):
+    result = grade(text, gold, grader="authors", dataset=dataset)
+    assert result.correct is correct, result
+
+
+def test_authors_grader_differs_from_math_verify_where_the_harness_does():
+    text = "She sells 9 eggs and earns 18"  # no box, no "answer is": only the harness reads 18
+    assert grade(text, "18", grader="authors", dataset="gsm8k").correct
+    assert not grade(text, "18").correct
+
+
+def test_authors_grader_never_evaluates_model_output(tmp_path):
+    target = tmp_path / "pwned"
+    text = f"\\boxed{{open('{target}', 'w')}}"
+    assert not grade(text, "5", grader="authors", dataset="gsm8k").correct
+    assert not target.exists()
+
+
+def test_unknown_grader_is_an_error():
+    with pytest.raises(ValueError, match="grader must be one of"):
+        grade("\\boxed{1}", "1", grader="harness")
+
+
+def test_authors_grader_on_the_answer_style_corpus():
+    """Every style of the agreement corpus grades without error, correct styles correct."""
+    from grading_corpus import corpus
+
+    golds = {
+        "gsm8k": ["18", "3", "70000", "0.5"],
+        "math500": ["\\frac{14}{3}", "\\left( 3, \\frac{\\pi}{2} \\right)", "[-2,7]", "p - q"],
+        "college_math": ["$10-4 n$", "$(45,2),(-10,-9)$", "$-\\frac{1}{2}$"],
+    }
+    for dataset, style, text, gold in corpus(golds):
+        result = grade(text, gold, grader="authors", dataset=dataset)
+        assert result.verdict in ("correct", "incorrect", "no_answer"), (style, result)
+        if style in ("boxed", "two_boxes", "answer_is", "end_token"):
+            assert result.correct, (dataset, style, text, gold, result)
+        if style in ("empty_box", "no_answer"):
+            assert not result.correct

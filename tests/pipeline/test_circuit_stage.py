@@ -1,0 +1,88 @@
+"""The circuits stage through the CLI on the tiny run: files, identities, Table 1, report."""
+
+import json
+import math
+
+import pytest
+
+from rl_circuits.cli.main import main
+
+
+@pytest.mark.parametrize(
+    ("select", "rank_by"),
+    [
+        ({}, "mean"),
+        # The authors' rules keep answers shorter than T_cut, their loss over what they have.
+        ({'reference = "min"': 'reference = "mean"\nrules = "authors-code"'}, "sample"),
+    ],
+)
+def test_circuits_stage_runs_resumes_and_reaches_table1_and_report(
+    tiny_run, tmp_path, select, rank_by
+):
+    from rl_circuits import load_run
+
+    base, config = tiny_run
+    run_dir = tmp_path / "run"
+    text = config.read_text().replace(f'run_dir = "{base / "run"}"', f'run_dir = "{run_dir}"')
+    for old, new in select.items():
+        assert old in text
+        text = text.replace(old, new)
+    config = tmp_path / "circuits.toml"
+    extra = f'\n[circuits]\nenabled = true\npoints = 6\nbatch_size = 3\nrank_by = "{rank_by}"\n'
+    config.write_text(text + extra)
+    assert main(["run", str(config)]) == 0
+    run = load_run(run_dir)
+    curves = run.circuit_curves()
+    vocab = json.loads((base / "models" / "before" / "config.json").read_text())["vocab_size"]
+    for role in ("before", "after"):
+        for alpha in (0.3, 1.0):
+            cell = run.circuits("tiny", role, "sevens", alpha)
+            scores = run.scores("tiny", role, "sevens", alpha)
+            assert cell["ids"] == list(scores.ids) and len(cell["ids"]) >= 2
+            ks = cell["ks"]
+            assert ks[0] == 1 and ks[-1] == int(scores.edge_mask.sum()) and len(ks) <= 6
+            assert len(cell["losses"]) == len(ks)
+            assert all(len(row) == len(cell["ids"]) for row in cell["losses"])
+            # The all-edge circuit is the clean model: the loss the attribute stage measured.
+            for qid, clean in zip(cell["ids"], cell["clean"], strict=True):
+                assert math.isclose(clean, scores.meta["loss"][qid], rel_tol=1e-5)
+            if select and role == "before":  # 22-token answers, T_cut(1.0) = 30
+                lengths = {
+                    g["id"]: len(g["answer_ids"]) for g in run.generations("tiny", role, "sevens")
+                }
+                short = [q for q in cell["ids"] if lengths[q] < scores.meta["t_cut"]]
+                assert short or alpha < 1.0
+            # No edge: zero final residual, uniform next-token distribution.
+            assert all(math.isclose(n, math.log(vocab), rel_tol=1e-6) for n in cell["none"])
+    key = "tiny|sevens|1"
+    assert set(curves) == {"tiny|sevens|0.3", key}
+    assert len(curves[key]["overlap"]) == len(curves[key]["ks"])
+    assert curves[key]["overlap"][-1] == 1.0  # all edges: the same circuit
+    assert curves[key]["before"][-1] == 1.0 and curves[key]["after"][-1] == 1.0
+    table = run.table1().to_markdown()
+    assert "Circuit size (f≥0.8)" in table and "Circuit size (f≥0.9)" in table
+    rows = [r for r in run.comparisons().to_dict("records") if r["metric"] == "circuit_size_80"]
+    assert len(rows) == 2 and all(r["n"] >= 2 for r in rows)
+    report = (run_dir / "report" / "report.html").read_text()
+    assert "Faithfulness of the top-k edges (tiny, sevens, alpha=1" in report
+    # Resumable: a second run changes nothing.
+    stamps = {p: p.stat().st_mtime_ns for p in (run_dir / "circuits").rglob("*.json")}
+    assert main(["run", str(config)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "circuits").rglob("*.json")} == stamps
+
+
+def test_circuits_config_is_validated(tiny_run, tmp_path, capsys):
+    _, config = tiny_run
+    for extra, message in (
+        ("thresholds = [0.8, 1.5]", "circuits.thresholds = [0.8, 1.5] is out of range"),
+        (
+            "alphas = [0.5]",
+            "circuits.alphas = [0.5] is out of range: each entry must be a number "
+            "among select.alphas",
+        ),
+        ('ablation = "resample"', "circuits.ablation = 'resample' is out of range"),
+    ):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(config.read_text() + f"\n[circuits]\nenabled = true\n{extra}\n")
+        assert main(["circuits", str(bad), "--run-dir", str(tmp_path / "r")]) == 2
+        assert message in capsys.readouterr().err
