@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens import HookedTransformer
 
-from rl_circuits.engine import efficient, heads
+from rl_circuits.engine import efficient, heads, tl_compat
 from rl_circuits.engine.graph import Graph, build_graph
 from rl_circuits.engine.scoreview import ScoreView
 from rl_circuits.errors import NumericalError
@@ -107,7 +107,7 @@ def attribute(
         heads.check_supported(model)
     attention = efficient.efficient_attention(model) if efficient_attention else nullcontext()
     blocks = efficient.checkpoint_blocks(model) if checkpoint else nullcontext()
-    ungrouped = heads.ungrouped_kv(model) if per_head else nullcontext()
+    ungrouped = tl_compat.ungrouped_kv(model) if per_head else nullcontext()
     with _frozen(model), torch.enable_grad(), ungrouped, attention, blocks:
         if method == "exact":
             exact = heads.exact_scores if per_head else _exact_scores

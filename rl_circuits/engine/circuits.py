@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens import HookedTransformer
 
-from rl_circuits.engine import efficient, heads
+from rl_circuits.engine import efficient, heads, tl_compat
 from rl_circuits.engine.attribution import (
     Metric,
     _buffers,
@@ -125,14 +125,15 @@ def evaluate_circuit(
 def _heads_losses(model, tokens, loss_mask, g, circuits, ablation: str, metric) -> torch.Tensor:
     """The heads graph's circuits through TransformerLens's per-head input hooks.
 
-    With split q/k/v inputs and one key/value per query head, `hook_{q,k,v}_input` holds each
-    head's own input [batch, pos, head, d_model]; a removed head writer is z_h W_O[h] from
-    `hook_z` of this pass (mean ablation: z_h minus its clean mean, which is linear in W_O).
-    TransformerLens attention is used (the fused kernels read no per-head inputs).
+    With split q/k/v inputs and one key/value per query head (`tl_compat.ungrouped_kv`),
+    `hook_{q,k,v}_input` holds each head's own input [batch, pos, head, d_model]; a removed head
+    writer is z_h W_O[h] from `hook_z` of this pass (mean ablation: z_h minus its clean mean,
+    which is linear in W_O). TransformerLens attention is used (the fused kernels read no
+    per-head inputs).
     """
     heads.check_supported(model)
     acc = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
-    with heads.ungrouped_kv(model, use_split_qkv_input=True, use_hook_mlp_in=True):
+    with tl_compat.ungrouped_kv(model, per_head_inputs=True):
         means = None
         if ablation == "mean":
             clean = _HeadsPass(model, g, None, None, acc)

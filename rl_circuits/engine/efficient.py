@@ -24,20 +24,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
-import einops
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch.utils.checkpoint import checkpoint
 from transformer_lens import HookedTransformer
-from transformer_lens.components import AbstractAttention, GroupedQueryAttention
 
+from rl_circuits.engine import tl_compat
 from rl_circuits.errors import RLCircuitsError
 
 # scaled_dot_product_attention shares key/value heads itself from torch 2.5 (enable_gqa).
 _SDPA_SHARES_HEADS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
 _OFF = "pass efficient_attention=False to attribute() (or leave the efficient_attention context)"
-_QK_NORM_ON_FULL_VECTORS = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
 class EfficientAttentionError(RLCircuitsError):
@@ -60,9 +58,7 @@ def efficient_attention(model: HookedTransformer) -> Iterator[None]:
         _check_supported(attn, layer)
         _refuse_pattern_hooks(attn, layer)
     masks: dict[tuple, torch.Tensor] = {}  # one sliding-window mask per shape, shared by layers
-    with _shadowed_forwards(
-        attns, lambda layer, attn, inner: partial(_sdpa_forward, attn, layer, masks)
-    ):
+    with _shadowed_forwards(attns, lambda layer, attn, inner: _sdpa_forward(attn, layer, masks)):
         yield
 
 
@@ -113,47 +109,22 @@ def _checkpointed(forward: Callable, *args, **kwargs):
 def _check_supported(attn: torch.nn.Module, layer: int) -> None:
     """Refuse, on entry, every attention variant the fused path does not reproduce exactly."""
     where = f"blocks.{layer}.attn"
-    if not isinstance(attn, AbstractAttention):
+    if not tl_compat.is_attention(attn):
         raise EfficientAttentionError(f"{where} is a {type(attn).__name__}; {_OFF}.")
-    if type(attn).forward is not AbstractAttention.forward or type(attn).calculate_z_scores not in (
-        AbstractAttention.calculate_z_scores,
-        GroupedQueryAttention.calculate_z_scores,
-    ):
+    if not tl_compat.runs_reference_forward(attn):
         raise EfficientAttentionError(
             f"{where} ({type(attn).__name__}) has its own attention computation; {_OFF}."
         )
-    cfg = attn.cfg
-    cap = cfg.attn_scores_soft_cap
-    unsupported = {
-        "4-bit weights (load_in_4bit)": cfg.load_in_4bit,
-        "per-head results (use_attn_result)": cfg.use_attn_result,
-        f"{cfg.positional_embedding_type} positional embeddings": (
-            cfg.positional_embedding_type not in ("standard", "rotary", "shortformer")
-        ),
-        "attention-score soft capping": cap is not None and cap > 0,
-        "attention sinks": cfg.use_attention_sinks,
-        "clip_qkv": cfg.clip_qkv is not None,
-        "log-n query scaling (use_logn_attn)": cfg.use_logn_attn,
-        "QK norm on whole projections (OLMo)": cfg.original_architecture
-        in _QK_NORM_ON_FULL_VECTORS,
-        "non-causal attention": (attn._attention_dir_override or cfg.attention_dir) != "causal",
-    }
-    found = [name for name, present in unsupported.items() if present]
+    found = tl_compat.unsupported_features(attn)
     if found:
         raise EfficientAttentionError(
             f"{where}: the efficient attention path does not support {', '.join(found)}; {_OFF}."
         )
 
 
-def _refuse_pattern_hooks(attn: AbstractAttention, layer: int) -> None:
-    for name in ("hook_attn_scores", "hook_pattern"):
-        hook = getattr(attn, name)
-        if (
-            hook._forward_hooks
-            or hook._forward_pre_hooks
-            or hook._backward_hooks
-            or hook._backward_pre_hooks
-        ):
+def _refuse_pattern_hooks(attn: torch.nn.Module, layer: int) -> None:
+    for name in tl_compat.PATTERN_HOOKS:
+        if tl_compat.hooks_registered(getattr(attn, name)):
             raise EfficientAttentionError(
                 f"a hook is registered on blocks.{layer}.attn.{name}, but efficient attention "
                 f"computes no attention scores or pattern, so it could never fire; {_OFF}."
@@ -161,59 +132,47 @@ def _refuse_pattern_hooks(attn: AbstractAttention, layer: int) -> None:
 
 
 def _sdpa_forward(
-    attn: AbstractAttention,
-    layer: int,
-    masks: dict[tuple, torch.Tensor],
-    query_input: Float[torch.Tensor, "batch pos d_model"]
-    | Float[torch.Tensor, "batch pos head d_model"],
-    key_input: Float[torch.Tensor, "batch pos d_model"]
-    | Float[torch.Tensor, "batch pos kv_head d_model"],
-    value_input: Float[torch.Tensor, "batch pos d_model"]
-    | Float[torch.Tensor, "batch pos kv_head d_model"],
-    past_kv_cache_entry=None,
-    additive_attention_mask: torch.Tensor | None = None,
-    attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
-    position_bias: torch.Tensor | None = None,
-) -> Float[torch.Tensor, "batch pos d_model"]:
-    """AbstractAttention.forward (TransformerLens 3.9) for the supported cases, with SDPA.
+    attn: torch.nn.Module, layer: int, masks: dict[tuple, torch.Tensor]
+) -> Callable[..., torch.Tensor]:
+    """The layer's forward with TransformerLens's steps and hooks around fused attention
+    (`tl_compat.attention_forward`): no scores or pattern tensor, and key/value heads shared by
+    query groups inside the kernel."""
 
-    The steps and hooks are TransformerLens's own, in its order: `calculate_qkv_matrices`
-    (hook_q, hook_k, hook_v), `apply_rotary` (hook_rot_q, hook_rot_k), attention, hook_z, and
-    the output projection `F.linear(z, W_O, b_O)`. Only the middle differs: no scores or
-    pattern tensor, and key/value heads are shared by query groups inside the kernel.
-    """
-    _refuse_pattern_hooks(attn, layer)
-    if past_kv_cache_entry is not None:
-        raise EfficientAttentionError(
-            f"blocks.{layer}.attn: a KV cache (generation) is not supported by efficient "
-            f"attention; {_OFF}."
-        )
-    if additive_attention_mask is not None or position_bias is not None:
-        raise EfficientAttentionError(
-            f"blocks.{layer}.attn: additive masks and position biases are not supported by "
-            f"efficient attention; {_OFF}."
-        )
-    if attention_mask is not None:
-        # TransformerLens passes a mask whenever the tokenizer pads on the left; an all-ones
-        # mask changes nothing (positions 0..pos-1, plain causal mask), any other does.
-        if not bool(attention_mask.bool().all()):
+    def check(call: tl_compat.AttentionCall) -> None:
+        _refuse_pattern_hooks(attn, layer)
+        if call.kv_cache:
+            raise EfficientAttentionError(
+                f"blocks.{layer}.attn: a KV cache (generation) is not supported by efficient "
+                f"attention; {_OFF}."
+            )
+        if call.additive_mask:
+            raise EfficientAttentionError(
+                f"blocks.{layer}.attn: additive masks and position biases are not supported by "
+                f"efficient attention; {_OFF}."
+            )
+        if call.padding_mask:
             raise EfficientAttentionError(
                 f"blocks.{layer}.attn: a padding attention mask is not supported by efficient "
                 f"attention; pad on the right (causal attention never sees right padding), or "
                 f"{_OFF}."
             )
-        attention_mask = None
 
-    q, k, v = attn.calculate_qkv_matrices(query_input, key_input, value_input)
-    if attn.cfg.positional_embedding_type == "rotary":
-        q = attn.hook_rot_q(attn.apply_rotary(q, 0, None))
-        k = attn.hook_rot_k(attn.apply_rotary(k, 0, None))
+    return tl_compat.attention_forward(attn, check, partial(_attend, attn, masks))
 
-    batch, pos, n_heads, d_head = q.shape
+
+def _attend(
+    attn: torch.nn.Module,
+    masks: dict[tuple, torch.Tensor],
+    q: Float[torch.Tensor, "batch pos head d_head"],
+    k: Float[torch.Tensor, "batch pos kv_head d_head"],
+    v: Float[torch.Tensor, "batch pos kv_head d_head"],
+) -> Float[torch.Tensor, "batch pos head d_head"]:
+    """softmax(q k^T * scale + causal or sliding-window mask) v with one fused kernel."""
+    n_heads = q.shape[2]
     q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))  # [batch, head, pos, d_head]
     k_ = k_.to(q_.device)
     v_ = v_.to(device=q_.device, dtype=q_.dtype)
-    mask = _window_mask(attn, pos, q_.device, masks)
+    mask = _window_mask(tl_compat.sliding_window(attn), q.shape[1], q_.device, masks)
     grouped = k_.shape[1] != n_heads
     if grouped and (mask is not None or not _SDPA_SHARES_HEADS):
         # Fused kernels with an explicit mask may not share heads: repeat (linear memory).
@@ -227,29 +186,22 @@ def _sdpa_forward(
         v_,
         attn_mask=mask,
         is_causal=mask is None,
-        scale=1.0 / attn.attn_scale,
+        scale=tl_compat.score_scale(attn),
         **({"enable_gqa": True} if grouped else {}),
     )
-    z = attn.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
-
-    w = einops.rearrange(attn.W_O, "head_index d_head d_model -> d_model (head_index d_head)")
-    w = w.contiguous().to(z.device)
-    b_O = attn.b_O.to(z.device)
-    z = z.to(w.dtype).reshape(batch, pos, n_heads * d_head)
-    return F.linear(z, w, b_O)
+    return z.transpose(1, 2)
 
 
 def _window_mask(
-    attn: AbstractAttention, pos: int, device: torch.device, masks: dict[tuple, torch.Tensor]
+    window: int | None, pos: int, device: torch.device, masks: dict[tuple, torch.Tensor]
 ) -> Bool[torch.Tensor, "pos pos"] | None:
     """Sliding-window causal mask (True: may attend), or None where plain causal is exact.
 
     [pos, pos] booleans, built once per length and shared by every local layer of the pass
-    (so kept once for backward, not per layer); a local layer whose window covers the whole
-    sequence needs none.
+    (so kept once for backward, not per layer); a global layer (`window` None) or a local one
+    whose window covers the whole sequence needs none.
     """
-    window = attn.cfg.window_size
-    if attn.attn_type != "local" or pos <= window:
+    if window is None or pos <= window:
         return None
     key = (pos, window, device)
     if key not in masks:

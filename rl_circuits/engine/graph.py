@@ -23,6 +23,8 @@ from typing import Literal
 import torch
 from jaxtyping import Bool
 
+from rl_circuits.engine.tl_compat import LN1_CALLS
+
 GraphName = Literal["paper", "block", "residual", "heads"]
 GRAPHS: tuple[str, ...] = ("paper", "block", "residual", "heads")
 _HEAD_NAME = re.compile(r"^(?P<hook>[A-Za-z0-9_.]+)\[(?P<head>[0-9]+)\]$")
@@ -33,12 +35,13 @@ class Site:
     """Where a downstream node's input lives in the forward pass.
 
     `module` is a submodule path of the HookedTransformer. `kind="input"`: the input of a norm
-    module, on the given `calls` of it within one forward (TransformerLens calls `ln1` three
-    times, for the query, key and value inputs, in that order). `kind="output"`: the output
-    of a HookPoint (a residual-stream state, seen by all of its readers). `kind="head"`: the
-    input of one head's query, key or value projection; `module` is the HookPoint `hook_q`,
-    `hook_k` or `hook_v` of the attention layer (output [batch, pos, n_heads, d_head], keys and
-    values ungrouped) and `head` the head whose slice that input produces.
+    module, on the given `calls` of it within one forward (TransformerLens calls `ln1` once per
+    attention input, `tl_compat.LN1_CALLS`: query, key and value, in that order).
+    `kind="output"`: the output of a HookPoint (a residual-stream state, seen by all of its
+    readers). `kind="head"`: the input of one head's query, key or value projection; `module` is
+    the HookPoint `hook_q`, `hook_k` or `hook_v` of the attention layer (output [batch, pos,
+    n_heads, d_head], keys and values ungrouped) and `head` the head whose slice that input
+    produces.
     """
 
     module: str
@@ -105,17 +108,18 @@ def build_graph(name: str, n_layers: int, n_heads: int | None = None) -> Graph:
         return _heads_graph(n_layers, n_heads)
     nodes: list[tuple[str, Site, int]] = []
     last = n_layers - 1
+    all_calls = tuple(range(len(LN1_CALLS)))
     for layer in range(n_layers):
         attn_reads, mlp_reads = 1 + 2 * layer, 2 + 2 * layer
         ln1, ln2 = f"blocks.{layer}.ln1", f"blocks.{layer}.ln2"
         if name == "paper":
-            for call, part in enumerate("qkv"):
+            for call, part in enumerate(LN1_CALLS):
                 nodes.append(
                     (f"blocks.{layer}.hook_{part}_input", Site(ln1, "input", (call,)), attn_reads)
                 )
         elif name == "block":
             nodes.append(
-                (f"blocks.{layer}.hook_attn_in", Site(ln1, "input", (0, 1, 2)), attn_reads)
+                (f"blocks.{layer}.hook_attn_in", Site(ln1, "input", all_calls), attn_reads)
             )
         elif layer > 0:  # residual: resid_pre of layer 0 is the embedding itself
             hook = f"blocks.{layer}.hook_resid_pre"

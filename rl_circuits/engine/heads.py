@@ -20,9 +20,9 @@ for every head, would cost n_heads copies of the residual stream; instead:
 * Embedding / MLP -> head: each head's input gradient is built for a few heads at a time and
   contracted with the stored outputs, as in the other graphs.
 
-Keys and values are scored per query head (TransformerLens's `ungroup_grouped_query_attention`):
-while attributing, the model's config has that flag set, so `hook_k` and `hook_v` give one key
-and value per query head and their gradients are each head's own.
+Keys and values are scored per query head (TransformerLens's `ungroup_grouped_query_attention`,
+set by `tl_compat.ungrouped_kv` while attributing): `hook_k` and `hook_v` give one key and value
+per query head and their gradients are each head's own.
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ from dataclasses import dataclass
 
 import torch
 from transformer_lens import HookedTransformer
-from transformer_lens.components import RMSNorm, RMSNormPre
-from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
+from rl_circuits.engine import tl_compat
 from rl_circuits.engine.graph import Graph
 
 CHUNK = 4  # heads per transient [batch, CHUNK, pos, d_model] tensor
@@ -50,9 +49,7 @@ def check_supported(model: HookedTransformer) -> None:
         problems.append(f"{cfg.normalization_type} normalisation (RMSNorm or none is needed)")
     if cfg.parallel_attn_mlp:
         problems.append("parallel attention and MLP")
-    if cfg.use_normalization_before_and_after or cfg.original_architecture in (
-        POST_NORM_ARCHITECTURES
-    ):
+    if tl_compat.has_post_norm(cfg):
         problems.append("normalisation after attention")
     if cfg.attn_only:
         problems.append("attention-only blocks (no MLP)")
@@ -63,40 +60,6 @@ def check_supported(model: HookedTransformer) -> None:
             f"graph='heads' does not support {'; '.join(problems)}; use graph='paper' for this "
             "model"
         )
-
-
-# TransformerLens flags set while attributing: one key and value per query head, and none of
-# the optional per-head copies of the residual stream (same function, hooks it does not need;
-# EAP-IG's recipe switches these on).
-_FLAGS = {
-    "ungroup_grouped_query_attention": True,
-    "use_split_qkv_input": False,
-    "use_attn_in": False,
-    "use_attn_result": False,
-    "use_hook_mlp_in": False,
-}
-
-
-@contextmanager
-def ungrouped_kv(model: HookedTransformer, **overrides: bool) -> Iterator[None]:
-    """One key and value per query head and no per-head input/output copies (TransformerLens
-    flags, which leave the model's function unchanged); the user's flags restored on exit.
-    `overrides` change single flags (`use_split_qkv_input=True`: per-head input hooks)."""
-    configs = {id(model.cfg): model.cfg}
-    for module in model.modules():
-        cfg = getattr(module, "cfg", None)
-        if cfg is not None and hasattr(cfg, "ungroup_grouped_query_attention"):
-            configs[id(cfg)] = cfg
-    saved = [(cfg, {k: getattr(cfg, k) for k in _FLAGS}) for cfg in configs.values()]
-    try:
-        for cfg, _ in saved:
-            for key, value in {**_FLAGS, **overrides}.items():
-                setattr(cfg, key, value)
-        yield
-    finally:
-        for cfg, flags in saved:
-            for key, value in flags.items():
-                setattr(cfg, key, value)
 
 
 @dataclass(frozen=True)
@@ -120,21 +83,10 @@ class _Layout:
         return index * (3 * self.n_heads + 1) + (3 * self.n_heads if index < self.n_layers else 0)
 
 
-def _norm(model: HookedTransformer, layer: int) -> str:
-    ln = model.blocks[layer].ln1
-    if isinstance(ln, RMSNorm):
-        return "rms"
-    if isinstance(ln, RMSNormPre):
-        return "rmspre"
-    return "none"
-
-
 def _qkv_weight(attn, part: str, device, dtype) -> tuple[torch.Tensor, int]:
     """The projection weight [n_weight_heads, d_model, d_head] and query heads per weight head."""
-    grouped = getattr(attn, f"_W_{part}", None)
-    weight = grouped if grouped is not None else getattr(attn, f"W_{part}")
-    weight = weight.detach().to(device, dtype)
-    return weight, attn.cfg.n_heads // weight.shape[0]
+    weight, group = tl_compat.qkv_weight(attn, part)
+    return weight.detach().to(device, dtype), group
 
 
 def _w_out(model: HookedTransformer, layer: int, device, dtype) -> torch.Tensor:
@@ -154,7 +106,7 @@ class _State:
         zeros = dict(device=device, dtype=dtype)
         self.full = torch.zeros(batch, n_layers + 1, pos, d_model, **zeros)  # embed, MLP outs
         self.z = torch.zeros(batch, n_layers, width, pos, **zeros)  # z^T per layer
-        self.norms = [_norm(model, layer) for layer in range(n_layers)]
+        self.norms = [tl_compat.norm_kind(block.ln1) for block in model.blocks]
         self.has_norm = any(kind != "none" for kind in self.norms)
         if self.has_norm:
             self.xhat = torch.zeros(batch, n_layers, pos, d_model, **zeros)  # x / r

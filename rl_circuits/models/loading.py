@@ -1,7 +1,8 @@
 """Load a Hugging Face checkpoint into a TransformerLens HookedTransformer via `model_maps/`.
 
-Every TransformerLens-specific line of loading lives in this module: the per-architecture maps
-say how `config.json` becomes a `HookedTransformerConfig` and which weight conversion applies.
+Every TransformerLens-specific line of loading lives in this module (parameter-name facts, such
+as grouped-query attention's `_W_K`, in `rl_circuits.engine.tl_compat`): the per-architecture
+maps say how `config.json` becomes a `HookedTransformerConfig` and which weight conversion applies.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import einops
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from rl_circuits.engine.tl_compat import BIAS_PARAMETER, QKV_BIAS_PARAMETER
 from rl_circuits.errors import CheckpointError, ConfigError
 from rl_circuits.models.checkpoints import (
     Checkpoint,
@@ -197,8 +199,7 @@ def load_weights(model: HookedTransformer, ckpt: Checkpoint, mmap: ModelMap, fil
     required = {
         tl_name
         for tl_name, entry in table.values()
-        if not entry.get("optional")
-        or (mmap.qkv_bias and re.search(r"\.(b_Q|_b_K|_b_V)$", tl_name))
+        if not entry.get("optional") or (mmap.qkv_bias and QKV_BIAS_PARAMETER.search(tl_name))
     }
     missing = sorted(required - filled)
     if missing:
@@ -208,7 +209,7 @@ def load_weights(model: HookedTransformer, ckpt: Checkpoint, mmap: ModelMap, fil
         )
     for name, param in params.items():  # biases the family does not have
         if name not in filled:
-            if not re.search(r"\.b_\w+$|\._b_\w+$", name):
+            if not BIAS_PARAMETER.search(name):
                 raise CheckpointError(f"{ckpt.path}: no weight fills parameter {name!r}.")
             param.data.zero_()
 
