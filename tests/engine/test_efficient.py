@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -75,33 +73,6 @@ def test_logits_and_hooks_equal_plain_transformer_lens(models, arch, dtype):
     for name in ref_cache.keys():
         assert _rel(cache[name], ref_cache[name]) <= TOL[dtype], name
     assert not _patched(model)
-
-
-@pytest.mark.parametrize("split", [False, True])
-def test_ln1_sees_query_key_value_inputs_in_order(models, split):
-    """Three ln1 calls per block, q then k then v (told apart by head count when split)."""
-    model = models["Qwen2ForCausalLM", torch.float64]
-    tokens, _ = _batch()
-    seen: dict[bool, list[torch.Tensor]] = {False: [], True: []}
-    model.set_use_split_qkv_input(split)
-    try:
-        for fused in (False, True):
-            handle = model.blocks[1].ln1.register_forward_pre_hook(
-                lambda mod, args, fused=fused: seen[fused].append(args[0].clone())
-            )
-            try:
-                with torch.no_grad(), efficient_attention(model) if fused else nullcontext():
-                    model(tokens)
-            finally:
-                handle.remove()
-    finally:
-        model.set_use_split_qkv_input(False)
-    assert len(seen[True]) == len(seen[False]) == 3
-    if split:
-        cfg = model.cfg
-        assert [x.shape[2] for x in seen[True]] == [cfg.n_heads] + 2 * [cfg.n_key_value_heads]
-    for a, b in zip(seen[True], seen[False], strict=True):
-        assert a.shape == b.shape and _rel(a, b) <= 1e-8
 
 
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
