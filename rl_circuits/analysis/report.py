@@ -25,6 +25,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from rl_circuits.analysis.stats import Table1
+from rl_circuits.store.atomic import write_atomic
 
 __all__ = ["png_images", "render_report", "write_report"]
 

@@ -16,13 +16,10 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from rl_circuits.errors import DataError, StoreError
 from rl_circuits.store.canonical import jsonl_line, parse_jsonl, sha256
-
-if TYPE_CHECKING:
-    from rl_circuits.store.run import RunStore
 
 _CHUNK_RE = re.compile(r"^(?:s(\d+)-)?(\d+)\.jsonl$")
 _STAGE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
@@ -79,10 +76,29 @@ def record_id(record: Any, where: str) -> str:
     return rid
 
 
+class Store(Protocol):
+    """What a record stage needs of its `RunStore` (declared here: `run` imports this module)."""
+
+    root: Path
+
+    @property
+    def shard(self) -> tuple[int, int] | None: ...
+    def label(self, rel_path: str) -> str: ...
+    def path(self, rel_path: str) -> Path: ...
+    def exists(self, rel_path: str) -> bool: ...
+    def read_bytes(self, rel_path: str) -> bytes: ...
+    def write_bytes(self, rel_path: str, data: bytes) -> Path: ...
+    def require_writable(self) -> None: ...
+    def require_exclusive(self, what: str) -> None: ...
+    def stage_done(self, stage: str) -> bool: ...
+    def mark_done(self, stage: str, info: dict[str, Any] | None = None) -> None: ...
+    def clear_done(self, stage: str) -> None: ...
+
+
 class RecordStage:
     """A stage's records, written in chunks (resumable), finalised into one ordered file."""
 
-    def __init__(self, store: RunStore, name: str) -> None:
+    def __init__(self, store: Store, name: str) -> None:
         self.store = store
         self.name = check_stage_name(name)
         self.chunks_rel = f"{name}/chunks"
