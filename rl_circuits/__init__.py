@@ -10,7 +10,7 @@ from importlib import import_module
 _EXPORTS = {
     "load_model": "rl_circuits.models.loading",
     "attribute": "rl_circuits.engine.attribution",
-    "EdgeScores": "rl_circuits.engine.attribution",
+    "EdgeScores": "rl_circuits.engine.scores",
     "masked_nll": "rl_circuits.engine.attribution",
     "evaluate_circuit": "rl_circuits.engine.circuits",
     "build_graph": "rl_circuits.engine.graph",

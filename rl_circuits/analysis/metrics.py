@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float
 
-Scores = (
+ScoreArray = (
     Float[np.ndarray, "n n_upstream n_downstream"]
     | Float[torch.Tensor, "n n_upstream n_downstream"]
 )
@@ -43,7 +43,7 @@ __all__ = [
 
 def _array(x, dtype=np.float64) -> np.ndarray:
     """A numpy view of a numpy array or a (detached, CPU) torch tensor of any dtype; score
-    objects (`EdgeScores`, the store's `Scores`) give their `values`."""
+    objects (`EdgeScores`) give their `values`."""
     if not isinstance(x, torch.Tensor | np.ndarray) and hasattr(x, "values"):
         x = x.values
     if isinstance(x, torch.Tensor):
@@ -88,7 +88,7 @@ def check_mask(edge_mask, W: np.ndarray) -> np.ndarray | None:
     return mask
 
 
-def flat_entries(W: Scores, edge_mask: Mask | None = None) -> Float[np.ndarray, "n m"]:
+def flat_entries(W: ScoreArray, edge_mask: Mask | None = None) -> Float[np.ndarray, "n m"]:
     """Each sample's matrix flattened [n, m]: all entries, or only the masked ones."""
     W = check_scores(W)
     mask = check_mask(edge_mask, W)
@@ -96,19 +96,19 @@ def flat_entries(W: Scores, edge_mask: Mask | None = None) -> Float[np.ndarray, 
 
 
 def activation_intensity_per_sample(
-    W: Scores, edge_mask: Mask | None = None
+    W: ScoreArray, edge_mask: Mask | None = None
 ) -> Float[np.ndarray, " n"]:
     """Mean |W| of each sample's matrix (their mean is Eq. 14)."""
     return np.abs(flat_entries(W, edge_mask)).mean(axis=1)
 
 
-def activation_intensity(W: Scores, edge_mask: Mask | None = None) -> float:
+def activation_intensity(W: ScoreArray, edge_mask: Mask | None = None) -> float:
     """Act. Intens. (Eq. 14): mean |W| over samples and entries."""
     return float(activation_intensity_per_sample(W, edge_mask).mean())
 
 
 def information_complexity(
-    W: Scores, edge_mask: Mask | None = None, bins: int = 100, eps: float = 1e-12
+    W: ScoreArray, edge_mask: Mask | None = None, bins: int = 100, eps: float = 1e-12
 ) -> float:
     """Info. Complex. (Eq. 15): entropy (nats) of a `bins`-bin histogram of all |W| values."""
     values = np.abs(flat_entries(W, edge_mask)).ravel()
@@ -117,7 +117,7 @@ def information_complexity(
     return float(-(p * np.log(p + eps)).sum())
 
 
-def kurtosis_per_sample(W: Scores, edge_mask: Mask | None = None) -> Float[np.ndarray, " n"]:
+def kurtosis_per_sample(W: ScoreArray, edge_mask: Mask | None = None) -> Float[np.ndarray, " n"]:
     """Excess kurtosis (population moments) of each sample's entries; NaN for a constant one."""
     x = flat_entries(W, edge_mask)
     x = x - x.mean(axis=1, keepdims=True)
@@ -127,12 +127,12 @@ def kurtosis_per_sample(W: Scores, edge_mask: Mask | None = None) -> Float[np.nd
         return np.where(m2 > 0, m4 / m2**2 - 3.0, np.nan)
 
 
-def distribution_kurtosis(W: Scores, edge_mask: Mask | None = None) -> float:
+def distribution_kurtosis(W: ScoreArray, edge_mask: Mask | None = None) -> float:
     """Dist. Kurt. (Eq. 16): per-sample excess kurtosis, averaged over samples."""
     return float(kurtosis_per_sample(W, edge_mask).mean())
 
 
-def sample_correlations(W: Scores, edge_mask: Mask | None = None) -> Float[np.ndarray, "n n"]:
+def sample_correlations(W: ScoreArray, edge_mask: Mask | None = None) -> Float[np.ndarray, "n n"]:
     """Pearson correlation between every two samples' flattened (signed) matrices."""
     x = flat_entries(W, edge_mask)
     x = x - x.mean(axis=1, keepdims=True)
@@ -142,7 +142,7 @@ def sample_correlations(W: Scores, edge_mask: Mask | None = None) -> Float[np.nd
     return x @ x.T
 
 
-def sample_diversity(W: Scores, edge_mask: Mask | None = None) -> float:
+def sample_diversity(W: ScoreArray, edge_mask: Mask | None = None) -> float:
     """Figure 3a: 1 - mean Pearson correlation over all pairs of distinct samples."""
     corr = sample_correlations(W, edge_mask)
     n = len(corr)
@@ -151,7 +151,9 @@ def sample_diversity(W: Scores, edge_mask: Mask | None = None) -> float:
     return float(1.0 - corr[np.triu_indices(n, k=1)].mean())
 
 
-def output_entropy(W: Scores, edge_mask: Mask | None = None) -> Float[np.ndarray, " n_upstream"]:
+def output_entropy(
+    W: ScoreArray, edge_mask: Mask | None = None
+) -> Float[np.ndarray, " n_upstream"]:
     """Figure 3b: per upstream node, entropy of its normalised outgoing |W|, mean over samples."""
     W = check_scores(W)
     mask = check_mask(edge_mask, W)
@@ -163,7 +165,7 @@ def output_entropy(W: Scores, edge_mask: Mask | None = None) -> Float[np.ndarray
     return -terms.sum(axis=2).mean(axis=0)
 
 
-def relative_change(W_before: Scores, W_after: Scores) -> EdgeMap:
+def relative_change(W_before: ScoreArray, W_after: ScoreArray) -> EdgeMap:
     """Figure 2: (mean|W_after| - mean|W_before|) / mean|W_before| per edge; NaN where 0 before."""
     before, after = check_scores(W_before), check_scores(W_after)
     if before.shape[1:] != after.shape[1:]:

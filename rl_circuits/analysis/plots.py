@@ -15,7 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from rl_circuits.analysis.metrics import Mask, Scores, check_mask, check_scores
+from rl_circuits.analysis.metrics import Mask, ScoreArray, check_mask, check_scores
 from rl_circuits.analysis.stats import METRIC_LABELS
 from rl_circuits.engine.graph import parse_node
 
@@ -33,8 +33,8 @@ BEFORE_COLOUR, AFTER_COLOUR = "#1f77b4", "#d62728"
 
 
 def relative_change_heatmap(
-    W_before: Scores,
-    W_after: Scores,
+    W_before: ScoreArray,
+    W_after: ScoreArray,
     upstream: Sequence[str],
     downstream: Sequence[str],
     edge_mask: Mask,

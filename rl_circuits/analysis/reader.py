@@ -30,15 +30,18 @@ from rl_circuits.analysis.stats import METRICS, Table1, compare
 from rl_circuits.analysis.stats import table1 as layout_table1
 from rl_circuits.config import RunConfig, config_from_resolved, upgrade_resolved
 from rl_circuits.data.selection import Selection
+from rl_circuits.engine.scores import EdgeScores
 from rl_circuits.errors import RLCircuitsError
 from rl_circuits.pipeline.circuits import circuit_alphas, circuit_file
 from rl_circuits.pipeline.stages import ROLES, ModelRun, attribution_dir
-from rl_circuits.store.run_store import RunStore, Scores
+from rl_circuits.store.run import RunStore
 
 TABLE_METRICS = ("activation_intensity", "information_complexity", "distribution_kurtosis")
 
 
-def _cells(cfg: RunConfig, store: RunStore) -> Iterator[tuple[str, str, float, Scores, Scores]]:
+def _cells(
+    cfg: RunConfig, store: RunStore
+) -> Iterator[tuple[str, str, float, EdgeScores, EdgeScores]]:
     """(pair, dataset, alpha, before scores, after scores) for every finished cell."""
     for pair in cfg.pairs.values():
         for dataset in cfg["run"]["datasets"]:
@@ -332,7 +335,7 @@ class Run:
         """Each question's extracted answer, gold and verdict."""
         return self._records("grade", pair, role, dataset)
 
-    def scores(self, pair: str, role: str, dataset: str, alpha: float) -> Scores:
+    def scores(self, pair: str, role: str, dataset: str, alpha: float) -> EdgeScores:
         """Edge scores [n, n_upstream, n_downstream] with node names and question ids."""
         self._check(pair, role, dataset, float(alpha))
         rel = f"{attribution_dir(pair, role, dataset, alpha)}/scores.safetensors"

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -26,6 +25,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from rl_circuits.analysis.stats import Table1
+from rl_circuits.store.atomic import write_atomic
 
 __all__ = ["png_images", "render_report", "write_report"]
 
@@ -147,22 +147,10 @@ def write_report(
     notes: str = "",
     **sections,
 ) -> Path:
-    """Write the self-contained report to `path` atomically (temp file, then os.replace);
+    """Write the self-contained report to `path` atomically (`store.atomic.write_atomic`);
     `sections` are render_report's optional tables (accuracy, funnel, skipped)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = render_report(title=title, table=table, figures=figures, notes=notes, **sections)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, text)
 
 
 def png_images(figures: Mapping[str, go.Figure]) -> dict[str, bytes]:

@@ -27,7 +27,7 @@ import pandas as pd
 from rl_circuits.analysis.metrics import (
     METRICS,
     Mask,
-    Scores,
+    ScoreArray,
     activation_intensity,
     activation_intensity_per_sample,
     check_mask,
@@ -232,8 +232,8 @@ def _direction(diff: float) -> str:
 
 
 def compare(
-    before: Scores,
-    after: Scores,
+    before: ScoreArray,
+    after: ScoreArray,
     edge_mask: Mask | None = None,
     metrics: Mapping[str, Callable] | Sequence[str] | None = None,
     n_resamples: int = 1000,

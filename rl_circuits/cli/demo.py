@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from rl_circuits.resources import resource_dir
+from rl_circuits.store.atomic import write_atomic
 
 
 def run_demo(run_dir: str | None = None, progress: bool = True) -> int:
@@ -22,7 +22,7 @@ def run_demo(run_dir: str | None = None, progress: bool = True) -> int:
     # configs/demo.toml with the zoo's data directory, next to the zoo it belongs to
     text = (resource_dir("configs") / "demo.toml").read_text()
     config = zoo.root / "demo.toml"
-    _write_if_changed(config, f"data_dir = {json.dumps(str(zoo.data_dir))}\n{text}")
+    write_atomic(config, f"data_dir = {json.dumps(str(zoo.data_dir))}\n{text}", if_changed=True)
     run_dir = run_dir or "runs/demo"
     code = main(["run", str(config), "--run-dir", run_dir])
     if code:
@@ -32,11 +32,3 @@ def run_demo(run_dir: str | None = None, progress: bool = True) -> int:
     print(run.table1().to_markdown())
     print(f"\nreport: {run.root.resolve() / 'report' / 'report.html'}")
     return 0
-
-
-def _write_if_changed(path: Path, text: str) -> None:
-    if path.is_file() and path.read_text() == text:
-        return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -21,7 +20,7 @@ from transformer_lens import HookedTransformer
 
 from rl_circuits.engine import efficient, heads, tl_compat
 from rl_circuits.engine.graph import Graph, build_graph
-from rl_circuits.engine.scoreview import ScoreView
+from rl_circuits.engine.scores import EdgeScores
 from rl_circuits.errors import NumericalError
 
 Method = Literal["eap", "eap-ig", "exact"]
@@ -30,20 +29,6 @@ Metric = Callable[
     [Float[torch.Tensor, "batch pos vocab"], Int[torch.Tensor, "batch pos"], torch.Tensor],
     Float[torch.Tensor, " batch"],
 ]
-
-
-@dataclass(frozen=True, repr=False)
-class EdgeScores(ScoreView):
-    """Per-sample edge scores with the hook names of their nodes (a short repr, `index`,
-    `top_edges` and `to_frame` come from `ScoreView`, shared with a run's stored `Scores`)."""
-
-    values: Float[torch.Tensor, "batch n_upstream n_downstream"]  # float32, CPU
-    upstream: tuple[str, ...]
-    downstream: tuple[str, ...]
-    edge_mask: Bool[torch.Tensor, "n_upstream n_downstream"]
-    loss: Float[torch.Tensor, " batch"]  # each sample's clean loss
-    graph: str
-    method: str
 
 
 def masked_nll(

@@ -23,7 +23,7 @@ from rl_circuits.pipeline.stages import (
     attribution_dir,
     load_for_scoring,
 )
-from rl_circuits.store.run_store import RunStore
+from rl_circuits.store.run import RunStore
 
 
 def circuit_file(pair: str, role: str, dataset: str, alpha: float) -> str:

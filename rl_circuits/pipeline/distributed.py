@@ -85,7 +85,7 @@ def run_shard(
     merging when this one starts.
     """
     from rl_circuits.config import load_config
-    from rl_circuits.store.run_store import RunStore
+    from rl_circuits.store.run import RunStore
 
     _check_stage(stage)
     cfg = load_config(config_path)

@@ -26,7 +26,9 @@ from typing import Any
 
 from rl_circuits.config import SCHEMA, RunConfig, config_from_resolved, upgrade_resolved
 from rl_circuits.errors import ConfigError, RLCircuitsError
-from rl_circuits.store.run_store import CONFIG_NAME, RunStore, config_diff
+from rl_circuits.store.canonical import config_diff
+from rl_circuits.store.manifest import CONFIG_NAME
+from rl_circuits.store.run import RunStore
 
 
 @dataclass(frozen=True)

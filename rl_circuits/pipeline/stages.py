@@ -18,7 +18,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -30,7 +30,7 @@ from rl_circuits.data.grading import grade
 from rl_circuits.data.selection import Selection, select
 from rl_circuits.errors import ConfigError, NumericalError, RLCircuitsError, StoreError
 from rl_circuits.models.pairs import Pair
-from rl_circuits.store.run_store import RunStore
+from rl_circuits.store.run import RunStore
 
 ROLES = ("before", "after")
 DTYPES = {
@@ -377,15 +377,7 @@ def stage_attribute(
                         for qid, scores in _attribute_batch(model, batch, a, dataset):
                             if store.exists(f"{out}/q/{qid}.safetensors"):
                                 continue  # same batch as before: the file has these bytes
-                            store.write_scores(
-                                f"{out}/q/{qid}.safetensors",
-                                scores["values"],
-                                ids=[qid],
-                                upstream=scores["upstream"],
-                                downstream=scores["downstream"],
-                                edge_mask=scores["edge_mask"],
-                                meta=scores["meta"],
-                            )
+                            store.write_scores(f"{out}/q/{qid}.safetensors", scores)
                         bar.update(len(batch))
             del model
             if merge:
@@ -507,20 +499,16 @@ def _attribute_batch(model, batch, a: dict, dataset: str):
     except NumericalError as exc:
         raise NumericalError(f"attribute stage: {exc}") from exc
     for row, qid in enumerate(ids):
+        one = slice(row, row + 1)
         yield (
             qid,
-            {
-                "values": scores.values[row : row + 1],
-                "upstream": scores.upstream,
-                "downstream": scores.downstream,
-                "edge_mask": scores.edge_mask,
-                "meta": {
-                    "loss": float(scores.loss[row]),
-                    "t_cut": batch[row][2],
-                    "graph": scores.graph,
-                    "method": scores.method,
-                },
-            },
+            replace(
+                scores,
+                values=scores.values[one],
+                loss=scores.loss[one],
+                ids=[qid],
+                meta={"t_cut": batch[row][2]},
+            ),
         )
 
 
@@ -540,13 +528,7 @@ def _merge_all(cfg: RunConfig, store: RunStore, run: ModelRun) -> bool:
         files = [f"{out}/q/{q}.safetensors" for q in order]
         if not all(store.exists(f) for f in files):
             complete = False
-        elif order:
-            metas = [store.read_scores(f).meta for f in files]
-            meta = {
-                "graph": cfg["attribute"]["graph"],
-                "method": cfg["attribute"]["method"],
-                "t_cut": selection.t_cut[alpha],
-                "loss": {q: m["loss"] for q, m in zip(order, metas, strict=True)},
-            }
+        elif order:  # graph, method and each question's loss come from the files
+            meta = {"t_cut": selection.t_cut[alpha]}
             store.merge_scores(files, f"{out}/scores.safetensors", order, meta=meta)
     return complete

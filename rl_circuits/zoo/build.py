@@ -24,10 +24,8 @@ import contextlib
 import dataclasses
 import fcntl
 import json
-import os
 import platform
 import shutil
-import tempfile
 import time
 import tomllib
 from collections.abc import Iterator, Sequence
@@ -37,6 +35,7 @@ from pathlib import Path
 import torch
 
 from rl_circuits.models.pairs import home_dir
+from rl_circuits.store.atomic import write_atomic
 from rl_circuits.zoo import dpo as dpo_stage
 from rl_circuits.zoo import grpo as grpo_stage
 from rl_circuits.zoo import sft as sft_stage
@@ -115,7 +114,7 @@ def build_zoo(
         if zoo is None:
             with _torch_threads(num_threads), library_output_off():
                 manifest = _build(config, root, progress=progress, device=device)
-            _write_atomic(root / DONE_FILE, json.dumps(manifest, indent=2))
+            write_atomic(root / DONE_FILE, json.dumps(manifest, indent=2))
             zoo = load_zoo(root, config)
             assert zoo is not None
     if register:
@@ -185,7 +184,7 @@ def register_pairs(zoo: Zoo) -> Path:
     text = "\n".join(lines)
     tomllib.loads(text)  # never write a file the registry cannot read
     path = home_dir() / "pairs" / PAIRS_FILE
-    _write_atomic(path, text)
+    write_atomic(path, text)
     return path
 
 
@@ -500,21 +499,6 @@ def _locked(root: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

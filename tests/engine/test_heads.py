@@ -288,7 +288,7 @@ def test_pipeline_runs_the_heads_graph_end_to_end(heads_run):
     assert scores.values.shape == (4, len(graph.upstream), len(graph.downstream))
     assert scores.upstream == graph.upstream and scores.downstream == graph.downstream
     assert torch.equal(scores.edge_mask, graph.edge_mask)
-    assert scores.meta["graph"] == "heads"
+    assert scores.graph == "heads" and scores.method == run.config["attribute"]["method"]
     assert (scores.values[:, ~scores.edge_mask] == 0).all()
     assert scores.values[:, scores.edge_mask].abs().min() >= 0
     table = run.table1().to_markdown()

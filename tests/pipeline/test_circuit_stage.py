@@ -44,8 +44,8 @@ def test_circuits_stage_runs_resumes_and_reaches_table1_and_report(
             assert len(cell["losses"]) == len(ks)
             assert all(len(row) == len(cell["ids"]) for row in cell["losses"])
             # The all-edge circuit is the clean model: the loss the attribute stage measured.
-            for qid, clean in zip(cell["ids"], cell["clean"], strict=True):
-                assert math.isclose(clean, scores.meta["loss"][qid], rel_tol=1e-5)
+            for clean, loss in zip(cell["clean"], scores.loss.tolist(), strict=True):
+                assert math.isclose(clean, loss, rel_tol=1e-5)
             if select and role == "before":  # 22-token answers, T_cut(1.0) = 30
                 lengths = {
                     g["id"]: len(g["answer_ids"]) for g in run.generations("tiny", role, "sevens")

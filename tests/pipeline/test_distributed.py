@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import rl_circuits.store.run_store as store_module
+import rl_circuits.store.atomic as atomic_module
 from rl_circuits.cli.main import main
 from rl_circuits.errors import ConfigError, LockedError, StoreError
-from rl_circuits.store.run_store import RunStore
+from rl_circuits.store.run import RunStore
 
 torch.set_num_threads(1)
 
@@ -187,7 +187,7 @@ def test_concurrent_shard_workers_merge_to_single_process_bytes(world, tmp_path)
 def test_killed_shard_worker_resumes(world, tmp_path, capsys):
     run_dir = world.run_upto(tmp_path / "run", "attribute")
     flag, log = tmp_path / "flag", tmp_path / "log"
-    real = store_module._write_pieces
+    real = atomic_module._write_pieces
 
     def half_write(path, pieces):  # killed half-way through its second score file
         if "q" in path.parts:
@@ -202,7 +202,7 @@ def test_killed_shard_worker_resumes(world, tmp_path, capsys):
     proc = _fork(
         world.argv("attribute", run_dir, "--shard", "0/2"),
         log,
-        lambda: setattr(store_module, "_write_pieces", half_write),
+        lambda: setattr(atomic_module, "_write_pieces", half_write),
     )
     deadline = time.monotonic() + 120
     while not flag.exists():

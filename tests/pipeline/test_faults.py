@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import rl_circuits.store.run_store as store_module
+import rl_circuits.store.atomic as atomic_module
 from rl_circuits.cli.main import main
 from rl_circuits.errors import CheckpointError, StoreError
 from rl_circuits.models.tiny import char_tokenizer
+from rl_circuits.store.run import RunStore
 
 torch.set_num_threads(1)
 
@@ -467,7 +468,6 @@ def _model_key(world: World, pair: str, role: str) -> str:
 
 def _records(world: World, stage: str, pair: str, role: str) -> list[dict]:
     """The reference run's generate or grade records of one model."""
-    from rl_circuits.store.run_store import RunStore
 
     key = _model_key(world, pair, role)
     return RunStore.read_only(world.ref).records(f"{stage}/{key}/mixed").load()
@@ -476,7 +476,6 @@ def _records(world: World, stage: str, pair: str, role: str) -> list[dict]:
 def test_row09_token_limit_without_answer_is_no_answer(world, tmp_path, capsys):
     from rl_circuits.config import load_config
     from rl_circuits.pipeline.stages import ModelRun
-    from rl_circuits.store.run_store import RunStore
 
     # Pair tiny_short stops answers at 30 tokens: the after model's usual answer has 39.
     subs = {'pairs = ["tiny"]': 'pairs = ["tiny_short"]'}
@@ -584,7 +583,7 @@ def test_row11_nan_scores_name_question_and_stage(world, tmp_path, capsys, monke
 
 def _patch_half_write(target: str, flag: Path):
     """Hang half-way through writing `target` (relative to the run): its temp file is half full."""
-    real = store_module._write_pieces
+    real = atomic_module._write_pieces
     parent, name = target.rsplit("/", 1)
 
     def write(path, pieces):
@@ -595,7 +594,7 @@ def _patch_half_write(target: str, flag: Path):
             _hang(flag)
         return real(path, pieces)
 
-    return lambda: setattr(store_module, "_write_pieces", write)
+    return lambda: setattr(atomic_module, "_write_pieces", write)
 
 
 def _patch_after_calls(module, name: str, calls: int, flag: Path):
@@ -663,7 +662,7 @@ def test_row12_sigkill_in_any_stage_resumes_to_identical_outputs(world, tmp_path
 def test_row13_ctrl_c_stops_cleanly_and_says_how_to_resume(world, tmp_path):
     run_dir = _copy_run(world, tmp_path / "run", "select")
     flag, log = tmp_path / "flag", tmp_path / "log"
-    real = store_module._write_pieces
+    real = atomic_module._write_pieces
 
     def write(path, pieces):  # Ctrl-C arrives while a score file is being written
         if "q" in path.parts:
@@ -673,7 +672,7 @@ def test_row13_ctrl_c_stops_cleanly_and_says_how_to_resume(world, tmp_path):
         return real(path, pieces)
 
     argv = ["attribute", str(world.config), "--run-dir", str(run_dir)]
-    proc = _fork(argv, log, lambda: setattr(store_module, "_write_pieces", write))
+    proc = _fork(argv, log, lambda: setattr(atomic_module, "_write_pieces", write))
     _wait_for(flag, proc, log)
     assert _kill(proc, signal.SIGINT) == 130
     assert _last_line(log.read_text()) == (
@@ -688,7 +687,7 @@ def test_row13_ctrl_c_stops_cleanly_and_says_how_to_resume(world, tmp_path):
 def test_row14_second_process_is_refused_first_unharmed(world, tmp_path, capsys):
     run_dir = _copy_run(world, tmp_path / "run", "select")
     flag, go, log = tmp_path / "flag", tmp_path / "go", tmp_path / "log"
-    real = store_module.RunStore.write_scores
+    real = RunStore.write_scores
 
     def paused_write(self, *args, **kwargs):  # the first process waits half-way for the second
         flag.touch()
@@ -697,7 +696,7 @@ def test_row14_second_process_is_refused_first_unharmed(world, tmp_path, capsys)
         return real(self, *args, **kwargs)
 
     argv = ["attribute", str(world.config), "--run-dir", str(run_dir)]
-    proc = _fork(argv, log, lambda: setattr(store_module.RunStore, "write_scores", paused_write))
+    proc = _fork(argv, log, lambda: setattr(RunStore, "write_scores", paused_write))
     _wait_for(flag, proc, log)
     for second in (argv, ["run", *argv[1:]]):
         code, err = _run(second, capsys)
@@ -714,7 +713,7 @@ def test_row15_disk_full_fails_stage_keeps_files(world, tmp_path, capsys, monkey
     run_dir = _copy_run(world, tmp_path / "run", "select")
     argv = ["attribute", str(world.config), "--run-dir", str(run_dir)]
     before = _snapshot(run_dir)
-    real = store_module._write_pieces
+    real = atomic_module._write_pieces
     written: list[Path] = []
 
     def write(path, pieces):
@@ -726,7 +725,7 @@ def test_row15_disk_full_fails_stage_keeps_files(world, tmp_path, capsys, monkey
         if "q" in path.parts:
             written.append(path)
 
-    monkeypatch.setattr(store_module, "_write_pieces", write)
+    monkeypatch.setattr(atomic_module, "_write_pieces", write)
     code, err = _run(argv, capsys)
     assert code == 2
     match = re.fullmatch(
@@ -900,7 +899,6 @@ def test_security_names_cannot_write_outside_the_run(world, tmp_path, capsys):
     from rl_circuits.config import load_config
     from rl_circuits.models.pairs import Pair
     from rl_circuits.pipeline.stages import stage_select
-    from rl_circuits.store.run_store import RunStore
 
     run_dir = tmp_path / "inside" / "run"
     for subs, name in (

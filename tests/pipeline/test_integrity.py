@@ -134,7 +134,7 @@ def test_changed_graph_recomputes_attribute_and_after(tiny_run, tmp_path, capsys
     block = build_graph("block", 2, 2)
     for alpha in (0.3, 1.0):
         scores = loaded.scores("tiny", "before", "sevens", alpha)
-        assert scores.meta["graph"] == "block"
+        assert scores.graph == "block"
         assert scores.downstream == tuple(block.downstream)
     assert "graph block" in (run / "report/report.html").read_text()
 

@@ -1,11 +1,12 @@
-"""`attribute()`'s EdgeScores and a run's stored Scores share one view: short repr, node index,
-top edges and a tidy DataFrame (issue 18); Table 1 renders as HTML in notebooks."""
+"""`EdgeScores`, the one edge-score type of `attribute()` and of a run's stored scores: short
+repr, node index, top edges and a tidy DataFrame (issue 18), shapes checked on construction;
+Table 1 renders as HTML in notebooks."""
 
 import pytest
 import torch
 
-from rl_circuits.engine.attribution import EdgeScores
-from rl_circuits.store.run_store import Scores
+from rl_circuits.engine.scores import EdgeScores
+from rl_circuits.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +25,40 @@ def both(tiny_checkpoints, tiny_run):
     return edge, stored
 
 
-def test_both_types_share_one_implementation():
-    for name in ("__repr__", "index", "top_edges", "to_frame"):
-        assert getattr(EdgeScores, name) is getattr(Scores, name)
+def test_attribute_and_the_store_give_the_same_type(both, tiny_run):
+    import rl_circuits
+
+    stored_config = rl_circuits.load_run(tiny_run[0] / "run").config
+    edge, stored = both
+    assert type(edge) is type(stored) is EdgeScores is rl_circuits.EdgeScores
+    assert edge.ids is None and edge.loss.shape == (2,) and edge.meta == {}
+    # a stored cell keeps what attribute() measured: graph, method, each question's loss
+    attribute_cfg = stored_config["attribute"]
+    assert (stored.graph, stored.method) == (attribute_cfg["graph"], attribute_cfg["method"])
+    assert stored.loss.shape == (len(stored.ids),) and bool((stored.loss > 0).all())
+    assert set(stored.meta) == {"t_cut"}
+
+
+def test_construction_checks_shapes_and_names():
+    values = torch.zeros(2, 3, 4)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    up, down = ("a", "b", "c"), ("d", "e", "f", "g")
+    scores = EdgeScores(values, list(up), list(down), mask, ids=("q1", "q2"))
+    assert scores.upstream == up and scores.ids == ["q1", "q2"]  # normalised
+    bad = {
+        "values have shape": dict(values=torch.zeros(2, 4, 3)),
+        "but there are 1 ids": dict(ids=["q1"]),
+        "edge_mask must be a bool tensor": dict(edge_mask=mask.int()),
+        "edge_mask has shape": dict(edge_mask=mask.T),
+        "loss must be a tensor of shape": dict(loss=torch.zeros(3)),
+        "not one string": dict(upstream="abc"),
+        "ids contain duplicates": dict(ids=["q", "q"]),
+        "values must be a float tensor": dict(values=torch.zeros(2, 3, 4, dtype=torch.long)),
+    }
+    for message, change in bad.items():
+        args = {"values": values, "upstream": up, "downstream": down, "edge_mask": mask, **change}
+        with pytest.raises(DataError, match=message):
+            EdgeScores(**args)
 
 
 def test_short_repr(both):
@@ -36,8 +68,8 @@ def test_short_repr(both):
     n_edges = int(edge.edge_mask.sum())
     assert f"{n_edges} edges, graph paper, method eap" in text
     text = repr(stored)
-    assert len(text) < 250 and text.startswith(f"Scores({len(stored.ids)} samples x ")
-    assert f"graph {stored.meta['graph']}" in text and repr(stored.ids[0]) in text
+    assert len(text) < 250 and text.startswith(f"EdgeScores({len(stored.ids)} samples x ")
+    assert f"graph {stored.graph}" in text and repr(stored.ids[0]) in text
 
 
 def test_index_top_edges_and_frame(both):
