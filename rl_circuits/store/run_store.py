@@ -62,16 +62,16 @@ from typing import TYPE_CHECKING, Any
 
 from rl_circuits.engine.scoreview import ScoreView
 from rl_circuits.errors import ConfigError, DataError, LockedError, StoreError
+from rl_circuits.store.layout import RunLayout, check_shard
 
 if TYPE_CHECKING:
     import torch
 
 PathArg = str | os.PathLike[str]
 
-LOCK_NAME = ".lock"
-CONFIG_NAME = "config.json"
-MANIFEST_NAME = "manifest.json"
-MARKER_DIR = "stages"
+LOCK_NAME = RunLayout.LOCK
+CONFIG_NAME = RunLayout.CONFIG
+MANIFEST_NAME = RunLayout.MANIFEST
 RESERVED_NAMES = frozenset({LOCK_NAME, CONFIG_NAME, MANIFEST_NAME})
 MANIFEST_FORMAT = "rl-circuits-run/1"
 SCORES_FORMAT = "rl-circuits-scores/1"
@@ -529,8 +529,8 @@ class RecordStage:
     def __init__(self, store: RunStore, name: str) -> None:
         self.store = store
         self.name = _check_stage_name(name)
-        self.chunks_rel = f"{name}/chunks"
-        self.final_rel = f"{name}/records.jsonl"
+        self.chunks_rel = RunLayout.record_chunks(name)
+        self.final_rel = RunLayout.records_file(name)
 
     def __repr__(self) -> str:
         return f"RecordStage({self.name!r}, run={str(self.store.root)!r})"
@@ -551,8 +551,7 @@ class RecordStage:
 
     def _chunk_rel(self, key: tuple[int, int]) -> str:
         shard, number = key
-        prefix = "" if shard < 0 else f"s{shard:04d}-"
-        return f"{self.chunks_rel}/{prefix}{number:05d}.jsonl"
+        return RunLayout.record_chunk(self.name, None if shard < 0 else shard, number)
 
     def _read_records(self, rel: str) -> list[dict[str, Any]]:
         label = self.store.label(rel)
@@ -754,7 +753,7 @@ class RunStore:
         config.json or manifest.json (which would race); nor do they remove temp files (those
         may be another worker's writes in progress) — the next exclusive open does.
         """
-        index, count = _check_shard(shard)
+        index, count = check_shard(shard)
         config_bytes = _config_bytes(config)
         root = Path(run_dir).expanduser()
         stored_path = root / CONFIG_NAME
@@ -1036,7 +1035,7 @@ class RunStore:
         return RecordStage(self, stage)
 
     def _marker_rel(self, stage: str) -> str:
-        return f"{MARKER_DIR}/{_check_stage_name(stage)}.json"
+        return RunLayout.marker(_check_stage_name(stage))
 
     def mark_done(self, stage: str, info: dict[str, Any] | None = None) -> None:
         """Record that `stage` completed; call it last, after all of the stage's files."""
@@ -1164,17 +1163,6 @@ def _check_extra(extra: dict[str, Any] | None) -> dict[str, Any]:
         raise StoreError(f"manifest_extra cannot set the store's own manifest keys {clash}")
     _json_bytes(extra, what="manifest_extra")
     return extra
-
-
-def _check_shard(shard: Any) -> tuple[int, int]:
-    try:
-        index, count = shard
-    except (TypeError, ValueError):
-        raise StoreError(f"shard must be a pair (i, n), got {shard!r}") from None
-    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (index, count))
-    if not ints or not 0 <= index < count:
-        raise StoreError(f"shard {shard!r} is out of range: need integers 0 <= i < n")
-    return index, count
 
 
 def _prepare_root(run_dir: PathArg) -> Path:
