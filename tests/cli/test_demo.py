@@ -45,6 +45,7 @@ def test_demo_prints_the_accuracies_and_paired_tests(tmp_path, monkeypatch, caps
         paired={"grpo": mcnemar_exact(sft, grpo), "dpo": mcnemar_exact(sft, dpo)},
     )
     monkeypatch.setattr(rl_circuits.zoo, "build_zoo", lambda progress=True: zoo)
+
     class Stop(Exception):
         """Raised where the study would start."""
 
