@@ -1,23 +1,20 @@
-"""The analyze and report stages, and `load_run`: stored edge scores -> Table 1 and figures.
+"""Reading a run directory: `load_run` -> `Run` (selections, grades, scores, Table 1, figures).
 
 Table 1 uses the paper's "all" reading of Eqs. 14-16 by default (every entry of the
 n_upstream x n_downstream matrix, zeros of non-edges included); `analyze.edges = "valid"`
-restricts every metric to existing edges.
+restricts every metric to existing edges. The analyze and report stages that write what this
+reads are in `rl_circuits.pipeline` (analyze.py, report.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from rl_circuits.analysis.faithfulness import compare_circuit_sizes, faithfulness, overlap_curve
-from rl_circuits.analysis.metrics import output_entropy
 from rl_circuits.analysis.plots import (
     diversity_bars,
     faithfulness_curves,
@@ -25,31 +22,26 @@ from rl_circuits.analysis.plots import (
     output_entropy_lines,
     relative_change_heatmap,
 )
-from rl_circuits.analysis.report import png_images, render_report
-from rl_circuits.analysis.stats import METRICS, Table1, compare
-from rl_circuits.analysis.stats import table1 as layout_table1
+from rl_circuits.analysis.stats import Table1, table1_from_rows
 from rl_circuits.config import RunConfig, config_from_resolved, upgrade_resolved
 from rl_circuits.data.selection import Selection
 from rl_circuits.engine.scores import EdgeScores
 from rl_circuits.errors import RLCircuitsError
-from rl_circuits.pipeline.circuits import circuit_alphas, circuit_file
-from rl_circuits.pipeline.stages import ROLES, ModelRun, attribution_dir
+from rl_circuits.models.pairs import ROLES, PairModel
+from rl_circuits.store.layout import RunLayout
 from rl_circuits.store.run import RunStore
 
 TABLE_METRICS = ("activation_intensity", "information_complexity", "distribution_kurtosis")
 
 
-def _cells(
+def finished_cells(
     cfg: RunConfig, store: RunStore
 ) -> Iterator[tuple[str, str, float, EdgeScores, EdgeScores]]:
     """(pair, dataset, alpha, before scores, after scores) for every finished cell."""
     for pair in cfg.pairs.values():
         for dataset in cfg["run"]["datasets"]:
             for alpha in cfg.alphas:
-                files = [
-                    f"{attribution_dir(pair.name, role, dataset, alpha)}/scores.safetensors"
-                    for role in ROLES
-                ]
+                files = [RunLayout.scores(pair.name, role, dataset, alpha) for role in ROLES]
                 if all(store.exists(f) for f in files):
                     before, after = (store.read_scores(f) for f in files)
                     if list(before.ids) != list(after.ids):
@@ -58,29 +50,6 @@ def _cells(
                             "them and rerun the attribute stage"
                         )
                     yield pair.name, dataset, alpha, before, after
-
-
-def empty_cells(cfg: RunConfig, store: RunStore) -> dict[str, str]:
-    """ "pair|dataset|alpha" -> why, for each configured cell every question left (all were
-    skipped by the attribute stage, or none was selected): shown in Table 1 and the report."""
-    out = {}
-    for pair in cfg.pairs.values():
-        for dataset in cfg["run"]["datasets"]:
-            for alpha in cfg.alphas:
-                rels = [attribution_dir(pair.name, role, dataset, alpha) for role in ROLES]
-                if any(store.exists(f"{r}/scores.safetensors") for r in rels):
-                    continue
-                if not store.exists(f"{rels[0]}/skipped.json"):
-                    continue  # not attributed yet
-                skipped = store.read_json(f"{rels[0]}/skipped.json")
-                reasons = sorted(set(skipped.values()))
-                out[f"{pair.name}|{dataset}|{alpha:g}"] = (
-                    f"no question left: all {len(skipped)} selected were skipped"
-                    + (f" (e.g. {reasons[0]})" if reasons else "")
-                    if skipped
-                    else "no question was selected"
-                )
-    return out
 
 
 def empty_note(skipped: dict[str, str]) -> str:
@@ -94,122 +63,10 @@ def empty_note(skipped: dict[str, str]) -> str:
     return f"Cells without results (not in the table): {cells}."
 
 
-def stage_analyze(cfg: RunConfig, store: RunStore) -> None:
-    """Each metric before/after with paired bootstrap intervals, per pair x dataset x alpha."""
-    a = cfg["analyze"]
-    rows, entropy = [], {}
-    skipped = {}
-    for pair, dataset, alpha, before, after in _cells(cfg, store):
-        if len(before.ids) < 2:  # diversity and the bootstrap need two questions
-            skipped[f"{pair}|{dataset}|{alpha:g}"] = f"{len(before.ids)} question(s) left"
-            continue
-        mask = before.edge_mask.numpy() if a["edges"] == "valid" else None
-        frame = compare(
-            before.values.numpy(),
-            after.values.numpy(),
-            edge_mask=mask,
-            metrics=_metrics(a["bins"]),
-            n_resamples=a["n_resamples"],
-            seed=a["seed"],
-        )
-        info = {"pair": pair, "algorithm": cfg.pairs[pair].algorithm, "dataset": dataset}
-        for record in frame.to_dict("records"):
-            rows.append({**info, "alpha": alpha, **_plain(record)})
-        entropy[f"{pair}|{dataset}|{alpha:g}"] = {
-            "upstream": list(before.upstream),
-            "before": output_entropy(before.values.numpy(), mask).tolist(),
-            "after": output_entropy(after.values.numpy(), mask).tolist(),
-        }
-    skipped.update(empty_cells(cfg, store))
-    if cfg["circuits"]["enabled"]:
-        circuit_rows, curves = _circuit_comparisons(cfg, store)
-        rows += circuit_rows
-        store.write_json("analysis/circuits.json", curves)
-    if not rows:
-        raise RLCircuitsError(
-            "no attribution cell with at least two questions to analyze "
-            f"(skipped: {skipped or 'none finished'}); run the attribute stage or select more"
-        )
-    store.write_json("analysis/skipped_cells.json", skipped)
-    store.write_jsonl("analysis/compare.jsonl", rows)
-    store.write_json("analysis/output_entropy.json", entropy)
-    table = _with_empty(layout_table1(rows), skipped)
-    store.write_text("analysis/table1.md", table.to_markdown())
-    store.write_text("analysis/table1.tex", table.to_latex())
-    store.mark_done("analyze", {"cells": len(rows)})
-
-
-def _with_empty(table: Table1, skipped: dict[str, str]) -> Table1:
+def with_empty_note(table: Table1, skipped: dict[str, str]) -> Table1:
+    """`table` with its note naming the cells without results (`skipped`)."""
     note = empty_note(skipped)
     return dataclasses.replace(table, note=f"{table.note} {note}") if note else table
-
-
-def _circuit_comparisons(cfg: RunConfig, store: RunStore) -> tuple[list[dict], dict]:
-    """Circuit-size rows for Table 1 and the faithfulness curves, per pair x dataset x alpha."""
-    a, c = cfg["analyze"], cfg["circuits"]
-    rows, curves = [], {}
-    for pair in cfg.pairs.values():
-        for dataset in cfg["run"]["datasets"]:
-            for alpha in circuit_alphas(cfg):
-                files = [circuit_file(pair.name, role, dataset, alpha) for role in ROLES]
-                if not all(store.exists(f) for f in files):
-                    continue
-                before, after = (store.read_json(f) for f in files)
-                if len(before["ids"]) < 2 or before["ids"] != after["ids"]:
-                    continue
-                f_before, f_after = (
-                    faithfulness(
-                        np.asarray(r["losses"]), np.asarray(r["clean"]), np.asarray(r["none"])
-                    )
-                    for r in (before, after)
-                )
-                size_rows, band = compare_circuit_sizes(
-                    f_before,
-                    f_after,
-                    before["ks"],
-                    c["thresholds"],
-                    n_resamples=a["n_resamples"],
-                    seed=a["seed"],
-                )
-                info = {"pair": pair.name, "algorithm": pair.algorithm, "dataset": dataset}
-                rows += [_plain({**info, "alpha": alpha, **r}) for r in size_rows]
-                scores = [
-                    store.read_scores(
-                        f"{attribution_dir(pair.name, role, dataset, alpha)}/scores.safetensors"
-                    )
-                    for role in ROLES
-                ]
-                key = (lambda v: v.abs()) if c["ranking"] == "abs" else (lambda v: v)
-                band["overlap"] = overlap_curve(
-                    key(scores[0].values.double()).mean(0).numpy(),
-                    key(scores[1].values.double()).mean(0).numpy(),
-                    scores[0].edge_mask.numpy(),
-                    before["ks"],
-                    c["ranking"],
-                )
-                band["sizes"] = {r["metric"]: [r["before"], r["after"]] for r in size_rows}
-                curves[f"{pair.name}|{dataset}|{alpha:g}"] = _plain_tree(band)
-    return rows, curves
-
-
-def _plain_tree(obj):
-    """NaN -> None throughout nested lists and dicts (JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {k: _plain_tree(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_plain_tree(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
-def _metrics(bins: int) -> dict:
-    """The Table 1 metrics and diversity, Info. Complex. with `analyze.bins` histogram bins."""
-    chosen = {name: METRICS[name] for name in (*TABLE_METRICS, "sample_diversity")}
-    chosen["information_complexity"] = functools.partial(
-        chosen["information_complexity"], bins=bins
-    )
-    return chosen
 
 
 def accuracy_table(cfg: RunConfig, store: RunStore) -> pd.DataFrame:
@@ -220,7 +77,7 @@ def accuracy_table(cfg: RunConfig, store: RunStore) -> pd.DataFrame:
         for dataset in cfg["run"]["datasets"]:
             verdicts = {}
             for role in ROLES:
-                stage = store.records(f"grade/{ModelRun(pair, role).key}/{dataset}")
+                stage = store.records(RunLayout.grades(PairModel(pair, role).key, dataset))
                 if not stage.is_done():
                     break
                 verdicts[role] = {g["id"]: g["verdict"] == "correct" for g in stage.load()}
@@ -241,50 +98,6 @@ def accuracy_table(cfg: RunConfig, store: RunStore) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _plain(record: dict) -> dict:
-    """JSON-ready values: numpy scalars as Python ones, NaN (an undefined metric) as null."""
-    out = {}
-    for key, value in record.items():
-        value = value.item() if isinstance(value, np.generic) else value
-        out[key] = None if isinstance(value, float) and not np.isfinite(value) else value
-    return out
-
-
-def stage_report(cfg: RunConfig, store: RunStore) -> Path:
-    """One self-contained HTML file with Table 1 and every figure (PNGs where possible)."""
-    run = Run(store.root, cfg, store)
-    figures = run.figures()
-    html = render_report(
-        title=f"rl-circuits: {', '.join(cfg.pairs)} on {', '.join(cfg['run']['datasets'])}",
-        table=run.table1(),
-        figures=figures,
-        notes=_notes(cfg),
-        accuracy=accuracy_table(cfg, store),
-        funnel=run.funnel(),
-        skipped=run.skipped_cells(),
-    )
-    path = store.write_text("report/report.html", html)
-    for name, image in png_images(figures).items():
-        store.write_bytes(f"report/png/{name}", image)
-    store.mark_done("report", {"path": "report/report.html"})
-    print(f"report: {path}")
-    return path
-
-
-def _notes(cfg: RunConfig) -> str:
-    a = cfg["analyze"]
-    return (
-        f"Metrics over {a['edges']} entries of each edge matrix; graph {cfg['attribute']['graph']}"
-        f", method {cfg['attribute']['method']}. Intervals: paired bootstrap over questions "
-        f"({a['n_resamples']} resamples, 95%); p: paired permutation test; Info. Complex. "
-        f"with {a['bins']} bins. Grader {cfg['grade']['grader']}, selection rules "
-        f"{cfg['select']['rules']} (reference {cfg['select']['reference']}, window "
-        f"{cfg['select']['window']}, subset {cfg['select']['subset']}), end token "
-        f"{cfg['generate']['end_token']}. "
-        "↑/↓/→ direction of the change after post-training (→: none), * interval excludes 0."
-    )
-
-
 def metric_words(metric: str) -> str:
     """A metric's name in words for section titles: "activation_intensity" -> "Activation
     intensity"."""
@@ -300,7 +113,7 @@ class Run:
     store: RunStore
 
     def selection(self, pair: str, dataset: str) -> Selection:
-        return Selection.from_dict(self.store.read_json(f"select/{pair}/{dataset}.json"))
+        return Selection.from_dict(self.store.read_json(RunLayout.selection(pair, dataset)))
 
     def _check(self, pair: str, role: str | None, dataset: str, alpha: float | None = None):
         """Refuse names the run does not have, listing the ones it has."""
@@ -318,8 +131,8 @@ class Run:
 
     def _records(self, stage: str, pair: str, role: str, dataset: str) -> list[dict]:
         self._check(pair, role, dataset)
-        name = f"{stage}/{ModelRun(self.config.pairs[pair], role).key}/{dataset}"
-        records = self.store.records(name)
+        where = {"generate": RunLayout.generations, "grade": RunLayout.grades}[stage]
+        records = self.store.records(where(PairModel(self.config.pairs[pair], role).key, dataset))
         if not records.is_done() and not records.done_ids():
             raise RLCircuitsError(
                 f"run {self.root} has no {stage} records for {pair}/{role} on {dataset} yet: "
@@ -338,15 +151,13 @@ class Run:
     def scores(self, pair: str, role: str, dataset: str, alpha: float) -> EdgeScores:
         """Edge scores [n, n_upstream, n_downstream] with node names and question ids."""
         self._check(pair, role, dataset, float(alpha))
-        rel = f"{attribution_dir(pair, role, dataset, alpha)}/scores.safetensors"
+        rel = RunLayout.scores(pair, role, dataset, alpha)
         if not self.store.exists(rel):
             raise RLCircuitsError(
                 f"run {self.root} has no scores for {pair}/{role}, {dataset}, alpha={alpha:g}: "
                 + (
                     "every question of the cell was skipped (see its skipped.json)"
-                    if self.store.exists(
-                        f"{attribution_dir(pair, role, dataset, alpha)}/skipped.json"
-                    )
+                    if self.store.exists(RunLayout.skipped(pair, role, dataset, alpha))
                     else "run `rl-circuits attribute CONFIG` (or `rl-circuits run CONFIG`)"
                 )
             )
@@ -376,15 +187,15 @@ class Run:
         return accuracy_table(self.config, self.store)
 
     def comparisons(self) -> pd.DataFrame:
-        return pd.DataFrame(self.store.read_jsonl("analysis/compare.jsonl"))
+        return pd.DataFrame(self.store.read_jsonl(RunLayout.COMPARE))
 
     def table1(self) -> Table1:
         """Table 1, its note naming the cells without results."""
-        return _with_empty(layout_table1(self.comparisons()), self.skipped_cells())
+        return with_empty_note(table1_from_rows(self.comparisons()), self.skipped_cells())
 
     def skipped_cells(self) -> dict[str, str]:
         """ "pair|dataset|alpha" -> why the cell has no row in Table 1."""
-        rel = "analysis/skipped_cells.json"
+        rel = RunLayout.SKIPPED_CELLS
         return self.store.read_json(rel) if self.store.exists(rel) else {}
 
     def funnel(self) -> pd.DataFrame:
@@ -393,7 +204,7 @@ class Run:
         rows = []
         for pair in self.config.pairs:
             for dataset in self.config["run"]["datasets"]:
-                rel = f"select/{pair}/{dataset}.json"
+                rel = RunLayout.selection(pair, dataset)
                 if not self.store.exists(rel):
                     continue
                 report = self.store.read_json(rel).get("report", {})
@@ -409,7 +220,7 @@ class Run:
         figures = {}
         # the largest alpha with results (a configured larger one may have ended empty)
         largest = max(float(a) for a in df["alpha"]) if "alpha" in df else None
-        for pair, dataset, alpha, before, after in _cells(self.config, self.store):
+        for pair, dataset, alpha, before, after in finished_cells(self.config, self.store):
             if alpha != largest:
                 continue
             figures[f"Relative change: {pair}, {dataset}, alpha={alpha:g}"] = (
@@ -424,7 +235,7 @@ class Run:
                 )
             )
         figures["Sample diversity"] = diversity_bars(df)
-        entropy = self.store.read_json("analysis/output_entropy.json")
+        entropy = self.store.read_json(RunLayout.OUTPUT_ENTROPY)
         for key, value in entropy.items():
             pair, dataset, alpha = key.split("|")
             if float(alpha) == largest:
@@ -438,8 +249,8 @@ class Run:
                 )
         for metric in TABLE_METRICS:
             figures[f"{metric_words(metric)} against alpha"] = metric_vs_alpha(df, metric)
-        if self.store.exists("analysis/circuits.json"):
-            for key, curves in self.store.read_json("analysis/circuits.json").items():
+        if self.store.exists(RunLayout.CIRCUIT_CURVES):
+            for key, curves in self.store.read_json(RunLayout.CIRCUIT_CURVES).items():
                 pair, dataset, alpha = key.split("|")
                 sizes = ", ".join(
                     f"{name.replace('circuit_size_', 'size@')}: {b} -> {a}"
@@ -454,18 +265,18 @@ class Run:
 
     def circuits(self, pair: str, role: str, dataset: str, alpha: float) -> dict:
         """The circuits stage's per-question losses of one cell: ids, ks, losses, clean, none."""
-        return self.store.read_json(circuit_file(pair, role, dataset, alpha))
+        return self.store.read_json(RunLayout.circuit(pair, role, dataset, alpha))
 
     def circuit_curves(self) -> dict:
         """Mean faithfulness curves, bands, overlap and sizes per "pair|dataset|alpha"."""
-        return self.store.read_json("analysis/circuits.json")
+        return self.store.read_json(RunLayout.CIRCUIT_CURVES)
 
 
 def load_run(path: str | Path) -> Run:
     """Open a finished (or partial) run directory read-only, for notebooks and scripts."""
     store = RunStore.read_only(Path(path))
     cfg = config_from_resolved(
-        upgrade_resolved(store.read_json("config.json")), str(store.label("config.json"))
+        upgrade_resolved(store.read_json(RunLayout.CONFIG)), str(store.label(RunLayout.CONFIG))
     )
     return Run(Path(path), cfg, store)
 

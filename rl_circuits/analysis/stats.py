@@ -9,8 +9,8 @@ over the pooled 2n samples, and each paper metric has an exact weighted form (a 
 of per-sample values, a weighted histogram, a quadratic form in the sample correlations), so
 1000 resamples cost about as much as a few direct evaluations. Other metrics fall back to
 materialising each resampled set. (Sample diversity on a bootstrap set skips pairs of a
-question with its own duplicate, see `_weighted_diversity`.) `table1` lays the results out as
-in the paper.
+question with its own duplicate, see `_weighted_diversity`.) `table1_from_rows` lays the
+results out as in the paper.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from rl_circuits.analysis.metrics import (
     sample_diversity,
 )
 
-__all__ = ["METRIC_LABELS", "Table1", "compare", "format_value", "table1"]
+__all__ = ["METRIC_LABELS", "Table1", "compare", "format_value", "table1_from_rows"]
 
 METRIC_LABELS: Mapping[str, str] = MappingProxyType(
     {
@@ -487,7 +487,7 @@ def _after_cell(record: Mapping) -> str:
     return f"{format_value(record['after'])} {marker}".rstrip()
 
 
-def table1(
+def table1_from_rows(
     rows: Iterable[Mapping] | pd.DataFrame,
     *,
     metrics: Sequence[str] | None = None,
@@ -502,15 +502,19 @@ def table1(
     long = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     missing = [key for key in _REQUIRED if key not in long.columns]
     if missing:
-        raise ValueError(f"table1 rows lack {missing}; each row needs {', '.join(_REQUIRED)}")
+        raise ValueError(
+            f"table1_from_rows: rows lack {missing}; each row needs {', '.join(_REQUIRED)}"
+        )
     if metrics is not None:
         long = long[long["metric"].isin(list(metrics))].reset_index(drop=True)
     if long.empty:
-        raise ValueError("table1 got no rows to lay out")
+        raise ValueError("table1_from_rows got no rows to lay out")
     key = ["dataset", "metric", "alpha", "pair"]
     duplicated = long.duplicated(subset=key)
     if duplicated.any():
-        raise ValueError(f"table1 got two rows for {tuple(long.loc[duplicated, key].iloc[0])}")
+        raise ValueError(
+            f"table1_from_rows got two rows for {tuple(long.loc[duplicated, key].iloc[0])}"
+        )
 
     datasets = list(dict.fromkeys(long["dataset"]))
     pairs = list(dict.fromkeys(long["pair"]))

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from rl_circuits.resources import resource_dir
 from rl_circuits.store.atomic import write_atomic
+from rl_circuits.store.layout import RunLayout
 
 
 def run_demo(run_dir: str | None = None, progress: bool = True) -> int:
     """Zoo, then every stage of `configs/demo.toml`; a second run reuses everything."""
     from rl_circuits.analysis.reader import load_run
-    from rl_circuits.cli.main import main
+    from rl_circuits.pipeline.run import run_pipeline
     from rl_circuits.zoo import build_zoo, summary_lines
 
     zoo = build_zoo(progress=progress)
@@ -23,12 +23,9 @@ def run_demo(run_dir: str | None = None, progress: bool = True) -> int:
     text = (resource_dir("configs") / "demo.toml").read_text()
     config = zoo.root / "demo.toml"
     write_atomic(config, f"data_dir = {json.dumps(str(zoo.data_dir))}\n{text}", if_changed=True)
-    run_dir = run_dir or "runs/demo"
-    code = main(["run", str(config), "--run-dir", run_dir])
-    if code:
-        return code
-    run = load_run(Path(run_dir))
+    root = run_pipeline(config, run_dir=run_dir or "runs/demo", progress=progress)
+    run = load_run(root)
     print()
     print(run.table1().to_markdown())
-    print(f"\nreport: {run.root.resolve() / 'report' / 'report.html'}")
+    print(f"\nreport: {run.root.resolve() / RunLayout.REPORT_HTML}")
     return 0

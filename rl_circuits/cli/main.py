@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from rl_circuits.pipeline.integrity import STAGE_NAMES as STAGES
+from rl_circuits.pipeline.registry import SHARDED_STAGES
+from rl_circuits.pipeline.registry import STAGE_NAMES as STAGES
 
 CHECK_PROMPT = "Natalia sold clips to 48 of her friends in April. 48 / 2 = 24. \\boxed{72}"
 
@@ -62,38 +63,6 @@ def cmd_check_model(args) -> int:
     return 0 if diff < args.tolerance else 1
 
 
-def _open(args):
-    """The config and its run store; a forced config change has deleted what it made stale."""
-    from rl_circuits.config import load_config
-    from rl_circuits.pipeline.integrity import open_run
-    from rl_circuits.pipeline.stages import device_of
-
-    cfg = load_config(args.config)
-    device_of(cfg)  # an unusable device fails before any work
-    run_dir = Path(args.run_dir or cfg["run"]["run_dir"])
-    store, changes = open_run(run_dir, cfg, force=args.force)
-    if changes.stages:
-        print(f"config or data changed; these stages recompute:\n{changes.describe()}")
-    return cfg, store, changes
-
-
-def stage_functions() -> dict:
-    from rl_circuits.analysis import reader as analysis
-    from rl_circuits.pipeline import circuits as circuit_stage
-    from rl_circuits.pipeline import stages as pipeline
-
-    return {
-        "datasets": pipeline.stage_datasets,
-        "generate": pipeline.stage_generate,
-        "grade": pipeline.stage_grade,
-        "select": pipeline.stage_select,
-        "attribute": pipeline.stage_attribute,
-        "circuits": circuit_stage.stage_circuits,
-        "analyze": analysis.stage_analyze,
-        "report": analysis.stage_report,
-    }
-
-
 def cmd_stage(args) -> int:
     if getattr(args, "ray", None) is not None and args.shard:
         print(
@@ -107,48 +76,11 @@ def cmd_stage(args) -> int:
         return cmd_workers(args)
     if getattr(args, "shard", None):
         return cmd_shard(args)
-    from rl_circuits.errors import StoreError
-    from rl_circuits.pipeline.integrity import iter_missing, stage_current
+    from rl_circuits.pipeline.run import run_pipeline
 
-    functions = stage_functions()
-    cfg, store, changes = _open(args)
-    with store:
-        if args.command == "run":
-            stages = STAGES
-        else:
-            missing = list(iter_missing(store, args.command))
-            never = [s for s in missing if s not in changes.stages]
-            if never:
-                raise StoreError(
-                    f"the {args.command} stage needs the {', '.join(never)} stage"
-                    f"{'s' if len(never) > 1 else ''} of run directory {store.root} first: run "
-                    f"`rl-circuits {never[0]} {args.config}`"
-                    + (" (and the next ones)" if len(never) > 1 else "")
-                    + f", or `rl-circuits run {args.config}` for every missing stage"
-                )
-            for stage in missing:  # made stale by this config change: redone first
-                print(f"{stage}: recomputing (invalidated by the config change)")
-            stages = (*missing, args.command)
-        for stage in stages:
-            if args.command == "run" and stage_current(store, stage):
-                print(f"{stage}: done")
-                continue
-            functions[stage](cfg, store)
-            print(f"{stage}: done")
-        _warn_empty_cells(store, stages)
-    print(f"run directory: {store.root}")
+    stage = None if args.command == "run" else args.command
+    run_pipeline(args.config, stage=stage, run_dir=args.run_dir, force=args.force)
     return 0
-
-
-def _warn_empty_cells(store, stages) -> None:
-    """Cells configured but left without results are said at the end, not only in files."""
-    from rl_circuits.analysis.reader import empty_note
-
-    rel = "analysis/skipped_cells.json"
-    if "analyze" in stages and store.exists(rel):
-        note = empty_note(store.read_json(rel))
-        if note:
-            print(f"warning: {note}", file=sys.stderr)
 
 
 def cmd_shard(args) -> int:
@@ -332,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="TOML run config, e.g. configs/paper.toml")
         p.add_argument("--run-dir", help="run directory (default: the config's run_dir)")
         p.add_argument("--force", action="store_true", help="accept a changed config")
-        if name in ("generate", "attribute"):
+        if name in SHARDED_STAGES:
             _add_parallel_flags(p)
         p.set_defaults(func=cmd_stage)
     p = sub.add_parser("check-model", help="load a checkpoint both ways and compare logits")

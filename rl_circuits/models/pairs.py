@@ -6,8 +6,12 @@ add pairs by writing TOML entries, never code.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import tomllib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +30,7 @@ PAIR_FIELDS = {
     "stop": list,
 }
 REQUIRED = ("before", "after", "algorithm", "template", "max_new_tokens")
+ROLES = ("before", "after")  # a pair's two models: before and after post-training
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,45 @@ class Pair:
 
     def prompt(self, question: str) -> str:
         return self.template.replace("{q}", question)
+
+
+@dataclass(frozen=True)
+class PairModel:
+    """One model of a pair (`role`: "before" or "after") answering with the pair's template:
+    the unit of generation and grading."""
+
+    pair: Pair
+    role: str
+
+    @property
+    def path(self) -> str:
+        return self.pair.before if self.role == "before" else self.pair.after
+
+    @property
+    def revision(self) -> str | None:
+        return self.pair.revision_before if self.role == "before" else self.pair.revision_after
+
+    @property
+    def key(self) -> str:
+        """Shared by pairs that use the same model, revision, template and token limit."""
+        parts = [self.path, self.revision, self.pair.template, self.pair.max_new_tokens]
+        if self.pair.stop:  # pairs without their own end tokens keep their old keys
+            parts.append(list(self.pair.stop))
+        ident = json.dumps(parts)
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.path.rstrip("/").split("/")[-1])[-40:]
+        return f"{slug}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
+
+
+def pair_models(pairs: Iterable[Pair]) -> Iterator[PairModel]:
+    """Each distinct model of `pairs` once: pairs that share a model (and template) share its
+    answers."""
+    seen = set()
+    for pair in pairs:
+        for role in ROLES:
+            model = PairModel(pair, role)
+            if model.key not in seen:
+                seen.add(model.key)
+                yield model
 
 
 def home_dir() -> Path:

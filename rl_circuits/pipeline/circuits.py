@@ -16,18 +16,10 @@ from tqdm.auto import tqdm
 
 from rl_circuits.config import RunConfig
 from rl_circuits.engine.circuits import evaluate_circuit, log_grid, top_k_circuits
-from rl_circuits.pipeline.stages import (
-    ROLES,
-    ModelRun,
-    _by_id,
-    attribution_dir,
-    load_for_scoring,
-)
+from rl_circuits.models.pairs import ROLES, PairModel
+from rl_circuits.pipeline.common import by_id, load_for_scoring
+from rl_circuits.store.layout import RunLayout
 from rl_circuits.store.run import RunStore
-
-
-def circuit_file(pair: str, role: str, dataset: str, alpha: float) -> str:
-    return f"circuits/{pair}/{role}/{dataset}/alpha-{alpha:g}.json"
 
 
 def circuit_alphas(cfg: RunConfig) -> list[float]:
@@ -43,23 +35,25 @@ def stage_circuits(cfg: RunConfig, store: RunStore, progress: bool = True) -> No
         return
     for pair in cfg.pairs.values():
         for role in ROLES:
-            run = ModelRun(pair, role)
+            member = PairModel(pair, role)
             cells = [
                 (dataset, alpha)
                 for dataset in cfg["run"]["datasets"]
                 for alpha in circuit_alphas(cfg)
-                if not store.exists(circuit_file(pair.name, role, dataset, alpha))
+                if not store.exists(RunLayout.circuit(pair.name, role, dataset, alpha))
             ]
             if not cells:
                 continue
             work = []
             for dataset, alpha in cells:
-                rel = f"{attribution_dir(pair.name, role, dataset, alpha)}/scores.safetensors"
+                rel = RunLayout.scores(pair.name, role, dataset, alpha)
                 if not store.exists(rel):  # every question of the cell was skipped
-                    store.write_json(circuit_file(pair.name, role, dataset, alpha), {"ids": []})
+                    store.write_json(
+                        RunLayout.circuit(pair.name, role, dataset, alpha), {"ids": []}
+                    )
                     continue
                 scores = store.read_scores(rel)
-                gens = _by_id(store.records(f"generate/{run.key}/{dataset}").load())
+                gens = by_id(store.records(RunLayout.generations(member.key, dataset)).load())
                 cut = int(scores.meta["t_cut"])
                 # As attributed: the first T_cut answer tokens, or all of a shorter answer
                 # (kept under the authors' rules), the loss over those answer tokens.
@@ -72,11 +66,11 @@ def stage_circuits(cfg: RunConfig, store: RunStore, progress: bool = True) -> No
             if not work:
                 continue
             max_len = max(len(t) for *_, items in work for _, t, _ in items)
-            model = load_for_scoring(cfg, run, max_len)
+            model = load_for_scoring(cfg, member, max_len)
             for dataset, alpha, scores, items in work:
                 desc = f"circuits {pair.name}/{role} {dataset} alpha={alpha:g}"
                 result = _cell_losses(model, scores, items, cfg, desc, progress)
-                store.write_json(circuit_file(pair.name, role, dataset, alpha), result)
+                store.write_json(RunLayout.circuit(pair.name, role, dataset, alpha), result)
             del model
     store.mark_done("circuits", {"enabled": True})
 

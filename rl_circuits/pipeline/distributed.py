@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from rl_circuits.errors import ConfigError, LockedError, RLCircuitsError, StoreError
+from rl_circuits.pipeline.registry import Stage, get_stage
+from rl_circuits.store.layout import check_shard
 
 if TYPE_CHECKING:
     from rl_circuits.config import RunConfig
 
-SHARDED_STAGES = ("generate", "attribute")
 MERGE_WAIT = 600.0  # seconds a starting shard worker waits for a finished one's merge
 STOP_GRACE = 30.0  # seconds stopped workers get to exit on SIGINT before SIGKILL
 TAIL_LINES = 40
@@ -56,14 +57,14 @@ class WorkerError(RLCircuitsError):
 def parse_shard(text: str) -> tuple[int, int]:
     """`"i/n"` -> (i, n) with 0 <= i < n."""
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
-    if not match or not int(match.group(1)) < int(match.group(2)):
+    if not match:
         raise ConfigError(f"--shard {text!r} must be i/n with 0 <= i < n, e.g. 0/4")
-    return int(match.group(1)), int(match.group(2))
+    shard = int(match.group(1)), int(match.group(2))
+    return check_shard(shard, what=f"--shard {text!r} as", error=ConfigError)
 
 
-def _check_stage(stage: str) -> None:
-    if stage not in SHARDED_STAGES:
-        raise ConfigError(f"stage {stage!r} does not run in shards; sharded: {SHARDED_STAGES}")
+def _sharded(stage: str) -> Stage:
+    return get_stage(stage, sharded=True)
 
 
 def _run_dir(cfg: RunConfig, run_dir: str | os.PathLike[str] | None) -> Path:
@@ -87,15 +88,11 @@ def run_shard(
     from rl_circuits.config import load_config
     from rl_circuits.store.run import RunStore
 
-    _check_stage(stage)
+    spec = _sharded(stage)
     cfg = load_config(config_path)
     root = _run_dir(cfg, run_dir)
     with RunStore.open(root, cfg.resolved(), shard=shard, wait=wait) as store:
-        from rl_circuits.pipeline import (
-            stages as pipeline,  # torch: after the cheap checks, which fail fast
-        )
-
-        getattr(pipeline, f"stage_{stage}")(cfg, store, progress=progress, shard=shard)
+        spec.run(cfg, store, progress=progress, shard=shard)  # torch: after the cheap checks
 
 
 def merge_finished(
@@ -108,17 +105,16 @@ def merge_finished(
     when the stage is complete and marked done.
     """
     from rl_circuits.config import load_config
-    from rl_circuits.pipeline import stages as pipeline
     from rl_circuits.pipeline.integrity import open_run
 
-    _check_stage(stage)
+    spec = _sharded(stage)
     cfg = load_config(config_path)
     try:
         store, _ = open_run(_run_dir(cfg, run_dir), cfg, merging=True)
     except LockedError:
         return None
     with store:
-        return pipeline.merge_stage(stage, cfg, store)
+        return spec.merge(cfg, store)
 
 
 def _prepare(
@@ -132,7 +128,7 @@ def _prepare(
     from rl_circuits.config import load_config
     from rl_circuits.pipeline.integrity import iter_missing, open_run, stage_current
 
-    _check_stage(stage)
+    _sharded(stage)
     cfg = load_config(config_path)
     root = _run_dir(cfg, run_dir)
     store, _ = open_run(root, cfg, force=force)
@@ -151,12 +147,11 @@ def _prepare(
 
 def _merge_after_workers(stage: str, cfg: RunConfig, root: Path) -> None:
     """The exclusive merge once every worker has ended; all their work must be there."""
-    from rl_circuits.pipeline import stages as pipeline
     from rl_circuits.pipeline.integrity import open_run
 
     store, _ = open_run(root, cfg, merging=True)
     with store:
-        if not pipeline.merge_stage(stage, cfg, store):
+        if not _sharded(stage).merge(cfg, store):
             raise WorkerError(
                 f"every {stage} worker ended without error but some questions have no output "
                 f"in {root}; run the same command again to do the rest"
@@ -272,7 +267,7 @@ def run_stage_workers(
     cfg, root, done = _prepare(stage, config_path, run_dir, force)
     if done:
         return 0
-    from rl_circuits.pipeline.stages import device_of
+    from rl_circuits.pipeline.common import device_of
 
     per = _devices_per_worker(stage, cfg)
     gpus = [] if device_of(cfg) == "cpu" else visible_gpus()

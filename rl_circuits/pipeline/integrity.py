@@ -1,8 +1,9 @@
 """Which config keys each stage's outputs depend on, and keeping a run's results true to its config.
 
-Why: a run directory is resumed and re-run under edited configs. Each stage is declared once
-here (`REGISTRY`): the config keys its outputs depend on, the stages it reads, and the key
-that enumerates its cells (one dataset, one model x dataset, one alpha, ...). From these, every
+Why: a run directory is resumed and re-run under edited configs. Each stage declares (in
+`rl_circuits.pipeline.registry.STAGES`) the config keys its outputs depend on, the stages it
+reads, and the key that enumerates its cells (one dataset, one model x dataset, one alpha, ...);
+here the cells' outputs are named by `RunLayout`. From these, every
 cell of every stage gets a fingerprint: a hash of its config values (keys at their default
 value left out, so a key that a newer version adds with its default changes nothing), of the
 source data file it reads, and of the fingerprints of the cells it reads.
@@ -26,54 +27,11 @@ from typing import Any
 
 from rl_circuits.config import SCHEMA, RunConfig, config_from_resolved, upgrade_resolved
 from rl_circuits.errors import ConfigError, RLCircuitsError
+from rl_circuits.models.pairs import ROLES, PairModel, pair_models
+from rl_circuits.pipeline.registry import STAGE_NAMES, STAGES
 from rl_circuits.store.canonical import config_diff
-from rl_circuits.store.manifest import CONFIG_NAME
+from rl_circuits.store.layout import RunLayout
 from rl_circuits.store.run import RunStore
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """One stage: the config keys its outputs depend on ("section" for all of a section's keys,
-    "section.key" for one), the stages whose outputs it reads, and the config key whose entries
-    are its cells rather than part of every cell's fingerprint."""
-
-    name: str
-    keys: tuple[str, ...]
-    requires: tuple[str, ...]
-    cells: str  # what one cell is, for messages
-    per_cell: tuple[str, ...] = ()
-
-
-REGISTRY: dict[str, StageSpec] = {
-    spec.name: spec
-    for spec in (
-        # run.data_dir enters as the data file's sha256 when the file exists
-        StageSpec("datasets", ("run.split", "run.limit", "run.ids"), (), "dataset"),
-        StageSpec(
-            "generate", ("model", "generate", "select.rules"), ("datasets",), "model x dataset"
-        ),
-        StageSpec("grade", ("grade",), ("generate",), "model x dataset"),
-        StageSpec("select", ("select",), ("grade",), "pair x dataset"),
-        StageSpec(
-            "attribute",
-            ("model", "attribute", "select"),
-            ("select",),
-            "pair x model x dataset x alpha",
-            per_cell=("select.alphas",),
-        ),
-        StageSpec(
-            "circuits",
-            ("model", "circuits"),
-            ("attribute",),
-            "pair x model x dataset x alpha",
-            per_cell=("circuits.alphas", "circuits.enabled"),
-        ),
-        StageSpec("analyze", ("analyze", "circuits.thresholds"), ("attribute", "circuits"), "run"),
-        # the report's notes name settings of every stage: all of the config
-        StageSpec("report", tuple(SCHEMA), ("analyze",), "run"),
-    )
-}
-STAGE_NAMES = tuple(REGISTRY)
 
 
 def _hash(obj: Any) -> str:
@@ -130,13 +88,12 @@ def data_hashes(cfg: RunConfig) -> dict[str, str]:
 
 def plan(cfg: RunConfig, hashes: dict[str, str]) -> dict[str, StagePlan]:
     """The cells and fingerprints of every stage under `cfg` (`hashes`: dataset file hashes)."""
-    from rl_circuits.pipeline.circuits import circuit_alphas, circuit_file
-    from rl_circuits.pipeline.stages import ROLES, ModelRun, attribution_dir, model_runs
+    from rl_circuits.pipeline.circuits import circuit_alphas
 
     plans = {name: StagePlan() for name in STAGE_NAMES}
 
     def values(stage: str) -> dict:
-        spec = REGISTRY[stage]
+        spec = STAGES[stage]
         return key_values(cfg, spec.keys, spec.per_cell)
 
     datasets = cfg["run"]["datasets"]
@@ -144,27 +101,27 @@ def plan(cfg: RunConfig, hashes: dict[str, str]) -> dict[str, StagePlan]:
         source = hashes.get(name) or cfg["run"]["data_dir"] or "hub"
         ids = [i for i in cfg["run"]["ids"] if i.startswith(f"{name}-")]
         fp = _hash(["datasets", name, source, {**values("datasets"), "run.ids": ids}])
-        plans["datasets"].cells[name] = Cell(fp, (f"datasets/{name}.jsonl",))
-    for run in model_runs(cfg):
+        plans["datasets"].cells[name] = Cell(fp, (RunLayout.dataset(name),))
+    for model in pair_models(cfg.pairs.values()):
         for name in datasets:
-            cell = f"{run.key}/{name}"
+            cell = f"{model.key}/{name}"
             up = plans["datasets"].cells[name].fingerprint
-            fp = _hash(["generate", run.key, values("generate"), up])
-            plans["generate"].cells[cell] = Cell(fp, (), (f"generate/{cell}",))
+            fp = _hash(["generate", model.key, values("generate"), up])
+            plans["generate"].cells[cell] = Cell(fp, (), (RunLayout.generations(model.key, name),))
             fp = _hash(["grade", values("grade"), fp])
-            plans["grade"].cells[cell] = Cell(fp, (), (f"grade/{cell}",))
+            plans["grade"].cells[cell] = Cell(fp, (), (RunLayout.grades(model.key, name),))
     attribute_cells = []
     for pair in cfg.pairs.values():
-        keys = [ModelRun(pair, role).key for role in ROLES]
+        keys = [PairModel(pair, role).key for role in ROLES]
         for name in datasets:
             up = [plans["grade"].cells[f"{k}/{name}"].fingerprint for k in keys]
             fp = _hash(["select", pair.name, values("select"), up])
             plans["select"].cells[f"{pair.name}/{name}"] = Cell(
-                fp, (f"select/{pair.name}/{name}.json",)
+                fp, (RunLayout.selection(pair.name, name),)
             )
             for role in ROLES:
                 for alpha in cfg.alphas:
-                    rel = attribution_dir(pair.name, role, name, alpha)
+                    rel = RunLayout.attribution(pair.name, role, name, alpha)
                     fp = _hash(["attribute", pair.name, role, alpha, values("attribute"), up])
                     plans["attribute"].cells[rel] = Cell(fp, (rel,))
                     attribute_cells.append((pair.name, role, name, alpha, fp))
@@ -172,7 +129,7 @@ def plan(cfg: RunConfig, hashes: dict[str, str]) -> dict[str, StagePlan]:
     alphas = set(circuit_alphas(cfg))
     for pair, role, name, alpha, up in attribute_cells:
         if enabled and alpha in alphas:
-            rel = circuit_file(pair, role, name, alpha)
+            rel = RunLayout.circuit(pair, role, name, alpha)
             plans["circuits"].cells[rel] = Cell(_hash(["circuits", values("circuits"), up]), (rel,))
     for stage in ("datasets", "generate", "grade", "select", "attribute", "circuits"):
         cells = {k: c.fingerprint for k, c in plans[stage].cells.items()}
@@ -181,10 +138,10 @@ def plan(cfg: RunConfig, hashes: dict[str, str]) -> dict[str, StagePlan]:
     upstream = [plans[s].fingerprint for s in ("attribute", "circuits")]
     algorithms = {p.name: p.algorithm for p in cfg.pairs.values()}
     plans["analyze"].fingerprint = _hash(["analyze", values("analyze"), algorithms, upstream])
-    plans["analyze"].cells["analysis"] = Cell(plans["analyze"].fingerprint, ("analysis",))
+    plans["analyze"].cells["analysis"] = Cell(plans["analyze"].fingerprint, (RunLayout.ANALYSIS,))
     whole = [values("report"), _hash(cfg.resolved()["pairs"]), plans["analyze"].fingerprint]
     plans["report"].fingerprint = _hash(["report", whole])
-    plans["report"].cells["report"] = Cell(plans["report"].fingerprint, ("report",))
+    plans["report"].cells["report"] = Cell(plans["report"].fingerprint, (RunLayout.REPORT,))
     return plans
 
 
@@ -246,7 +203,7 @@ def _present(store: RunStore, cell: Cell) -> bool:
 def previous_plan(store_root: Path, stored: dict, manifest: dict) -> dict[str, StagePlan] | None:
     """The plan under the stored config (None if that config no longer parses)."""
     try:
-        cfg = config_from_resolved(upgrade_resolved(stored), str(store_root / CONFIG_NAME))
+        cfg = config_from_resolved(upgrade_resolved(stored), str(store_root / RunLayout.CONFIG))
     except RLCircuitsError:
         return None
     return plan(cfg, dict(manifest.get("dataset_hashes") or {}))
@@ -255,12 +212,12 @@ def previous_plan(store_root: Path, stored: dict, manifest: dict) -> dict[str, S
 def _read_stored(root: Path) -> tuple[dict | None, dict]:
     """The stored config and manifest of a run directory, read without its lock."""
     stored = manifest = None
-    if (root / CONFIG_NAME).is_file():
+    if (root / RunLayout.CONFIG).is_file():
         try:
-            stored = json.loads((root / CONFIG_NAME).read_bytes())
+            stored = json.loads((root / RunLayout.CONFIG).read_bytes())
         except ValueError:
             stored = None
-    with_manifest = root / "manifest.json"
+    with_manifest = root / RunLayout.MANIFEST
     if with_manifest.is_file():
         try:
             manifest = json.loads(with_manifest.read_bytes())
@@ -373,7 +330,7 @@ def iter_missing(store: RunStore, stage: str) -> Iterator[str]:
     seen: list[str] = []
 
     def visit(name: str) -> None:
-        for req in REGISTRY[name].requires:
+        for req in STAGES[name].requires:
             visit(req)
             if req not in seen and not stage_current(store, req):
                 seen.append(req)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from rl_circuits.errors import LockedError, StoreError
 from rl_circuits.store.atomic import os_reason
+from rl_circuits.store.layout import RunLayout
 
-LOCK_NAME = ".lock"
+LOCK_NAME = RunLayout.LOCK
 MERGE_PURPOSE = "merge"  # an exclusive hold only to merge finished shards: workers wait for it
 
 
@@ -119,15 +120,3 @@ def _locked_message(root: Path, path: Path, fd: int, shared: bool) -> str:
         "process may write a run at a time. Wait for it to finish or stop it, or use another "
         "run directory; RunStore.read_only() can read the run meanwhile."
     )
-
-
-def check_shard(shard: object) -> tuple[int, int]:
-    """A shard worker's (i, n): integers with 0 <= i < n."""
-    try:
-        index, count = shard  # type: ignore[misc]
-    except (TypeError, ValueError):
-        raise StoreError(f"shard must be a pair (i, n), got {shard!r}") from None
-    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (index, count))
-    if not ints or not 0 <= index < count:
-        raise StoreError(f"shard {shard!r} is out of range: need integers 0 <= i < n")
-    return index, count

@@ -19,9 +19,10 @@ from typing import Any
 from rl_circuits.errors import ConfigError, DataError, StoreError
 from rl_circuits.store.atomic import write_atomic
 from rl_circuits.store.canonical import config_diff, pretty_json, sha256
+from rl_circuits.store.layout import RunLayout
 
-CONFIG_NAME = "config.json"
-MANIFEST_NAME = "manifest.json"
+CONFIG_NAME = RunLayout.CONFIG
+MANIFEST_NAME = RunLayout.MANIFEST
 MANIFEST_FORMAT = "rl-circuits-run/1"
 MANIFEST_RESERVED_KEYS = frozenset(
     {"format", "created_at", "updated_at", "config_hash", "package_version", "environment"}

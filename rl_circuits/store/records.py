@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from rl_circuits.errors import DataError, StoreError
 from rl_circuits.store.canonical import jsonl_line, parse_jsonl, sha256
+from rl_circuits.store.layout import RunLayout
 
 _CHUNK_RE = re.compile(r"^(?:s(\d+)-)?(\d+)\.jsonl$")
 _STAGE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
@@ -101,8 +102,8 @@ class RecordStage:
     def __init__(self, store: Store, name: str) -> None:
         self.store = store
         self.name = check_stage_name(name)
-        self.chunks_rel = f"{name}/chunks"
-        self.final_rel = f"{name}/records.jsonl"
+        self.chunks_rel = RunLayout.record_chunks(name)
+        self.final_rel = RunLayout.records_file(name)
 
     def __repr__(self) -> str:
         return f"RecordStage({self.name!r}, run={str(self.store.root)!r})"
@@ -123,8 +124,7 @@ class RecordStage:
 
     def _chunk_rel(self, key: tuple[int, int]) -> str:
         shard, number = key
-        prefix = "" if shard < 0 else f"s{shard:04d}-"
-        return f"{self.chunks_rel}/{prefix}{number:05d}.jsonl"
+        return RunLayout.record_chunk(self.name, None if shard < 0 else shard, number)
 
     def _read_records(self, rel: str) -> list[dict[str, Any]]:
         label = self.store.label(rel)

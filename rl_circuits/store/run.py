@@ -35,13 +35,12 @@ from rl_circuits.store import manifest as mf
 from rl_circuits.store import scorefile
 from rl_circuits.store.atomic import os_reason, remove_temp_files, write_atomic
 from rl_circuits.store.canonical import jsonl_line, parse_jsonl, pretty_json, sha256
-from rl_circuits.store.lock import MERGE_PURPOSE, acquire_lock, check_shard, release_lock
+from rl_circuits.store.layout import RunLayout, check_shard
+from rl_circuits.store.lock import MERGE_PURPOSE, acquire_lock, release_lock
 from rl_circuits.store.paths import confine, prepare_root
 from rl_circuits.store.records import RecordStage, check_stage_name
 
 PathArg = str | os.PathLike[str]
-
-MARKER_DIR = "stages"
 
 
 class RunStore:
@@ -329,7 +328,7 @@ class RunStore:
         return RecordStage(self, stage)
 
     def _marker_rel(self, stage: str) -> str:
-        return f"{MARKER_DIR}/{check_stage_name(stage)}.json"
+        return RunLayout.marker(check_stage_name(stage))
 
     def mark_done(self, stage: str, info: dict[str, Any] | None = None) -> None:
         """Record that `stage` completed; call it last, after all of the stage's files."""

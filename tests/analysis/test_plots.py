@@ -22,7 +22,7 @@ from rl_circuits.analysis.plots import (
     short_node_label,
 )
 from rl_circuits.analysis.report import png_images, render_report, write_report
-from rl_circuits.analysis.stats import compare, table1
+from rl_circuits.analysis.stats import compare, table1_from_rows
 
 UPSTREAM = ("hook_embed", "blocks.0.hook_attn_out", "blocks.0.hook_mlp_out")
 DOWNSTREAM = (
@@ -188,7 +188,7 @@ def _figures():
 
 def test_report_is_self_contained_with_table(tmp_path):
     rows = compare_rows()
-    table = table1(rows)
+    table = table1_from_rows(rows)
     path = write_report(
         tmp_path / "out" / "report.html",
         title="Toy <report>",

@@ -18,7 +18,7 @@ import pytest
 
 from rl_circuits.analysis.plots import relative_change_heatmap
 from rl_circuits.analysis.report import write_report
-from rl_circuits.analysis.stats import compare, table1
+from rl_circuits.analysis.stats import compare, table1_from_rows
 
 pytestmark = pytest.mark.chromium
 
@@ -138,7 +138,7 @@ def test_report_renders_heatmap_without_console_errors(tmp_path):
     page = write_report(
         tmp_path / "report.html",
         title="Browser check",
-        table=table1(rows.to_dict("records")),
+        table=table1_from_rows(rows.to_dict("records")),
         figures={"Figure 2": figure},
     )
     shot, stderr = screenshot(page, tmp_path)

@@ -23,7 +23,13 @@ from rl_circuits.analysis.metrics import (
     information_complexity,
     sample_diversity,
 )
-from rl_circuits.analysis.stats import COLUMNS, _weighted_diversity, compare, format_value, table1
+from rl_circuits.analysis.stats import (
+    COLUMNS,
+    _weighted_diversity,
+    compare,
+    format_value,
+    table1_from_rows,
+)
 
 GAIN, NOISE = 1.2, 0.5
 # Entries before ~ s N(0, 1), after = s (1.2 N + 0.5 N'), E[s] = 1: E|N(0, v)| = sqrt(2v/pi).
@@ -215,7 +221,7 @@ ROWS = [
 
 
 def test_table1_layout():
-    table = table1(ROWS)
+    table = table1_from_rows(ROWS)
     frame = table.frame
     assert frame.index.names == ["dataset", "metric", "alpha"]
     assert frame.columns.names == ["pair", "model"]
@@ -240,11 +246,11 @@ def test_table1_layout():
     assert frame.loc[("MATH", "Act. Intens.", 0.1), ("Mistral", "+PPO")] == "-"
     assert table.numbers.loc[("GSM8K", "Act. Intens.", 0.5), ("Mistral", "after")] == 3.60e-4
     assert np.isnan(table.numbers.loc[("GSM8K", "Act. Intens.", 0.5), ("Deepseek-Math", "after")])
-    assert table1(ROWS, before_label="SFT").frame.columns[0] == ("Deepseek-Math", "SFT")
+    assert table1_from_rows(ROWS, before_label="SFT").frame.columns[0] == ("Deepseek-Math", "SFT")
 
 
 def test_table1_markdown_latex_html():
-    table = table1(ROWS)
+    table = table1_from_rows(ROWS)
     markdown = table.to_markdown()
     lines = markdown.splitlines()
     assert lines[0].startswith(
@@ -275,10 +281,10 @@ def test_table1_from_compare_output():
         rows += result.assign(pair="Toy", algorithm="GRPO", dataset="MATH", alpha=alpha).to_dict(
             "records"
         )
-    table = table1(rows)
+    table = table1_from_rows(rows)
     assert table.frame.shape == (8, 2)
     three = ["activation_intensity", "information_complexity", "distribution_kurtosis"]
-    paper = table1(pd.DataFrame(rows), metrics=three[::-1])
+    paper = table1_from_rows(pd.DataFrame(rows), metrics=three[::-1])
     assert paper.frame.index.get_level_values("metric").unique().tolist() == [
         "Dist. Kurt.",
         "Info. Complex.",
@@ -288,6 +294,6 @@ def test_table1_from_compare_output():
     cell = table.frame.loc[("MATH", "Act. Intens.", 0.3), ("Toy", "+GRPO")]
     assert cell.startswith(format_value(rows[4]["after"])) and "↑" in cell
     with pytest.raises(ValueError, match="two rows"):
-        table1(rows + rows[:1])
+        table1_from_rows(rows + rows[:1])
     with pytest.raises(ValueError, match="lack"):
-        table1([{"pair": "x"}])
+        table1_from_rows([{"pair": "x"}])

@@ -1,5 +1,7 @@
 """The demo: its config validates against the zoo's pairs; it prints the zoo's accuracies."""
 
+import pytest
+
 from rl_circuits.config import load_config
 from rl_circuits.resources import resource_dir
 
@@ -23,7 +25,7 @@ def test_demo_config_validates(tmp_path, monkeypatch):
 
 def test_demo_prints_the_accuracies_and_paired_tests(tmp_path, monkeypatch, capsys):
     """`rl-circuits demo` prints the zoo's three accuracies and both paired tests first."""
-    import rl_circuits.cli.main
+    import rl_circuits.pipeline.run
     import rl_circuits.zoo
     from rl_circuits.cli.demo import run_demo
     from rl_circuits.zoo import Zoo, ZooConfig
@@ -43,8 +45,17 @@ def test_demo_prints_the_accuracies_and_paired_tests(tmp_path, monkeypatch, caps
         paired={"grpo": mcnemar_exact(sft, grpo), "dpo": mcnemar_exact(sft, dpo)},
     )
     monkeypatch.setattr(rl_circuits.zoo, "build_zoo", lambda progress=True: zoo)
-    monkeypatch.setattr(rl_circuits.cli.main, "main", lambda argv: 3)  # stop before the study
-    assert run_demo(str(tmp_path / "run")) == 3
+
+    class Stop(Exception):
+        """Raised where the study would start."""
+
+    def stop(config, **kwargs):
+        assert kwargs["run_dir"] == str(tmp_path / "run") and config == tmp_path / "demo.toml"
+        raise Stop
+
+    monkeypatch.setattr(rl_circuits.pipeline.run, "run_pipeline", stop)
+    with pytest.raises(Stop):
+        run_demo(str(tmp_path / "run"))
     out = capsys.readouterr().out
     assert "greedy test accuracy (300 questions): SFT 40.0%, GRPO 50.0%, DPO 48.3%" in out
     assert (

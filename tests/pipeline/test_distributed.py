@@ -134,8 +134,9 @@ def _rendezvous(stage: str, mine: Path, other: Path):
     the shared lock at the same time."""
 
     def patch():
-        import rl_circuits.pipeline.stages as pipeline
+        import importlib
 
+        pipeline = importlib.import_module(f"rl_circuits.pipeline.{stage}")
         real = getattr(pipeline, f"stage_{stage}")
 
         def wrapper(*args, **kwargs):

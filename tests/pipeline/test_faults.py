@@ -461,9 +461,9 @@ def test_row08_no_question_survives_selection(world, tmp_path, capsys):
 
 def _model_key(world: World, pair: str, role: str) -> str:
     from rl_circuits.config import load_config
-    from rl_circuits.pipeline.stages import ModelRun
+    from rl_circuits.models.pairs import PairModel
 
-    return ModelRun(load_config(world.config).pairs[pair], role).key
+    return PairModel(load_config(world.config).pairs[pair], role).key
 
 
 def _records(world: World, stage: str, pair: str, role: str) -> list[dict]:
@@ -475,7 +475,8 @@ def _records(world: World, stage: str, pair: str, role: str) -> list[dict]:
 
 def test_row09_token_limit_without_answer_is_no_answer(world, tmp_path, capsys):
     from rl_circuits.config import load_config
-    from rl_circuits.pipeline.stages import ModelRun
+    from rl_circuits.models.pairs import PairModel
+    from rl_circuits.store.run import RunStore
 
     # Pair tiny_short stops answers at 30 tokens: the after model's usual answer has 39.
     subs = {'pairs = ["tiny"]': 'pairs = ["tiny_short"]'}
@@ -486,7 +487,7 @@ def test_row09_token_limit_without_answer_is_no_answer(world, tmp_path, capsys):
     store, pair = RunStore.read_only(run_dir), load_config(config).pairs["tiny_short"]
     records = {
         role: {
-            stage: store.records(f"{stage}/{ModelRun(pair, role).key}/mixed").load()
+            stage: store.records(f"{stage}/{PairModel(pair, role).key}/mixed").load()
             for stage in ("generate", "grade")
         }
         for role in ("before", "after")
@@ -612,7 +613,8 @@ def _patch_after_calls(module, name: str, calls: int, flag: Path):
 
 
 def test_row12_sigkill_in_any_stage_resumes_to_identical_outputs(world, tmp_path):
-    import rl_circuits.pipeline.stages as pipeline
+    import rl_circuits.pipeline.attribute as attribute_stage
+    import rl_circuits.pipeline.grade as grade_stage
 
     key = _model_key(world, "tiny", "before")
     run_dir = tmp_path / "run"
@@ -621,9 +623,9 @@ def test_row12_sigkill_in_any_stage_resumes_to_identical_outputs(world, tmp_path
     kills = [
         ("datasets", "datasets/mixed.jsonl"),
         ("generate", f"generate/{key}/mixed/chunks/00002.jsonl"),
-        ("grade", (pipeline, "grade", 9)),
+        ("grade", (grade_stage, "grade", 9)),
         ("select", "select/tiny/mixed.json"),
-        ("attribute", (pipeline, "_attribute_batch", 4)),
+        ("attribute", (attribute_stage, "_attribute_batch", 4)),
         ("analyze", "analysis/table1.md"),
     ]
     for stage, point in kills:
@@ -898,7 +900,8 @@ def test_security_grading_timeout_works_outside_main_thread(monkeypatch):
 def test_security_names_cannot_write_outside_the_run(world, tmp_path, capsys):
     from rl_circuits.config import load_config
     from rl_circuits.models.pairs import Pair
-    from rl_circuits.pipeline.stages import stage_select
+    from rl_circuits.pipeline.select import stage_select
+    from rl_circuits.store.run import RunStore
 
     run_dir = tmp_path / "inside" / "run"
     for subs, name in (

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rl_circuits.cli.main import main
-from rl_circuits.pipeline.integrity import REGISTRY, STAGE_NAMES
+from rl_circuits.pipeline.registry import SHARDED_STAGES, STAGE_NAMES, STAGES
 
 
 def _copy(tiny_run, tmp_path: Path, subs: dict[str, str] | None = None) -> tuple[Path, Path]:
@@ -63,9 +63,11 @@ def test_registry_declares_every_stage_once():
         "analyze",
         "report",
     )
-    for spec in REGISTRY.values():
+    for spec in STAGES.values():
         assert all(req in STAGE_NAMES[: STAGE_NAMES.index(spec.name)] for req in spec.requires)
-    assert "select.alphas" in REGISTRY["attribute"].per_cell
+        assert (spec.load().merge is not None) == spec.sharded  # a sharded stage merges
+    assert "select.alphas" in STAGES["attribute"].per_cell
+    assert SHARDED_STAGES == ("generate", "attribute")
 
 
 def test_added_alpha_computes_only_its_cells(tiny_run, tmp_path, capsys):
