@@ -14,8 +14,7 @@ and gets killed, resumed and re-run. Every stage writes through a `RunStore`, wh
   (`scorefile`), and stage markers written last, so a stage killed half-way is redone;
 * no path escapes the run directory: absolute paths, ``..`` and symlinks leading out are refused.
 
-Layout: ``.lock``, ``config.json``, ``manifest.json``, ``stages/<stage>.json`` (markers), and the
-stages' own files (``<stage>/records.jsonl``, score files, ...).
+Every path of a run directory is named in `rl_circuits.store.layout.RunLayout`.
 """
 
 from __future__ import annotations
