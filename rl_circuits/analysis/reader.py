@@ -41,7 +41,7 @@ TABLE_METRICS = ("activation_intensity", "information_complexity", "distribution
 def _cells(cfg: RunConfig, store: RunStore) -> Iterator[tuple[str, str, float, Scores, Scores]]:
     """(pair, dataset, alpha, before scores, after scores) for every finished cell."""
     for pair in cfg.pairs.values():
-        for dataset in cfg["run"]["datasets"]:
+        for dataset in cfg.run.datasets:
             for alpha in cfg.alphas:
                 files = [
                     f"{attribution_dir(pair.name, role, dataset, alpha)}/scores.safetensors"
@@ -62,7 +62,7 @@ def empty_cells(cfg: RunConfig, store: RunStore) -> dict[str, str]:
     skipped by the attribute stage, or none was selected): shown in Table 1 and the report."""
     out = {}
     for pair in cfg.pairs.values():
-        for dataset in cfg["run"]["datasets"]:
+        for dataset in cfg.run.datasets:
             for alpha in cfg.alphas:
                 rels = [attribution_dir(pair.name, role, dataset, alpha) for role in ROLES]
                 if any(store.exists(f"{r}/scores.safetensors") for r in rels):
@@ -93,21 +93,21 @@ def empty_note(skipped: dict[str, str]) -> str:
 
 def stage_analyze(cfg: RunConfig, store: RunStore) -> None:
     """Each metric before/after with paired bootstrap intervals, per pair x dataset x alpha."""
-    a = cfg["analyze"]
+    a = cfg.analyze
     rows, entropy = [], {}
     skipped = {}
     for pair, dataset, alpha, before, after in _cells(cfg, store):
         if len(before.ids) < 2:  # diversity and the bootstrap need two questions
             skipped[f"{pair}|{dataset}|{alpha:g}"] = f"{len(before.ids)} question(s) left"
             continue
-        mask = before.edge_mask.numpy() if a["edges"] == "valid" else None
+        mask = before.edge_mask.numpy() if a.edges == "valid" else None
         frame = compare(
             before.values.numpy(),
             after.values.numpy(),
             edge_mask=mask,
-            metrics=_metrics(a["bins"]),
-            n_resamples=a["n_resamples"],
-            seed=a["seed"],
+            metrics=_metrics(a.bins),
+            n_resamples=a.n_resamples,
+            seed=a.seed,
         )
         info = {"pair": pair, "algorithm": cfg.pairs[pair].algorithm, "dataset": dataset}
         for record in frame.to_dict("records"):
@@ -118,7 +118,7 @@ def stage_analyze(cfg: RunConfig, store: RunStore) -> None:
             "after": output_entropy(after.values.numpy(), mask).tolist(),
         }
     skipped.update(empty_cells(cfg, store))
-    if cfg["circuits"]["enabled"]:
+    if cfg.circuits.enabled:
         circuit_rows, curves = _circuit_comparisons(cfg, store)
         rows += circuit_rows
         store.write_json("analysis/circuits.json", curves)
@@ -143,10 +143,10 @@ def _with_empty(table: Table1, skipped: dict[str, str]) -> Table1:
 
 def _circuit_comparisons(cfg: RunConfig, store: RunStore) -> tuple[list[dict], dict]:
     """Circuit-size rows for Table 1 and the faithfulness curves, per pair x dataset x alpha."""
-    a, c = cfg["analyze"], cfg["circuits"]
+    a, c = cfg.analyze, cfg.circuits
     rows, curves = [], {}
     for pair in cfg.pairs.values():
-        for dataset in cfg["run"]["datasets"]:
+        for dataset in cfg.run.datasets:
             for alpha in circuit_alphas(cfg):
                 files = [circuit_file(pair.name, role, dataset, alpha) for role in ROLES]
                 if not all(store.exists(f) for f in files):
@@ -164,9 +164,9 @@ def _circuit_comparisons(cfg: RunConfig, store: RunStore) -> tuple[list[dict], d
                     f_before,
                     f_after,
                     before["ks"],
-                    c["thresholds"],
-                    n_resamples=a["n_resamples"],
-                    seed=a["seed"],
+                    c.thresholds,
+                    n_resamples=a.n_resamples,
+                    seed=a.seed,
                 )
                 info = {"pair": pair.name, "algorithm": pair.algorithm, "dataset": dataset}
                 rows += [_plain({**info, "alpha": alpha, **r}) for r in size_rows]
@@ -176,13 +176,13 @@ def _circuit_comparisons(cfg: RunConfig, store: RunStore) -> tuple[list[dict], d
                     )
                     for role in ROLES
                 ]
-                key = (lambda v: v.abs()) if c["ranking"] == "abs" else (lambda v: v)
+                key = (lambda v: v.abs()) if c.ranking == "abs" else (lambda v: v)
                 band["overlap"] = overlap_curve(
                     key(scores[0].values.double()).mean(0).numpy(),
                     key(scores[1].values.double()).mean(0).numpy(),
                     scores[0].edge_mask.numpy(),
                     before["ks"],
-                    c["ranking"],
+                    c.ranking,
                 )
                 band["sizes"] = {r["metric"]: [r["before"], r["after"]] for r in size_rows}
                 curves[f"{pair.name}|{dataset}|{alpha:g}"] = _plain_tree(band)
@@ -214,7 +214,7 @@ def accuracy_table(cfg: RunConfig, store: RunStore) -> pd.DataFrame:
     each pair (the paper's Appendix C and the authors' dataset split)."""
     rows = []
     for pair in cfg.pairs.values():
-        for dataset in cfg["run"]["datasets"]:
+        for dataset in cfg.run.datasets:
             verdicts = {}
             for role in ROLES:
                 stage = store.records(f"grade/{ModelRun(pair, role).key}/{dataset}")
@@ -252,7 +252,7 @@ def stage_report(cfg: RunConfig, store: RunStore) -> Path:
     run = Run(store.root, cfg, store)
     figures = run.figures()
     html = render_report(
-        title=f"rl-circuits: {', '.join(cfg.pairs)} on {', '.join(cfg['run']['datasets'])}",
+        title=f"rl-circuits: {', '.join(cfg.pairs)} on {', '.join(cfg.run.datasets)}",
         table=run.table1(),
         figures=figures,
         notes=_notes(cfg),
@@ -269,15 +269,15 @@ def stage_report(cfg: RunConfig, store: RunStore) -> Path:
 
 
 def _notes(cfg: RunConfig) -> str:
-    a = cfg["analyze"]
+    a = cfg.analyze
     return (
-        f"Metrics over {a['edges']} entries of each edge matrix; graph {cfg['attribute']['graph']}"
-        f", method {cfg['attribute']['method']}. Intervals: paired bootstrap over questions "
-        f"({a['n_resamples']} resamples, 95%); p: paired permutation test; Info. Complex. "
-        f"with {a['bins']} bins. Grader {cfg['grade']['grader']}, selection rules "
-        f"{cfg['select']['rules']} (reference {cfg['select']['reference']}, window "
-        f"{cfg['select']['window']}, subset {cfg['select']['subset']}), end token "
-        f"{cfg['generate']['end_token']}. "
+        f"Metrics over {a.edges} entries of each edge matrix; graph {cfg.attribute.graph}"
+        f", method {cfg.attribute.method}. Intervals: paired bootstrap over questions "
+        f"({a.n_resamples} resamples, 95%); p: paired permutation test; Info. Complex. "
+        f"with {a.bins} bins. Grader {cfg.grade.grader}, selection rules "
+        f"{cfg.select.rules} (reference {cfg.select.reference}, window "
+        f"{cfg.select.window}, subset {cfg.select.subset}), end token "
+        f"{cfg.generate.end_token}. "
         "↑/↓/→ direction of the change after post-training (→: none), * interval excludes 0."
     )
 
@@ -304,7 +304,7 @@ class Run:
         for what, value, known in (
             ("pair", pair, list(self.config.pairs)),
             ("role", role, list(ROLES)),
-            ("dataset", dataset, list(self.config["run"]["datasets"])),
+            ("dataset", dataset, list(self.config.run.datasets)),
             ("alpha", alpha, self.config.alphas),
         ):
             if value is not None and value not in known:
@@ -389,7 +389,7 @@ class Run:
         and kept, from the select stage's reports."""
         rows = []
         for pair in self.config.pairs:
-            for dataset in self.config["run"]["datasets"]:
+            for dataset in self.config.run.datasets:
                 rel = f"select/{pair}/{dataset}.json"
                 if not self.store.exists(rel):
                     continue

@@ -70,7 +70,7 @@ def _open(args):
 
     cfg = load_config(args.config)
     device_of(cfg)  # an unusable device fails before any work
-    run_dir = Path(args.run_dir or cfg["run"]["run_dir"])
+    run_dir = Path(args.run_dir or cfg.run.run_dir)
     store, changes = open_run(run_dir, cfg, force=args.force)
     if changes.stages:
         print(f"config or data changed; these stages recompute:\n{changes.describe()}")
@@ -235,7 +235,7 @@ def _prepare_tiny_models(config: str) -> None:
     from rl_circuits.config import load_config
     from rl_circuits.models.tiny import write_tiny_models
 
-    directory = load_config(config)["run"]["tiny_models"]
+    directory = load_config(config).run.tiny_models
     if directory and not Path(directory).exists():
         print(f"tiny_models: {directory} is absent; writing it (rl-circuits tiny-models)")
         for path in write_tiny_models(directory):

@@ -23,22 +23,17 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from rl_circuits.config import RunConfig
+from rl_circuits.config import AttributeSection, RunConfig
 from rl_circuits.data.datasets import dataset_file, dataset_hash, load_dataset
 from rl_circuits.data.generation import GenerationSettings, make_generator
 from rl_circuits.data.grading import grade
 from rl_circuits.data.selection import Selection, select
 from rl_circuits.errors import ConfigError, NumericalError, RLCircuitsError, StoreError
+from rl_circuits.models.loading import DTYPES
 from rl_circuits.models.pairs import Pair
 from rl_circuits.store.run_store import RunStore
 
 ROLES = ("before", "after")
-DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
 
 
 @dataclass(frozen=True)
@@ -83,32 +78,32 @@ def device_of(cfg: RunConfig) -> str:
     from rl_circuits.models.loading import check_device
 
     try:
-        return str(check_device(cfg["model"]["device"]))
+        return str(check_device(cfg.model.device))
     except ConfigError as exc:
         raise ConfigError(f"{cfg.source}: model.{exc}") from None
 
 
 def _data_dir(cfg: RunConfig) -> str | None:
-    return cfg["run"]["data_dir"] or None
+    return cfg.run.data_dir or None
 
 
 def stage_datasets(cfg: RunConfig, store: RunStore) -> None:
     """Normalise each dataset to {id, question, gold} records in `datasets/NAME.jsonl`."""
-    limit = cfg["run"]["limit"] or None
-    for name in cfg["run"]["datasets"]:
+    limit = cfg.run.limit or None
+    for name in cfg.run.datasets:
         rel = f"datasets/{name}.jsonl"
         if not store.exists(rel):
-            ids = [i for i in cfg["run"]["ids"] if i.startswith(f"{name}-")] or None
+            ids = [i for i in cfg.run.ids if i.startswith(f"{name}-")] or None
             records = load_dataset(
-                name, data_dir=_data_dir(cfg), split=cfg["run"]["split"], limit=limit, ids=ids
+                name, data_dir=_data_dir(cfg), split=cfg.run.split, limit=limit, ids=ids
             )
             # the hash of the file these records came from, recorded before them: a later
             # change of the file is then seen as one (rl_circuits.pipeline.integrity)
             if _data_dir(cfg):
-                path = dataset_file(name, _data_dir(cfg), cfg["run"]["split"])
+                path = dataset_file(name, _data_dir(cfg), cfg.run.split)
                 store.update_manifest({"dataset_hashes": {name: dataset_hash(path)}})
             store.write_jsonl(rel, [r.to_dict() for r in records])
-    store.mark_done("datasets", {"datasets": cfg["run"]["datasets"]})
+    store.mark_done("datasets", {"datasets": cfg.run.datasets})
 
 
 def questions(store: RunStore, dataset: str) -> list[dict]:
@@ -151,15 +146,15 @@ def stage_generate(
     from rl_circuits.models.loading import model_map_for
 
     part = shard_of(store, shard)
-    gen_cfg = cfg["generate"]
-    size = gen_cfg["chunk_size"]
+    gen_cfg = cfg.generate
+    size = gen_cfg.chunk_size
     # An architecture the attribute stage cannot load fails now, not after hours of generation.
     for run in model_runs(cfg):
-        if not all(store.stage_done(f"generate/{run.key}/{d}") for d in cfg["run"]["datasets"]):
+        if not all(store.stage_done(f"generate/{run.key}/{d}") for d in cfg.run.datasets):
             model_map_for(resolve(run.path, run.revision))
     for run in model_runs(cfg):
         todo = {}
-        for dataset in cfg["run"]["datasets"]:
+        for dataset in cfg.run.datasets:
             stage = store.records(f"generate/{run.key}/{dataset}")
             if stage.is_done():
                 continue
@@ -175,20 +170,20 @@ def stage_generate(
         if not todo:
             continue
         generator = make_generator(
-            gen_cfg["backend"],
+            gen_cfg.backend,
             run.path,
             revision=run.revision,
-            dtype=DTYPES[cfg["model"]["dtype"]],
+            dtype=DTYPES[cfg.model.dtype],
             device=device_of(cfg),
-            allow_pickle=cfg["model"]["allow_pickle"],
+            allow_pickle=cfg.model.allow_pickle,
         )
         settings = GenerationSettings(
-            max_new_tokens=gen_cfg["max_new_tokens"] or run.pair.max_new_tokens,
-            temperature=float(gen_cfg["temperature"]),
-            seed=gen_cfg["seed"],
-            batch_size=gen_cfg["batch_size"],
+            max_new_tokens=gen_cfg.max_new_tokens or run.pair.max_new_tokens,
+            temperature=float(gen_cfg.temperature),
+            seed=gen_cfg.seed,
+            batch_size=gen_cfg.batch_size,
             stop=tuple(run.pair.stop),
-            keep_end_token=gen_cfg["end_token"] == "keep",
+            keep_end_token=gen_cfg.end_token == "keep",
         )
         for dataset, (stage, chunks) in todo.items():
             # `with`: a bar is closed before an error message is printed, not after it
@@ -212,7 +207,7 @@ def stage_generate(
 def _question(cfg: RunConfig, record: dict) -> str:
     """The question as prompted: stripped under the authors' rules, as their harness does."""
     text = record["question"]
-    return text.strip() if cfg["select"]["rules"] == "authors-code" else text
+    return text.strip() if cfg.select.rules == "authors-code" else text
 
 
 def merge_generate(cfg: RunConfig, store: RunStore) -> bool:
@@ -220,7 +215,7 @@ def merge_generate(cfg: RunConfig, store: RunStore) -> bool:
     order, whoever wrote them); mark `generate` done and return True once all are."""
     complete = True
     for run in model_runs(cfg):
-        for dataset in cfg["run"]["datasets"]:
+        for dataset in cfg.run.datasets:
             stage = store.records(f"generate/{run.key}/{dataset}")
             if stage.is_done():
                 continue
@@ -237,7 +232,7 @@ def merge_generate(cfg: RunConfig, store: RunStore) -> bool:
 def stage_grade(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
     """Grade every generation: the extracted answer, the gold, and the verdict."""
     for run in model_runs(cfg):
-        for dataset in cfg["run"]["datasets"]:
+        for dataset in cfg.run.datasets:
             stage = store.records(f"grade/{run.key}/{dataset}")
             if stage.is_done():
                 continue
@@ -254,8 +249,8 @@ def stage_grade(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
                     result = grade(
                         g["answer"],
                         golds[g["id"]],
-                        timeout=cfg["grade"]["timeout"],
-                        grader=cfg["grade"]["grader"],
+                        timeout=cfg.grade.timeout,
+                        grader=cfg.grade.grader,
                         dataset=dataset,
                     )
                     rows.append({"id": g["id"], **result.to_dict()})
@@ -267,10 +262,10 @@ def stage_grade(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
 
 def stage_select(cfg: RunConfig, store: RunStore) -> None:
     """Per pair and dataset: the questions both models got right, filtered and sampled."""
-    s = cfg["select"]
+    s = cfg.select
     for pair in cfg.pairs.values():
         before, after = ModelRun(pair, "before"), ModelRun(pair, "after")
-        for dataset in cfg["run"]["datasets"]:
+        for dataset in cfg.run.datasets:
             rel = f"select/{pair.name}/{dataset}.json"
             if store.exists(rel):
                 continue
@@ -297,16 +292,16 @@ def stage_select(cfg: RunConfig, store: RunStore) -> None:
             try:
                 selection = select(
                     rows,
-                    n=s["n"],
-                    seed=s["seed"],
-                    beta=s["beta"],
-                    gamma=s["gamma"],
-                    delta=s["delta"],
-                    reference=None if s["reference"] == "preset" else s["reference"],
-                    window=None if s["window"] == "preset" else s["window"],
+                    n=s.n,
+                    seed=s.seed,
+                    beta=s.beta,
+                    gamma=s.gamma,
+                    delta=s.delta,
+                    reference=None if s.reference == "preset" else s.reference,
+                    window=None if s.window == "preset" else s.window,
                     alphas=cfg.alphas,
-                    rules=s["rules"],
-                    subset=s["subset"],
+                    rules=s.rules,
+                    subset=s.subset,
                 )
             except RLCircuitsError as exc:
                 raise type(exc)(f"pair {pair.name}, dataset {dataset}: {exc}") from exc
@@ -330,11 +325,11 @@ def load_for_scoring(cfg: RunConfig, run: ModelRun, max_seq_len: int):
     return load_model(
         run.path,
         revision=run.revision,
-        dtype=DTYPES[cfg["model"]["dtype"]],
+        dtype=DTYPES[cfg.model.dtype],
         device=device_of(cfg),
-        n_devices=cfg["model"]["n_devices"],
+        n_devices=cfg.model.n_devices,
         max_seq_len=max_seq_len,
-        allow_pickle=cfg["model"]["allow_pickle"],
+        allow_pickle=cfg.model.allow_pickle,
     )
 
 
@@ -355,7 +350,7 @@ def stage_attribute(
 
     part = shard_of(store, shard)
     merge = store.shard is None
-    a = cfg["attribute"]
+    a = cfg.attribute
     for pair in cfg.pairs.values():
         for role in ROLES:
             run = ModelRun(pair, role)
@@ -418,7 +413,7 @@ def merge_stage(stage: str, cfg: RunConfig, store: RunStore) -> bool:
 def _attribution_jobs(cfg: RunConfig, store: RunStore, run: ModelRun, shard):
     """(dataset, alpha, [batch of (id, tokens, t_cut)]) for one model: the batches of
     `shard` with a question still to do."""
-    for dataset in cfg["run"]["datasets"]:
+    for dataset in cfg.run.datasets:
         selection = Selection.from_dict(store.read_json(f"select/{run.pair.name}/{dataset}.json"))
         gens = {
             role: _by_id(store.records(f"generate/{ModelRun(run.pair, role).key}/{dataset}").load())
@@ -437,7 +432,7 @@ def _attribution_jobs(cfg: RunConfig, store: RunStore, run: ModelRun, shard):
             # Paper text: both models skip a question either answered in fewer than T_cut
             # tokens, so the comparison stays paired. Authors' code: such a question is kept
             # and its loss covers the answer tokens it has (none: skipped).
-            least = 1 if cfg["select"]["rules"] == "authors-code" else cut
+            least = 1 if cfg.select.rules == "authors-code" else cut
             skipped = {
                 qid: f"the {role} model's answer has {n} tokens, fewer than "
                 + ("T_cut = " if least == cut else "")
@@ -457,7 +452,7 @@ def _attribution_jobs(cfg: RunConfig, store: RunStore, run: ModelRun, shard):
             items.sort(key=lambda item: len(item[1]))  # stable: ties keep selection order
             batches = [
                 batch
-                for unit, batch in enumerate(_batches(items, cfg["attribute"]["batch_size"]))
+                for unit, batch in enumerate(_batches(items, cfg.attribute.batch_size))
                 if _in_shard(unit, shard)
                 and not all(store.exists(f"{out}/q/{qid}.safetensors") for qid, _, _ in batch)
             ]
@@ -469,7 +464,7 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def _attribute_batch(model, batch, a: dict, dataset: str):
+def _attribute_batch(model, batch, a: AttributeSection, dataset: str):
     """Right-padded batch -> per-question scores; halves the batch on CUDA out-of-memory."""
     from rl_circuits.engine.attribution import attribute
 
@@ -485,12 +480,12 @@ def _attribute_batch(model, batch, a: dict, dataset: str):
             model,
             tokens,
             mask,
-            graph=a["graph"],
-            method=a["method"],
-            ig_steps=a["ig_steps"],
+            graph=a.graph,
+            method=a.method,
+            ig_steps=a.ig_steps,
             sample_ids=[f"question {q} of {dataset}" for q in ids],
-            efficient_attention=a["efficient_attention"],
-            checkpoint=a["checkpoint"],
+            efficient_attention=a.efficient_attention,
+            checkpoint=a.checkpoint,
         )
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
@@ -527,7 +522,7 @@ def _attribute_batch(model, batch, a: dict, dataset: str):
 def _merge_all(cfg: RunConfig, store: RunStore, run: ModelRun) -> bool:
     """Merge the complete cells of one model; True if none is left incomplete."""
     complete = True
-    for dataset, alpha in ((d, a) for d in cfg["run"]["datasets"] for a in cfg.alphas):
+    for dataset, alpha in ((d, a) for d in cfg.run.datasets for a in cfg.alphas):
         out = attribution_dir(run.pair.name, run.role, dataset, alpha)
         if store.exists(f"{out}/scores.safetensors"):
             continue
@@ -543,8 +538,8 @@ def _merge_all(cfg: RunConfig, store: RunStore, run: ModelRun) -> bool:
         elif order:
             metas = [store.read_scores(f).meta for f in files]
             meta = {
-                "graph": cfg["attribute"]["graph"],
-                "method": cfg["attribute"]["method"],
+                "graph": cfg.attribute.graph,
+                "method": cfg.attribute.method,
                 "t_cut": selection.t_cut[alpha],
                 "loss": {q: m["loss"] for q, m in zip(order, metas, strict=True)},
             }

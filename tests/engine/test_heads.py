@@ -281,7 +281,7 @@ def test_pipeline_runs_the_heads_graph_end_to_end(heads_run):
     from rl_circuits import load_run
 
     run = load_run(heads_run)
-    assert run.config["attribute"]["graph"] == "heads"
+    assert run.config.attribute.graph == "heads"
     scores = run.scores("tiny", "after", "sevens", 1.0)
     n_layers, n_heads = 2, 4  # the tiny models
     graph = build_graph("heads", n_layers, n_heads)
