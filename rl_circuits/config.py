@@ -12,18 +12,12 @@ import math
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from rl_circuits.data.generation import BACKENDS, END_TOKENS
-from rl_circuits.data.grading import GRADERS
-from rl_circuits.data.selection import DEFAULT_ALPHAS, REFERENCES, RULES, SUBSETS, WINDOWS
-from rl_circuits.engine.attribution import METHODS
-from rl_circuits.engine.circuits import ABLATIONS, RANK_BY, RANKINGS
-from rl_circuits.engine.graph import EDGE_SETS, GRAPHS
+from rl_circuits.data import grading, selection
 from rl_circuits.errors import ConfigError
-from rl_circuits.models.loading import DTYPES
 from rl_circuits.models.pairs import Pair, load_pairs, parse_pairs, registry_templates
 
 _NUMBER = (int, float)
@@ -37,36 +31,83 @@ _PRESET = "preset"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
+# The modules that own the choices of engine and model keys import torch and TransformerLens
+# (seconds): they are imported when a choice is checked, not with the config module, so the
+# CLI and everything that only names the sections start fast.
+def _loading():
+    from rl_circuits.models import loading
+
+    return loading
+
+
+def _generation():
+    from rl_circuits.data import generation
+
+    return generation
+
+
+def _graph():
+    from rl_circuits.engine import graph
+
+    return graph
+
+
+def _attribution():
+    from rl_circuits.engine import attribution
+
+    return attribution
+
+
+def _circuits():
+    from rl_circuits.engine import circuits
+
+    return circuits
+
+
 @dataclass(frozen=True)
 class Rule:
     """What one config key accepts: a value of `kind`, and where it has one, in a range
-    (`allowed` says it in words, `test` checks it; `choices`: the values of a choice key)."""
+    (`check`: its words and its test) or among `choices` (read from the owning module)."""
 
     kind: type | tuple[type, ...]
-    allowed: str = ""
-    test: Callable[[Any], bool] | None = None
-    choices: tuple[str, ...] | None = None
+    check: tuple[str, Callable[[Any], bool]] | None = None
+    owner: Callable[[], tuple[str, ...]] | None = None
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        """The values a choice key accepts, as their owning module lists them now."""
+        return None if self.owner is None else tuple(self.owner())
+
+    @property
+    def allowed(self) -> str:
+        """The range in words ("" for none), as error messages give it."""
+        if self.owner is not None:
+            return f"one of {', '.join(map(repr, self.owner()))}"
+        return "" if self.check is None else self.check[0]
+
+    def accepts(self, value: Any) -> bool:
+        """Whether `value` (already of `kind`) is in the range."""
+        if self.owner is not None:
+            return value in self.owner()
+        return self.check is None or self.check[1](value)
 
 
 def _key(
     default: Any,
     check: tuple[str, Callable[[Any], bool]] | None = None,
     *,
-    choices: tuple[str, ...] | None = None,
+    choices: Callable[[], tuple[str, ...]] | None = None,
 ) -> Any:
     """A section field: its default, its type (that of the default: a float default takes any
-    number, a tuple default a TOML list) and its range `check` or `choices`."""
-    kind = (
-        list
-        if isinstance(default, tuple)
-        else _NUMBER
-        if isinstance(default, float)
-        else type(default)
-    )
-    if choices is not None:
-        check = (f"one of {', '.join(map(repr, choices))}", choices.__contains__)
-    allowed, test = check if check is not None else ("", None)
-    return field(default=default, metadata={"rule": Rule(kind, allowed, test, choices)})
+    number, a tuple default a TOML list) and its range `check` or `choices` (a function that
+    reads them from the module owning the concept)."""
+    if isinstance(default, tuple):
+        kind: type | tuple[type, ...] = list
+    elif isinstance(default, float):
+        kind = _NUMBER
+    else:
+        kind = type(default)
+    return field(default=default, metadata={"rule": Rule(kind, check, choices)})
 
 
 def rule(section: type, key: str) -> Rule:
@@ -93,7 +134,7 @@ class RunSection:
 class ModelSection:
     """[model]: how checkpoints load."""
 
-    dtype: str = _key("bfloat16", choices=tuple(DTYPES))
+    dtype: str = _key("bfloat16", choices=lambda: tuple(_loading().DTYPES))
     device: str = _key("auto")
     n_devices: int = _key(1, _AT_LEAST_ONE)
     allow_pickle: bool = _key(False)
@@ -103,13 +144,13 @@ class ModelSection:
 class GenerateSection:
     """[generate]: how both models answer the questions."""
 
-    backend: str = _key("hf", choices=BACKENDS)
+    backend: str = _key("hf", choices=lambda: _generation().BACKENDS)
     batch_size: int = _key(8, _AT_LEAST_ONE)
     temperature: float = _key(0.0, _NON_NEGATIVE)
     seed: int = _key(0)
     max_new_tokens: int = _key(0, _NON_NEGATIVE)  # 0: the pair's own limit
     chunk_size: int = _key(64, _AT_LEAST_ONE)
-    end_token: str = _key("drop", choices=END_TOKENS)
+    end_token: str = _key("drop", choices=lambda: _generation().END_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -117,7 +158,7 @@ class GradeSection:
     """[grade]: how answers are graded."""
 
     timeout: float = _key(5.0, _POSITIVE)
-    grader: str = _key("math-verify", choices=GRADERS)
+    grader: str = _key("math-verify", choices=lambda: grading.GRADERS)
 
 
 @dataclass(frozen=True)
@@ -127,22 +168,22 @@ class SelectSection:
     # >= 2: the paired bootstrap and sample diversity need two questions
     n: int = _key(100, _AT_LEAST_TWO)
     seed: int = _key(42)
-    alphas: tuple[float, ...] = _key(DEFAULT_ALPHAS)
+    alphas: tuple[float, ...] = _key(selection.DEFAULT_ALPHAS)
     beta: float = _key(0.5, _POSITIVE)
     gamma: float = _key(1.5, _POSITIVE)
     delta: float = _key(0.5, ("in (0, 1]", lambda v: 0 < v <= 1))
-    reference: str = _key(_PRESET, choices=(_PRESET, *REFERENCES))
-    window: str = _key(_PRESET, choices=(_PRESET, *WINDOWS))
-    rules: str = _key("paper-text", choices=RULES)
-    subset: str = _key("both_correct", choices=SUBSETS)
+    reference: str = _key(_PRESET, choices=lambda: (_PRESET, *selection.REFERENCES))
+    window: str = _key(_PRESET, choices=lambda: (_PRESET, *selection.WINDOWS))
+    rules: str = _key("paper-text", choices=lambda: selection.RULES)
+    subset: str = _key("both_correct", choices=lambda: selection.SUBSETS)
 
 
 @dataclass(frozen=True)
 class AttributeSection:
     """[attribute]: the graph and method of the edge scores."""
 
-    graph: str = _key("paper", choices=GRAPHS)
-    method: str = _key("eap", choices=METHODS)
+    graph: str = _key("paper", choices=lambda: _graph().GRAPHS)
+    method: str = _key("eap", choices=lambda: _attribution().METHODS)
     ig_steps: int = _key(8, _AT_LEAST_ONE)
     batch_size: int = _key(1, _AT_LEAST_ONE)
     efficient_attention: bool = _key(True)
@@ -156,9 +197,11 @@ class CircuitsSection:
     enabled: bool = _key(False)
     points: int = _key(20, _AT_LEAST_TWO)  # log grid of k, 1 edge to all
     thresholds: tuple[float, ...] = _key((0.8, 0.9))  # circuit size: smallest k, f(k) >= t
-    ablation: str = _key("zero", choices=ABLATIONS)
-    ranking: str = _key("abs", choices=RANKINGS)  # top edges by |score| or score
-    rank_by: str = _key("mean", choices=RANK_BY)
+    ablation: str = _key("zero", choices=lambda: _circuits().ABLATIONS)
+    ranking: str = _key(
+        "abs", choices=lambda: _circuits().RANKINGS
+    )  # top edges by |score| or score
+    rank_by: str = _key("mean", choices=lambda: _circuits().RANK_BY)
     alphas: tuple[float, ...] = _key(())  # cells to evaluate; (): every select.alphas entry
     batch_size: int = _key(8, _AT_LEAST_ONE)
 
@@ -170,7 +213,7 @@ class AnalyzeSection:
     n_resamples: int = _key(1000, _AT_LEAST_ONE)
     seed: int = _key(0)
     bins: int = _key(100, _AT_LEAST_ONE)
-    edges: str = _key("all", choices=EDGE_SETS)
+    edges: str = _key("all", choices=lambda: _graph().EDGE_SETS)
 
 
 @dataclass(frozen=True)
@@ -191,6 +234,7 @@ class RunConfig:
 
     @property
     def alphas(self) -> list[float]:
+        """select.alphas as floats: the alpha of each attribution cell."""
         return [float(a) for a in self.select.alphas]
 
     def section(self, name: str) -> Any:
@@ -231,8 +275,6 @@ def defaults() -> dict[str, dict[str, Any]]:
 def upgrade_resolved(stored: dict[str, Any]) -> dict[str, Any]:
     """A stored resolved config in the current format: keys added since it was written get
     their defaults, so a newer version's new settings are no change for old runs."""
-    import dataclasses
-
     out = dict(stored)
     for section, table_defaults in defaults().items():
         table = stored.get(section, {})
@@ -241,9 +283,7 @@ def upgrade_resolved(stored: dict[str, Any]) -> dict[str, Any]:
     pairs = stored.get("pairs")
     if isinstance(pairs, dict):
         pair_defaults = {
-            f.name: f.default
-            for f in dataclasses.fields(Pair)
-            if f.default is not dataclasses.MISSING and f.name != "stop"
+            f.name: f.default for f in fields(Pair) if f.default is not MISSING and f.name != "stop"
         }
         out["pairs"] = {
             name: {**pair_defaults, **entry} if isinstance(entry, dict) else entry
@@ -332,14 +372,14 @@ def _validate_section(section: str, table: dict, source: str) -> Any:
         if key not in rules:
             raise ConfigError(f"{where} is not a known key; allowed: {', '.join(rules)}")
         r = rules[key]
-        allowed = f" ({r.allowed})" if r.test is not None else ""
+        allowed = f" ({r.allowed})" if r.allowed else ""
         if isinstance(value, bool) and r.kind is not bool or not isinstance(value, r.kind):
             expected = r.kind.__name__ if isinstance(r.kind, type) else "number"
             article = "an" if expected[0] in "aeiou" else "a"
             raise ConfigError(f"{where} must be {article} {expected}{allowed}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{where} = {value!r} must be a finite number{allowed}")
-        if r.test is not None and not r.test(value):
+        if not r.accepts(value):
             raise ConfigError(f"{where} = {value!r} is out of range: must be {r.allowed}")
         out[key] = tuple(value) if isinstance(value, list) else value
     return kind(**out)
