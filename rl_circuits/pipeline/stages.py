@@ -29,7 +29,6 @@ from rl_circuits.data.generation import GenerationSettings, make_generator
 from rl_circuits.data.grading import grade
 from rl_circuits.data.selection import Selection, select
 from rl_circuits.errors import ConfigError, NumericalError, RLCircuitsError, StoreError
-from rl_circuits.models.loading import DTYPES
 from rl_circuits.models.pairs import Pair
 from rl_circuits.store.run_store import RunStore
 
@@ -143,7 +142,7 @@ def stage_generate(
     stage whose questions are all answered (`merge_generate`).
     """
     from rl_circuits.models.checkpoints import resolve
-    from rl_circuits.models.loading import model_map_for
+    from rl_circuits.models.loading import DTYPES, model_map_for
 
     part = shard_of(store, shard)
     gen_cfg = cfg.generate
@@ -320,7 +319,7 @@ def attribution_dir(pair: str, role: str, dataset: str, alpha: float) -> str:
 def load_for_scoring(cfg: RunConfig, run: ModelRun, max_seq_len: int):
     """One model of a pair as the config's [model] section asks, for sequences up to
     `max_seq_len` tokens (the attribute and circuits stages)."""
-    from rl_circuits.models.loading import load_model
+    from rl_circuits.models.loading import DTYPES, load_model
 
     return load_model(
         run.path,
