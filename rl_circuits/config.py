@@ -1,7 +1,9 @@
 """Run configs: TOML files validated on load, one clear error per problem.
 
-A config names the pairs (from the registry, or defined inline under `[pairs.NAME]`), the
-datasets, and the settings of each stage; every key has a type, a default and a range.
+A config names the pairs (from the registry, or defined inline under `[pairs_inline.NAME]`),
+the datasets, and the settings of each stage. Each section is a frozen dataclass whose fields
+carry the key's type, default and range; the allowed values of a choice come from the module
+that owns the concept (graphs from `engine.graph`, graders from `data.grading`, ...).
 """
 
 from __future__ import annotations
@@ -9,148 +11,282 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
+from rl_circuits.data import grading, selection
 from rl_circuits.errors import ConfigError
 from rl_circuits.models.pairs import Pair, load_pairs, parse_pairs, registry_templates
 
+_NUMBER = (int, float)
 _POSITIVE = ("> 0", lambda v: v > 0)
 _NON_NEGATIVE = (">= 0", lambda v: v >= 0)
 _AT_LEAST_ONE = (">= 1", lambda v: v >= 1)
+_AT_LEAST_TWO = (">= 2", lambda v: v >= 2)
+# "preset": what `select.rules` implies for reference and window (`selection.PRESETS`)
+_PRESET = "preset"
 # Pair and dataset names become folders of the run directory: no '/', no leading '.'.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
-def _one_of(*choices):
-    return (f"one of {', '.join(map(repr, choices))}", lambda v: v in choices)
+# The modules that own the choices of engine and model keys import torch and TransformerLens
+# (seconds): they are imported when a choice is checked, not with the config module, so the
+# CLI and everything that only names the sections start fast.
+def _loading():
+    from rl_circuits.models import loading
+
+    return loading
 
 
-# section -> key -> (type, default, (range text, check) or None)
-SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any, Any]]] = {
-    "run": {
-        "run_dir": (str, "runs/default", None),
-        "pairs": (list, [], None),
-        "datasets": (list, [], None),
-        "data_dir": (str, "", None),
-        "split": (str, "test", None),
-        "limit": (int, 0, _NON_NEGATIVE),  # 0: every question
-        "ids": (list, [], None),  # only these question ids ("gsm8k-12", ...); []: all
-        # `rl-circuits tiny-models` output that the config runs on; written first if absent
-        "tiny_models": (str, "", None),
-    },
-    "model": {
-        "dtype": (str, "bfloat16", _one_of("float32", "bfloat16", "float16", "float64")),
-        "device": (str, "auto", None),
-        "n_devices": (int, 1, _AT_LEAST_ONE),
-        "allow_pickle": (bool, False, None),
-    },
-    "generate": {
-        "backend": (str, "hf", _one_of("hf", "vllm")),
-        "batch_size": (int, 8, _AT_LEAST_ONE),
-        "temperature": ((int, float), 0.0, _NON_NEGATIVE),
-        "seed": (int, 0, None),
-        "max_new_tokens": (int, 0, _NON_NEGATIVE),  # 0: the pair's own limit
-        "chunk_size": (int, 64, _AT_LEAST_ONE),
-        # "keep": the token that ended an answer stays in it and its length counts it (vLLM's
-        # token_ids, as the authors stored them); "drop": it is removed.
-        "end_token": (str, "drop", _one_of("drop", "keep")),
-    },
-    "grade": {
-        "timeout": ((int, float), 5.0, _POSITIVE),
-        "grader": (str, "math-verify", _one_of("math-verify", "authors")),
-    },
-    "select": {
-        # >= 2: the paired bootstrap and sample diversity need two questions
-        "n": (int, 100, (">= 2", lambda v: v >= 2)),
-        "seed": (int, 42, None),
-        "alphas": (list, [0.03, 0.1, 0.3, 0.5], None),
-        "beta": ((int, float), 0.5, _POSITIVE),
-        "gamma": ((int, float), 1.5, _POSITIVE),
-        "delta": ((int, float), 0.5, ("in (0, 1]", lambda v: 0 < v <= 1)),
-        # "preset": what `rules` implies (paper-text: mean / each; authors-code: min / pair_mean)
-        "reference": (str, "preset", _one_of("preset", "min", "mean")),
-        "window": (str, "preset", _one_of("preset", "pair_mean", "each")),
-        "rules": (str, "paper-text", _one_of("paper-text", "authors-code")),
-        "subset": (
-            str,
-            "both_correct",
-            _one_of("both_correct", "both_wrong", "only_before", "only_after"),
-        ),
-    },
-    "attribute": {
-        "graph": (str, "paper", _one_of("paper", "block", "residual", "heads")),
-        "method": (str, "eap", _one_of("eap", "eap-ig", "exact")),
-        "ig_steps": (int, 8, _AT_LEAST_ONE),
-        "batch_size": (int, 1, _AT_LEAST_ONE),
-        "efficient_attention": (bool, True, None),
-        "checkpoint": (bool, False, None),
-    },
-    "circuits": {  # the optional faithfulness stage (rl_circuits.pipeline.circuits)
-        "enabled": (bool, False, None),
-        "points": (int, 20, (">= 2", lambda v: v >= 2)),  # log grid of k, 1 edge to all
-        "thresholds": (list, [0.8, 0.9], None),  # circuit size: smallest k with f(k) >= t
-        "ablation": (str, "zero", _one_of("zero", "mean")),
-        "ranking": (str, "abs", _one_of("abs", "signed")),  # top edges by |score| or score
-        "rank_by": (str, "mean", _one_of("mean", "sample")),  # mean over questions, or each
-        "alphas": (list, [], None),  # cells to evaluate; []: every select.alphas entry
-        "batch_size": (int, 8, _AT_LEAST_ONE),
-    },
-    "analyze": {
-        "n_resamples": (int, 1000, _AT_LEAST_ONE),
-        "seed": (int, 0, None),
-        "bins": (int, 100, _AT_LEAST_ONE),
-        "edges": (str, "all", _one_of("all", "valid")),
-    },
-}
+def _generation():
+    from rl_circuits.data import generation
+
+    return generation
+
+
+def _graph():
+    from rl_circuits.engine import graph
+
+    return graph
+
+
+def _attribution():
+    from rl_circuits.engine import attribution
+
+    return attribution
+
+
+def _circuits():
+    from rl_circuits.engine import circuits
+
+    return circuits
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one config key accepts: a value of `kind`, and where it has one, in a range
+    (`check`: its words and its test) or among `choices` (read from the owning module)."""
+
+    kind: type | tuple[type, ...]
+    check: tuple[str, Callable[[Any], bool]] | None = None
+    owner: Callable[[], tuple[str, ...]] | None = None
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        """The values a choice key accepts, as their owning module lists them now."""
+        return None if self.owner is None else tuple(self.owner())
+
+    @property
+    def allowed(self) -> str:
+        """The range in words ("" for none), as error messages give it."""
+        if self.owner is not None:
+            return f"one of {', '.join(map(repr, self.owner()))}"
+        return "" if self.check is None else self.check[0]
+
+    def accepts(self, value: Any) -> bool:
+        """Whether `value` (already of `kind`) is in the range."""
+        if self.owner is not None:
+            return value in self.owner()
+        return self.check is None or self.check[1](value)
+
+
+def _key(
+    default: Any,
+    check: tuple[str, Callable[[Any], bool]] | None = None,
+    *,
+    choices: Callable[[], tuple[str, ...]] | None = None,
+) -> Any:
+    """A section field: its default, its type (that of the default: a float default takes any
+    number, a tuple default a TOML list) and its range `check` or `choices` (a function that
+    reads them from the module owning the concept)."""
+    if isinstance(default, tuple):
+        kind: type | tuple[type, ...] = list
+    elif isinstance(default, float):
+        kind = _NUMBER
+    else:
+        kind = type(default)
+    return field(default=default, metadata={"rule": Rule(kind, check, choices)})
+
+
+def rule(section: type, key: str) -> Rule:
+    """The `Rule` of `section`'s field `key` (the type, range and choices it accepts)."""
+    return next(f.metadata["rule"] for f in fields(section) if f.name == key)
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """[run], or the top level of the file: where the run lives and what it runs on."""
+
+    run_dir: str = _key("runs/default")
+    pairs: tuple[str, ...] = _key(())
+    datasets: tuple[str, ...] = _key(())
+    data_dir: str = _key("")
+    split: str = _key("test")
+    limit: int = _key(0, _NON_NEGATIVE)  # 0: every question
+    ids: tuple[str, ...] = _key(())  # only these question ids ("gsm8k-12", ...); (): all
+    # `rl-circuits tiny-models` output that the config runs on; written first if absent
+    tiny_models: str = _key("")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """[model]: how checkpoints load."""
+
+    dtype: str = _key("bfloat16", choices=lambda: tuple(_loading().DTYPES))
+    device: str = _key("auto")
+    n_devices: int = _key(1, _AT_LEAST_ONE)
+    allow_pickle: bool = _key(False)
+
+
+@dataclass(frozen=True)
+class GenerateSection:
+    """[generate]: how both models answer the questions."""
+
+    backend: str = _key("hf", choices=lambda: _generation().BACKENDS)
+    batch_size: int = _key(8, _AT_LEAST_ONE)
+    temperature: float = _key(0.0, _NON_NEGATIVE)
+    seed: int = _key(0)
+    max_new_tokens: int = _key(0, _NON_NEGATIVE)  # 0: the pair's own limit
+    chunk_size: int = _key(64, _AT_LEAST_ONE)
+    end_token: str = _key("drop", choices=lambda: _generation().END_TOKENS)
+
+
+@dataclass(frozen=True)
+class GradeSection:
+    """[grade]: how answers are graded."""
+
+    timeout: float = _key(5.0, _POSITIVE)
+    grader: str = _key("math-verify", choices=lambda: grading.GRADERS)
+
+
+@dataclass(frozen=True)
+class SelectSection:
+    """[select]: which questions are scored, and the truncation fractions alpha."""
+
+    # >= 2: the paired bootstrap and sample diversity need two questions
+    n: int = _key(100, _AT_LEAST_TWO)
+    seed: int = _key(42)
+    alphas: tuple[float, ...] = _key(selection.DEFAULT_ALPHAS)
+    beta: float = _key(0.5, _POSITIVE)
+    gamma: float = _key(1.5, _POSITIVE)
+    delta: float = _key(0.5, ("in (0, 1]", lambda v: 0 < v <= 1))
+    reference: str = _key(_PRESET, choices=lambda: (_PRESET, *selection.REFERENCES))
+    window: str = _key(_PRESET, choices=lambda: (_PRESET, *selection.WINDOWS))
+    rules: str = _key("paper-text", choices=lambda: selection.RULES)
+    subset: str = _key("both_correct", choices=lambda: selection.SUBSETS)
+
+
+@dataclass(frozen=True)
+class AttributeSection:
+    """[attribute]: the graph and method of the edge scores."""
+
+    graph: str = _key("paper", choices=lambda: _graph().GRAPHS)
+    method: str = _key("eap", choices=lambda: _attribution().METHODS)
+    ig_steps: int = _key(8, _AT_LEAST_ONE)
+    batch_size: int = _key(1, _AT_LEAST_ONE)
+    efficient_attention: bool = _key(True)
+    checkpoint: bool = _key(False)
+
+
+@dataclass(frozen=True)
+class CircuitsSection:
+    """[circuits]: the optional faithfulness stage (`rl_circuits.pipeline.circuits`)."""
+
+    enabled: bool = _key(False)
+    points: int = _key(20, _AT_LEAST_TWO)  # log grid of k, 1 edge to all
+    thresholds: tuple[float, ...] = _key((0.8, 0.9))  # circuit size: smallest k, f(k) >= t
+    ablation: str = _key("zero", choices=lambda: _circuits().ABLATIONS)
+    ranking: str = _key(
+        "abs", choices=lambda: _circuits().RANKINGS
+    )  # top edges by |score| or score
+    rank_by: str = _key("mean", choices=lambda: _circuits().RANK_BY)
+    alphas: tuple[float, ...] = _key(())  # cells to evaluate; (): every select.alphas entry
+    batch_size: int = _key(8, _AT_LEAST_ONE)
+
+
+@dataclass(frozen=True)
+class AnalyzeSection:
+    """[analyze]: the statistics of Table 1 and the report."""
+
+    n_resamples: int = _key(1000, _AT_LEAST_ONE)
+    seed: int = _key(0)
+    bins: int = _key(100, _AT_LEAST_ONE)
+    edges: str = _key("all", choices=lambda: _graph().EDGE_SETS)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A validated config: `values[section][key]`, the pairs it uses, and where it came from."""
+    """A validated config: one frozen section per stage (`cfg.select.n`), the pairs it uses by
+    name, and where it came from."""
 
-    values: dict[str, dict[str, Any]]
+    run: RunSection
+    model: ModelSection
+    generate: GenerateSection
+    grade: GradeSection
+    select: SelectSection
+    attribute: AttributeSection
+    circuits: CircuitsSection
+    analyze: AnalyzeSection
     pairs: dict[str, Pair]
     source: str
 
-    def __getitem__(self, section: str) -> dict[str, Any]:
-        return self.values[section]
-
     @property
     def alphas(self) -> list[float]:
-        return [float(a) for a in self.values["select"]["alphas"]]
+        """select.alphas as floats: the alpha of each attribution cell."""
+        return [float(a) for a in self.select.alphas]
+
+    def section(self, name: str) -> Any:
+        """The section called `name` ("select", ...), for code that walks every section."""
+        if name not in SECTIONS:
+            raise KeyError(name)
+        return getattr(self, name)
 
     def resolved(self) -> dict[str, Any]:
-        """Everything that determines the results, for the run store's config check."""
+        """Everything that determines the results, for the run store's config check: each
+        section as a {key: value} table (lists as TOML gives them) and each pair's fields."""
         pairs = {
             name: {k: v for k, v in vars(pair).items() if k != "stop" or v}
             for name, pair in sorted(self.pairs.items())
         }
-        return {**self.values, "pairs": pairs}
+        return {**{name: _table(self.section(name)) for name in SECTIONS}, "pairs": pairs}
+
+
+# section name -> its dataclass, in the order of RunConfig's fields
+SECTIONS: dict[str, type] = {
+    name: kind for name, kind in get_type_hints(RunConfig).items() if is_dataclass(kind)
+}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _table(section: Any) -> dict[str, Any]:
+    return {f.name: _plain(getattr(section, f.name)) for f in fields(section)}
+
+
+def defaults() -> dict[str, dict[str, Any]]:
+    """Every key's default, {section: {key: value}} in the form `RunConfig.resolved` gives."""
+    return {name: _table(kind()) for name, kind in SECTIONS.items()}
 
 
 def upgrade_resolved(stored: dict[str, Any]) -> dict[str, Any]:
     """A stored resolved config in the current format: keys added since it was written get
     their defaults, so a newer version's new settings are no change for old runs."""
-    import dataclasses
-
-    from rl_circuits.models.pairs import Pair
-
     out = dict(stored)
-    for section, schema in SCHEMA.items():
+    for section, table_defaults in defaults().items():
         table = stored.get(section, {})
         if isinstance(table, dict):
-            out[section] = {**{k: d for k, (_, d, _) in schema.items()}, **table}
+            out[section] = {**table_defaults, **table}
     pairs = stored.get("pairs")
     if isinstance(pairs, dict):
-        defaults = {
-            f.name: f.default
-            for f in dataclasses.fields(Pair)
-            if f.default is not dataclasses.MISSING and f.name != "stop"
+        pair_defaults = {
+            f.name: f.default for f in fields(Pair) if f.default is not MISSING and f.name != "stop"
         }
         out["pairs"] = {
-            name: {**defaults, **entry} if isinstance(entry, dict) else entry
+            name: {**pair_defaults, **entry} if isinstance(entry, dict) else entry
             for name, entry in pairs.items()
         }
     return out
@@ -211,48 +347,54 @@ def parse_config(
     sections["run"] = {**raw, **sections.get("run", {})}
     for section, table in (overrides or {}).items():
         sections.setdefault(section, {}).update(table)
-    values: dict[str, dict[str, Any]] = {}
+    values: dict[str, Any] = {}
     for section, table in sections.items():
-        if section not in SCHEMA:
+        if section not in SECTIONS:
             raise ConfigError(
-                f"{source}: unknown section [{section}]; allowed: {', '.join(SCHEMA)}"
+                f"{source}: unknown section [{section}]; allowed: {', '.join(SECTIONS)}"
             )
         values[section] = _validate_section(section, table, source)
-    for section in SCHEMA:
+    for section in SECTIONS:
         values.setdefault(section, _validate_section(section, {}, source))
-    _check_cross_fields(values, source)
-    return RunConfig(values, _pairs(values["run"]["pairs"], inline_pairs, source), source)
+    _check_cross_fields(values["run"], values["select"], values["circuits"], source)
+    pairs = _pairs(values["run"].pairs, inline_pairs, source)
+    return RunConfig(**values, pairs=pairs, source=source)
 
 
-def _validate_section(section: str, table: dict, source: str) -> dict[str, Any]:
-    schema = SCHEMA[section]
+def _validate_section(section: str, table: dict, source: str) -> Any:
+    """The section `section` from its TOML table: each key's type and range checked against
+    its field's `Rule`, absent keys at their defaults."""
+    kind = SECTIONS[section]
+    rules = {f.name: f.metadata["rule"] for f in fields(kind)}
     out = {}
     for key, value in table.items():
         where = f"{source}: {key}" if section == "run" else f"{source}: {section}.{key}"
-        if key not in schema:
-            raise ConfigError(f"{where} is not a known key; allowed: {', '.join(schema)}")
-        kind, _, check = schema[key]
-        allowed = f" ({check[0]})" if check is not None else ""
-        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-            expected = kind.__name__ if isinstance(kind, type) else "number"
+        if key not in rules:
+            raise ConfigError(f"{where} is not a known key; allowed: {', '.join(rules)}")
+        r = rules[key]
+        allowed = f" ({r.allowed})" if r.allowed else ""
+        if isinstance(value, bool) and r.kind is not bool or not isinstance(value, r.kind):
+            expected = r.kind.__name__ if isinstance(r.kind, type) else "number"
             article = "an" if expected[0] in "aeiou" else "a"
             raise ConfigError(f"{where} must be {article} {expected}{allowed}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{where} = {value!r} must be a finite number{allowed}")
-        if check is not None and not check[1](value):
-            raise ConfigError(f"{where} = {value!r} is out of range: must be {check[0]}")
-        out[key] = value
-    return {key: out.get(key, default) for key, (_, default, _) in schema.items()}
+        if not r.accepts(value):
+            raise ConfigError(f"{where} = {value!r} is out of range: must be {r.allowed}")
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return kind(**out)
 
 
-def _check_cross_fields(values: dict[str, dict[str, Any]], source: str) -> None:
-    select, run = values["select"], values["run"]
-    if select["beta"] > select["gamma"]:
+def _check_cross_fields(
+    run: RunSection, select: SelectSection, circuits: CircuitsSection, source: str
+) -> None:
+    """What one key cannot check alone: ranges that depend on another key, list entries."""
+    if select.beta > select.gamma:
         raise ConfigError(
-            f"{source}: select.beta = {select['beta']} > select.gamma = {select['gamma']}; "
+            f"{source}: select.beta = {select.beta} > select.gamma = {select.gamma}; "
             "the length window needs beta <= gamma"
         )
-    alphas = select["alphas"]
+    alphas = list(select.alphas)
     if not alphas or any(
         isinstance(a, bool) or not isinstance(a, int | float) or not 0 < a <= 1 for a in alphas
     ):
@@ -269,9 +411,8 @@ def _check_cross_fields(values: dict[str, dict[str, Any]], source: str) -> None:
             f"{source}: select.alphas = {alphas!r} lists alpha {', '.join(twice)} more than once "
             "(values equal to 6 significant digits count as one); list each alpha once"
         )
-    circuits = values["circuits"]
     for key, allowed in (("thresholds", "in (0, 1]"), ("alphas", "among select.alphas")):
-        entries = circuits[key]
+        entries = list(getattr(circuits, key))
         ok = all(
             not isinstance(v, bool)
             and isinstance(v, int | float)
@@ -284,36 +425,37 @@ def _check_cross_fields(values: dict[str, dict[str, Any]], source: str) -> None:
                 f"a number {allowed}"
             )
     for key in ("pairs", "datasets"):
-        if not run[key] or not all(isinstance(v, str) and v for v in run[key]):
+        names = getattr(run, key)
+        if not names or not all(isinstance(v, str) and v for v in names):
             raise ConfigError(f"{source}: {key} must be a non-empty list of names")
-        bad = [v for v in run[key] if not _NAME.fullmatch(v)]
+        bad = [v for v in names if not _NAME.fullmatch(v)]
         if bad:
             raise ConfigError(
                 f"{source}: {key} entry {bad[0]!r} is not a plain name: it names folders of the "
                 "run directory, so use letters, digits, '_', '-' and '.' (not first), without "
                 "'/' or '..'"
             )
-        twice = sorted({v for v in run[key] if run[key].count(v) > 1})
+        twice = sorted({v for v in names if names.count(v) > 1})
         if twice:
             raise ConfigError(
                 f"{source}: {key} lists {', '.join(map(repr, twice))} more than once; list each "
                 "once"
             )
-    if not all(isinstance(i, str) and i for i in run["ids"]):
+    if not all(isinstance(i, str) and i for i in run.ids):
         raise ConfigError(f"{source}: ids must be a list of question ids such as 'gsm8k-12'")
-    stray = [i for i in run["ids"] if not any(i.startswith(f"{d}-") for d in run["datasets"])]
+    stray = [i for i in run.ids if not any(i.startswith(f"{d}-") for d in run.datasets)]
     if stray:
         raise ConfigError(
             f"{source}: ids entry {stray[0]!r} names no dataset of this run: an id is "
-            f"DATASET-ID with DATASET among {', '.join(run['datasets'])} (e.g. "
-            f"'{run['datasets'][0]}-12')"
+            f"DATASET-ID with DATASET among {', '.join(run.datasets)} (e.g. "
+            f"'{run.datasets[0]}-12')"
         )
-    twice = sorted({i for i in run["ids"] if run["ids"].count(i) > 1})
+    twice = sorted({i for i in run.ids if run.ids.count(i) > 1})
     if twice:
         raise ConfigError(f"{source}: ids lists {twice[0]!r} more than once; list each once")
 
 
-def _pairs(names: list[str], inline: dict[str, Pair], source: str) -> dict[str, Pair]:
+def _pairs(names: tuple[str, ...], inline: dict[str, Pair], source: str) -> dict[str, Pair]:
     registry = {**load_pairs(), **inline}
     unknown = [name for name in names if name not in registry]
     if unknown:

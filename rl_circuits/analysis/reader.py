@@ -39,7 +39,7 @@ def finished_cells(
 ) -> Iterator[tuple[str, str, float, EdgeScores, EdgeScores]]:
     """(pair, dataset, alpha, before scores, after scores) for every finished cell."""
     for pair in cfg.pairs.values():
-        for dataset in cfg["run"]["datasets"]:
+        for dataset in cfg.run.datasets:
             for alpha in cfg.alphas:
                 files = [RunLayout.scores(pair.name, role, dataset, alpha) for role in ROLES]
                 if all(store.exists(f) for f in files):
@@ -74,7 +74,7 @@ def accuracy_table(cfg: RunConfig, store: RunStore) -> pd.DataFrame:
     each pair (the paper's Appendix C and the authors' dataset split)."""
     rows = []
     for pair in cfg.pairs.values():
-        for dataset in cfg["run"]["datasets"]:
+        for dataset in cfg.run.datasets:
             verdicts = {}
             for role in ROLES:
                 stage = store.records(RunLayout.grades(PairModel(pair, role).key, dataset))
@@ -120,7 +120,7 @@ class Run:
         for what, value, known in (
             ("pair", pair, list(self.config.pairs)),
             ("role", role, list(ROLES)),
-            ("dataset", dataset, list(self.config["run"]["datasets"])),
+            ("dataset", dataset, list(self.config.run.datasets)),
             ("alpha", alpha, self.config.alphas),
         ):
             if value is not None and value not in known:
@@ -203,7 +203,7 @@ class Run:
         and kept, from the select stage's reports."""
         rows = []
         for pair in self.config.pairs:
-            for dataset in self.config["run"]["datasets"]:
+            for dataset in self.config.run.datasets:
                 rel = RunLayout.selection(pair, dataset)
                 if not self.store.exists(rel):
                     continue

@@ -167,7 +167,7 @@ def _prepare_tiny_models(config: str) -> None:
     from rl_circuits.config import load_config
     from rl_circuits.models.tiny import write_tiny_models
 
-    directory = load_config(config)["run"]["tiny_models"]
+    directory = load_config(config).run.tiny_models
     if directory and not Path(directory).exists():
         print(f"tiny_models: {directory} is absent; writing it (rl-circuits tiny-models)")
         for path in write_tiny_models(directory):

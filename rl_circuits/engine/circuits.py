@@ -34,6 +34,9 @@ Ablation = Literal["zero", "mean"]
 ABLATIONS: tuple[str, ...] = ("zero", "mean")
 Ranking = Literal["abs", "signed"]
 RANKINGS: tuple[str, ...] = ("abs", "signed")
+# Which scores rank the edges of a question's circuits: their mean over the questions (one
+# ranking for all), or that question's own ("sample").
+RANK_BY: tuple[str, ...] = ("mean", "sample")
 
 
 def evaluate_circuit(

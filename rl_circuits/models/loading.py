@@ -303,11 +303,12 @@ def load_model(
     return model
 
 
-DTYPE_NAMES = {
+# The dtypes a model loads in, by the name configs write (`model.dtype`).
+DTYPES = {
     "float32": torch.float32,
-    "float64": torch.float64,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
+    "float64": torch.float64,
 }
 
 
@@ -316,12 +317,11 @@ def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     name = dtype.removeprefix("torch.") if isinstance(dtype, str) else None
-    if name not in DTYPE_NAMES:
+    if name not in DTYPES:
         raise ConfigError(
-            f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPE_NAMES)} "
-            "(or the torch dtype)"
+            f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)} (or the torch dtype)"
         )
-    return DTYPE_NAMES[name]
+    return DTYPES[name]
 
 
 def check_device(device: str | torch.device | None) -> str | torch.device:

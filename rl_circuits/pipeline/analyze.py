@@ -21,21 +21,21 @@ from rl_circuits.store.run import RunStore
 
 def stage_analyze(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
     """Each metric before/after with paired bootstrap intervals, per pair x dataset x alpha."""
-    a = cfg["analyze"]
+    a = cfg.analyze
     rows, entropy = [], {}
     skipped = {}
     for pair, dataset, alpha, before, after in finished_cells(cfg, store):
         if len(before.ids) < 2:  # diversity and the bootstrap need two questions
             skipped[f"{pair}|{dataset}|{alpha:g}"] = f"{len(before.ids)} question(s) left"
             continue
-        mask = before.edge_mask.numpy() if a["edges"] == "valid" else None
+        mask = before.edge_mask.numpy() if a.edges == "valid" else None
         frame = compare(
             before.values.numpy(),
             after.values.numpy(),
             edge_mask=mask,
-            metrics=_metrics(a["bins"]),
-            n_resamples=a["n_resamples"],
-            seed=a["seed"],
+            metrics=_metrics(a.bins),
+            n_resamples=a.n_resamples,
+            seed=a.seed,
         )
         info = {"pair": pair, "algorithm": cfg.pairs[pair].algorithm, "dataset": dataset}
         for record in frame.to_dict("records"):
@@ -46,7 +46,7 @@ def stage_analyze(cfg: RunConfig, store: RunStore, progress: bool = True) -> Non
             "after": output_entropy(after.values.numpy(), mask).tolist(),
         }
     skipped.update(empty_cells(cfg, store))
-    if cfg["circuits"]["enabled"]:
+    if cfg.circuits.enabled:
         circuit_rows, curves = _circuit_comparisons(cfg, store)
         rows += circuit_rows
         store.write_json(RunLayout.CIRCUIT_CURVES, curves)
@@ -69,7 +69,7 @@ def empty_cells(cfg: RunConfig, store: RunStore) -> dict[str, str]:
     skipped by the attribute stage, or none was selected): shown in Table 1 and the report."""
     out = {}
     for pair in cfg.pairs.values():
-        for dataset in cfg["run"]["datasets"]:
+        for dataset in cfg.run.datasets:
             for alpha in cfg.alphas:
                 if any(
                     store.exists(RunLayout.scores(pair.name, role, dataset, alpha))
@@ -92,10 +92,10 @@ def empty_cells(cfg: RunConfig, store: RunStore) -> dict[str, str]:
 
 def _circuit_comparisons(cfg: RunConfig, store: RunStore) -> tuple[list[dict], dict]:
     """Circuit-size rows for Table 1 and the faithfulness curves, per pair x dataset x alpha."""
-    a, c = cfg["analyze"], cfg["circuits"]
+    a, c = cfg.analyze, cfg.circuits
     rows, curves = [], {}
     for pair in cfg.pairs.values():
-        for dataset in cfg["run"]["datasets"]:
+        for dataset in cfg.run.datasets:
             for alpha in circuit_alphas(cfg):
                 files = [RunLayout.circuit(pair.name, role, dataset, alpha) for role in ROLES]
                 if not all(store.exists(f) for f in files):
@@ -113,9 +113,9 @@ def _circuit_comparisons(cfg: RunConfig, store: RunStore) -> tuple[list[dict], d
                     f_before,
                     f_after,
                     before["ks"],
-                    c["thresholds"],
-                    n_resamples=a["n_resamples"],
-                    seed=a["seed"],
+                    c.thresholds,
+                    n_resamples=a.n_resamples,
+                    seed=a.seed,
                 )
                 info = {"pair": pair.name, "algorithm": pair.algorithm, "dataset": dataset}
                 rows += [_plain({**info, "alpha": alpha, **r}) for r in size_rows]
@@ -123,13 +123,13 @@ def _circuit_comparisons(cfg: RunConfig, store: RunStore) -> tuple[list[dict], d
                     store.read_scores(RunLayout.scores(pair.name, role, dataset, alpha))
                     for role in ROLES
                 ]
-                key = (lambda v: v.abs()) if c["ranking"] == "abs" else (lambda v: v)
+                key = (lambda v: v.abs()) if c.ranking == "abs" else (lambda v: v)
                 band["overlap"] = overlap_curve(
                     key(scores[0].values.double()).mean(0).numpy(),
                     key(scores[1].values.double()).mean(0).numpy(),
                     scores[0].edge_mask.numpy(),
                     before["ks"],
-                    c["ranking"],
+                    c.ranking,
                 )
                 band["sizes"] = {r["metric"]: [r["before"], r["after"]] for r in size_rows}
                 curves[f"{pair.name}|{dataset}|{alpha:g}"] = _plain_tree(band)

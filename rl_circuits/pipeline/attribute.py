@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 from tqdm.auto import tqdm
 
-from rl_circuits.config import RunConfig
+from rl_circuits.config import AttributeSection, RunConfig
 from rl_circuits.data.selection import Selection
 from rl_circuits.errors import NumericalError, RLCircuitsError, StoreError
 from rl_circuits.models.pairs import ROLES, PairModel
@@ -40,7 +40,7 @@ def stage_attribute(
 
     part = shard_of(store, shard)
     merge = store.shard is None
-    a = cfg["attribute"]
+    a = cfg.attribute
     for pair in cfg.pairs.values():
         for role in ROLES:
             member = PairModel(pair, role)
@@ -87,7 +87,7 @@ def _attribution_jobs(cfg: RunConfig, store: RunStore, member: PairModel, shard)
     """(dataset, alpha, [batch of (id, tokens, t_cut)]) for one model: the batches of
     `shard` with a question still to do."""
     pair, role = member.pair.name, member.role
-    for dataset in cfg["run"]["datasets"]:
+    for dataset in cfg.run.datasets:
         selection_rel = RunLayout.selection(pair, dataset)
         selection = Selection.from_dict(store.read_json(selection_rel))
         gens = {
@@ -108,7 +108,7 @@ def _attribution_jobs(cfg: RunConfig, store: RunStore, member: PairModel, shard)
             # Paper text: both models skip a question either answered in fewer than T_cut
             # tokens, so the comparison stays paired. Authors' code: such a question is kept
             # and its loss covers the answer tokens it has (none: skipped).
-            least = 1 if cfg["select"]["rules"] == "authors-code" else cut
+            least = 1 if cfg.select.rules == "authors-code" else cut
             skipped = {
                 qid: f"the {r} model's answer has {n} tokens, fewer than "
                 + ("T_cut = " if least == cut else "")
@@ -129,7 +129,7 @@ def _attribution_jobs(cfg: RunConfig, store: RunStore, member: PairModel, shard)
             items.sort(key=lambda item: len(item[1]))  # stable: ties keep selection order
             batches = [
                 batch
-                for unit, batch in enumerate(_batches(items, cfg["attribute"]["batch_size"]))
+                for unit, batch in enumerate(_batches(items, cfg.attribute.batch_size))
                 if in_shard(unit, shard)
                 and not all(
                     store.exists(RunLayout.question_scores(pair, role, dataset, alpha, qid))
@@ -144,7 +144,7 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def _attribute_batch(model, batch, a: dict, dataset: str):
+def _attribute_batch(model, batch, a: AttributeSection, dataset: str):
     """Right-padded batch -> per-question scores; halves the batch on CUDA out-of-memory."""
     from rl_circuits.engine.attribution import attribute
 
@@ -160,12 +160,12 @@ def _attribute_batch(model, batch, a: dict, dataset: str):
             model,
             tokens,
             mask,
-            graph=a["graph"],
-            method=a["method"],
-            ig_steps=a["ig_steps"],
+            graph=a.graph,
+            method=a.method,
+            ig_steps=a.ig_steps,
             sample_ids=[f"question {q} of {dataset}" for q in ids],
-            efficient_attention=a["efficient_attention"],
-            checkpoint=a["checkpoint"],
+            efficient_attention=a.efficient_attention,
+            checkpoint=a.checkpoint,
         )
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
@@ -199,7 +199,7 @@ def _merge_all(cfg: RunConfig, store: RunStore, member: PairModel) -> bool:
     """Merge the complete cells of one model; True if none is left incomplete."""
     pair, role = member.pair.name, member.role
     complete = True
-    for dataset, alpha in ((d, a) for d in cfg["run"]["datasets"] for a in cfg.alphas):
+    for dataset, alpha in ((d, a) for d in cfg.run.datasets for a in cfg.alphas):
         if store.exists(RunLayout.scores(pair, role, dataset, alpha)):
             continue
         skipped_rel = RunLayout.skipped(pair, role, dataset, alpha)

@@ -24,13 +24,13 @@ from rl_circuits.store.run import RunStore
 
 def circuit_alphas(cfg: RunConfig) -> list[float]:
     """The alphas whose cells get circuits: `circuits.alphas`, or every selection alpha."""
-    return [float(a) for a in cfg["circuits"]["alphas"]] or cfg.alphas
+    return [float(a) for a in cfg.circuits.alphas] or cfg.alphas
 
 
 def stage_circuits(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
     """Losses of every grid circuit per question; a no-op marked done when not enabled."""
-    c = cfg["circuits"]
-    if not c["enabled"]:
+    c = cfg.circuits
+    if not c.enabled:
         store.mark_done("circuits", {"enabled": False})
         return
     for pair in cfg.pairs.values():
@@ -38,7 +38,7 @@ def stage_circuits(cfg: RunConfig, store: RunStore, progress: bool = True) -> No
             member = PairModel(pair, role)
             cells = [
                 (dataset, alpha)
-                for dataset in cfg["run"]["datasets"]
+                for dataset in cfg.run.datasets
                 for alpha in circuit_alphas(cfg)
                 if not store.exists(RunLayout.circuit(pair.name, role, dataset, alpha))
             ]
@@ -77,16 +77,16 @@ def stage_circuits(cfg: RunConfig, store: RunStore, progress: bool = True) -> No
 
 def _cell_losses(model, scores, items, cfg: RunConfig, desc: str, progress: bool):
     """{ids, ks, losses [k][n], none [n], clean [n]} of one cell; clean is the all-edge circuit."""
-    c, a = cfg["circuits"], cfg["attribute"]
+    c, a = cfg.circuits, cfg.attribute
     mask = scores.edge_mask.numpy()
     values = scores.values.double().numpy()
-    ks = log_grid(int(mask.sum()), c["points"])
-    key = np.abs(values) if c["ranking"] == "abs" else values
-    if c["rank_by"] == "mean":
-        shared = torch.from_numpy(top_k_circuits(key.mean(0), mask, ks, c["ranking"]))
+    ks = log_grid(int(mask.sum()), c.points)
+    key = np.abs(values) if c.ranking == "abs" else values
+    if c.rank_by == "mean":
+        shared = torch.from_numpy(top_k_circuits(key.mean(0), mask, ks, c.ranking))
         groups = [
-            list(range(i, min(i + c["batch_size"], len(items))))
-            for i in range(0, len(items), c["batch_size"])
+            list(range(i, min(i + c.batch_size, len(items))))
+            for i in range(0, len(items), c.batch_size)
         ]
     else:
         groups = [[i] for i in range(len(items))]
@@ -94,10 +94,10 @@ def _cell_losses(model, scores, items, cfg: RunConfig, desc: str, progress: bool
     losses = np.zeros((len(ks) + 1, len(items)))
     with tqdm(total=len(items), desc=desc, disable=not progress) as bar:
         for group in groups:
-            if c["rank_by"] == "mean":
+            if c.rank_by == "mean":
                 circuits = shared
             else:
-                circuits = torch.from_numpy(top_k_circuits(key[group[0]], mask, ks, c["ranking"]))
+                circuits = torch.from_numpy(top_k_circuits(key[group[0]], mask, ks, c.ranking))
             width = max(len(items[i][1]) for i in group)
             tokens = torch.zeros(len(group), width, dtype=torch.long)
             loss_mask = torch.zeros(len(group), width, dtype=torch.bool)
@@ -110,9 +110,9 @@ def _cell_losses(model, scores, items, cfg: RunConfig, desc: str, progress: bool
                 tokens,
                 loss_mask,
                 torch.cat([empty, circuits]),
-                graph=a["graph"],
-                ablation=c["ablation"],
-                efficient_attention=a["efficient_attention"],
+                graph=a.graph,
+                ablation=c.ablation,
+                efficient_attention=a.efficient_attention,
             )
             losses[:, group] = out.double().numpy()
             bar.update(len(group))
@@ -122,8 +122,8 @@ def _cell_losses(model, scores, items, cfg: RunConfig, desc: str, progress: bool
         "losses": losses[1:].tolist(),
         "none": losses[0].tolist(),
         "clean": losses[-1].tolist(),
-        "ranking": c["ranking"],
-        "rank_by": c["rank_by"],
-        "ablation": c["ablation"],
-        "graph": a["graph"],
+        "ranking": c.ranking,
+        "rank_by": c.rank_by,
+        "ablation": c.ablation,
+        "graph": a.graph,
     }

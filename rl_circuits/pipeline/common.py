@@ -15,7 +15,7 @@ def device_of(cfg: RunConfig) -> str:
     from rl_circuits.models.loading import check_device
 
     try:
-        return str(check_device(cfg["model"]["device"]))
+        return str(check_device(cfg.model.device))
     except ConfigError as exc:
         raise ConfigError(f"{cfg.source}: model.{exc}") from None
 
@@ -55,9 +55,9 @@ def load_for_scoring(cfg: RunConfig, model: PairModel, max_seq_len: int):
     return load_model(
         model.path,
         revision=model.revision,
-        dtype=as_dtype(cfg["model"]["dtype"]),
+        dtype=as_dtype(cfg.model.dtype),
         device=device_of(cfg),
-        n_devices=cfg["model"]["n_devices"],
+        n_devices=cfg.model.n_devices,
         max_seq_len=max_seq_len,
-        allow_pickle=cfg["model"]["allow_pickle"],
+        allow_pickle=cfg.model.allow_pickle,
     )

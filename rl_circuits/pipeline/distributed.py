@@ -68,7 +68,7 @@ def _sharded(stage: str) -> Stage:
 
 
 def _run_dir(cfg: RunConfig, run_dir: str | os.PathLike[str] | None) -> Path:
-    return Path(run_dir or cfg["run"]["run_dir"]).expanduser().absolute()
+    return Path(run_dir or cfg.run.run_dir).expanduser().absolute()
 
 
 def run_shard(
@@ -160,7 +160,7 @@ def _merge_after_workers(stage: str, cfg: RunConfig, root: Path) -> None:
 
 def _devices_per_worker(stage: str, cfg: RunConfig) -> int:
     """GPUs one shard needs: attribution may split a model over `model.n_devices`."""
-    return cfg["model"]["n_devices"] if stage == "attribute" else 1
+    return cfg.model.n_devices if stage == "attribute" else 1
 
 
 # --------------------------------------------------------------------------- local launcher

@@ -34,9 +34,9 @@ def stage_generate(
     from rl_circuits.models.loading import as_dtype, model_map_for
 
     part = shard_of(store, shard)
-    gen_cfg = cfg["generate"]
-    size = gen_cfg["chunk_size"]
-    datasets = cfg["run"]["datasets"]
+    gen_cfg = cfg.generate
+    size = gen_cfg.chunk_size
+    datasets = cfg.run.datasets
     # An architecture the attribute stage cannot load fails now, not after hours of generation.
     for model in pair_models(cfg.pairs.values()):
         if not all(store.stage_done(RunLayout.generations(model.key, d)) for d in datasets):
@@ -59,20 +59,20 @@ def stage_generate(
         if not todo:
             continue
         generator = make_generator(
-            gen_cfg["backend"],
+            gen_cfg.backend,
             model.path,
             revision=model.revision,
-            dtype=as_dtype(cfg["model"]["dtype"]),
+            dtype=as_dtype(cfg.model.dtype),
             device=device_of(cfg),
-            allow_pickle=cfg["model"]["allow_pickle"],
+            allow_pickle=cfg.model.allow_pickle,
         )
         settings = GenerationSettings(
-            max_new_tokens=gen_cfg["max_new_tokens"] or model.pair.max_new_tokens,
-            temperature=float(gen_cfg["temperature"]),
-            seed=gen_cfg["seed"],
-            batch_size=gen_cfg["batch_size"],
+            max_new_tokens=gen_cfg.max_new_tokens or model.pair.max_new_tokens,
+            temperature=float(gen_cfg.temperature),
+            seed=gen_cfg.seed,
+            batch_size=gen_cfg.batch_size,
             stop=tuple(model.pair.stop),
-            keep_end_token=gen_cfg["end_token"] == "keep",
+            keep_end_token=gen_cfg.end_token == "keep",
         )
         for dataset, (stage, chunks) in todo.items():
             # `with`: a bar is closed before an error message is printed, not after it
@@ -96,7 +96,7 @@ def stage_generate(
 def _question(cfg: RunConfig, record: dict) -> str:
     """The question as prompted: stripped under the authors' rules, as their harness does."""
     text = record["question"]
-    return text.strip() if cfg["select"]["rules"] == "authors-code" else text
+    return text.strip() if cfg.select.rules == "authors-code" else text
 
 
 def merge_generate(cfg: RunConfig, store: RunStore) -> bool:
@@ -104,7 +104,7 @@ def merge_generate(cfg: RunConfig, store: RunStore) -> bool:
     order, whoever wrote them); mark `generate` done and return True once all are."""
     complete = True
     for model in pair_models(cfg.pairs.values()):
-        for dataset in cfg["run"]["datasets"]:
+        for dataset in cfg.run.datasets:
             stage = store.records(RunLayout.generations(model.key, dataset))
             if stage.is_done():
                 continue

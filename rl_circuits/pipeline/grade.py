@@ -15,7 +15,7 @@ from rl_circuits.store.run import RunStore
 def stage_grade(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
     """Grade every generation: the extracted answer, the gold, and the verdict."""
     for model in pair_models(cfg.pairs.values()):
-        for dataset in cfg["run"]["datasets"]:
+        for dataset in cfg.run.datasets:
             stage = store.records(RunLayout.grades(model.key, dataset))
             if stage.is_done():
                 continue
@@ -32,8 +32,8 @@ def stage_grade(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
                     result = grade(
                         g["answer"],
                         golds[g["id"]],
-                        timeout=cfg["grade"]["timeout"],
-                        grader=cfg["grade"]["grader"],
+                        timeout=cfg.grade.timeout,
+                        grader=cfg.grade.grader,
                         dataset=dataset,
                     )
                     rows.append({"id": g["id"], **result.to_dict()})

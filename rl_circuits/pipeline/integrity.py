@@ -25,7 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rl_circuits.config import SCHEMA, RunConfig, config_from_resolved, upgrade_resolved
+from rl_circuits.config import (
+    RunConfig,
+    config_from_resolved,
+    defaults,
+    upgrade_resolved,
+)
 from rl_circuits.errors import ConfigError, RLCircuitsError
 from rl_circuits.models.pairs import ROLES, PairModel, pair_models
 from rl_circuits.pipeline.registry import STAGE_NAMES, STAGES
@@ -46,12 +51,13 @@ def _same(a: Any, b: Any) -> bool:
 def key_values(cfg: RunConfig, keys: tuple[str, ...], drop: tuple[str, ...] = ()) -> dict:
     """The values of `keys` that differ from their defaults ({"section.key": value})."""
     out = {}
+    tables, default = cfg.resolved(), defaults()
     for key in keys:
         section, _, name = key.partition(".")
-        for k in [name] if name else list(SCHEMA[section]):
+        for k in [name] if name else list(default[section]):
             full = f"{section}.{k}"
-            value = cfg[section][k]
-            if full not in drop and not _same(value, SCHEMA[section][k][1]):
+            value = tables[section][k]
+            if full not in drop and not _same(value, default[section][k]):
                 out[full] = value
     return out
 
@@ -78,9 +84,9 @@ def data_hashes(cfg: RunConfig) -> dict[str, str]:
     from rl_circuits.data.datasets import dataset_file, dataset_hash
 
     out = {}
-    if cfg["run"]["data_dir"]:
-        for name in cfg["run"]["datasets"]:
-            path = dataset_file(name, cfg["run"]["data_dir"], cfg["run"]["split"])
+    if cfg.run.data_dir:
+        for name in cfg.run.datasets:
+            path = dataset_file(name, cfg.run.data_dir, cfg.run.split)
             if path.is_file():
                 out[name] = dataset_hash(path)
     return out
@@ -96,10 +102,10 @@ def plan(cfg: RunConfig, hashes: dict[str, str]) -> dict[str, StagePlan]:
         spec = STAGES[stage]
         return key_values(cfg, spec.keys, spec.per_cell)
 
-    datasets = cfg["run"]["datasets"]
+    datasets = cfg.run.datasets
     for name in datasets:
-        source = hashes.get(name) or cfg["run"]["data_dir"] or "hub"
-        ids = [i for i in cfg["run"]["ids"] if i.startswith(f"{name}-")]
+        source = hashes.get(name) or cfg.run.data_dir or "hub"
+        ids = [i for i in cfg.run.ids if i.startswith(f"{name}-")]
         fp = _hash(["datasets", name, source, {**values("datasets"), "run.ids": ids}])
         plans["datasets"].cells[name] = Cell(fp, (RunLayout.dataset(name),))
     for model in pair_models(cfg.pairs.values()):
@@ -125,7 +131,7 @@ def plan(cfg: RunConfig, hashes: dict[str, str]) -> dict[str, StagePlan]:
                     fp = _hash(["attribute", pair.name, role, alpha, values("attribute"), up])
                     plans["attribute"].cells[rel] = Cell(fp, (rel,))
                     attribute_cells.append((pair.name, role, name, alpha, fp))
-    enabled = cfg["circuits"]["enabled"]
+    enabled = cfg.circuits.enabled
     alphas = set(circuit_alphas(cfg))
     for pair, role, name, alpha, up in attribute_cells:
         if enabled and alpha in alphas:

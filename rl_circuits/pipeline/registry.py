@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rl_circuits.config import SCHEMA
+from rl_circuits.config import SECTIONS
 from rl_circuits.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ STAGES: dict[str, Stage] = {
             _analyze,
         ),
         # the report's notes name settings of every stage: all of the config
-        Stage("report", tuple(SCHEMA), ("analyze",), "run", _report),
+        Stage("report", tuple(SECTIONS), ("analyze",), "run", _report),
     )
 }
 STAGE_NAMES = tuple(STAGES)  # in running order

@@ -16,7 +16,7 @@ def stage_report(cfg: RunConfig, store: RunStore, progress: bool = True) -> Path
     run = Run(store.root, cfg, store)
     figures = run.figures()
     html = render_report(
-        title=f"rl-circuits: {', '.join(cfg.pairs)} on {', '.join(cfg['run']['datasets'])}",
+        title=f"rl-circuits: {', '.join(cfg.pairs)} on {', '.join(cfg.run.datasets)}",
         table=run.table1(),
         figures=figures,
         notes=_notes(cfg),
@@ -33,14 +33,14 @@ def stage_report(cfg: RunConfig, store: RunStore, progress: bool = True) -> Path
 
 
 def _notes(cfg: RunConfig) -> str:
-    a = cfg["analyze"]
+    a = cfg.analyze
     return (
-        f"Metrics over {a['edges']} entries of each edge matrix; graph {cfg['attribute']['graph']}"
-        f", method {cfg['attribute']['method']}. Intervals: paired bootstrap over questions "
-        f"({a['n_resamples']} resamples, 95%); p: paired permutation test; Info. Complex. "
-        f"with {a['bins']} bins. Grader {cfg['grade']['grader']}, selection rules "
-        f"{cfg['select']['rules']} (reference {cfg['select']['reference']}, window "
-        f"{cfg['select']['window']}, subset {cfg['select']['subset']}), end token "
-        f"{cfg['generate']['end_token']}. "
+        f"Metrics over {a.edges} entries of each edge matrix; graph {cfg.attribute.graph}"
+        f", method {cfg.attribute.method}. Intervals: paired bootstrap over questions "
+        f"({a.n_resamples} resamples, 95%); p: paired permutation test; Info. Complex. "
+        f"with {a.bins} bins. Grader {cfg.grade.grader}, selection rules "
+        f"{cfg.select.rules} (reference {cfg.select.reference}, window "
+        f"{cfg.select.window}, subset {cfg.select.subset}), end token "
+        f"{cfg.generate.end_token}. "
         "↑/↓/→ direction of the change after post-training (→: none), * interval excludes 0."
     )

@@ -36,7 +36,7 @@ def run_pipeline(
         get_stage(stage)
     cfg = load_config(config)
     device_of(cfg)  # an unusable device fails before any work
-    store, changes = open_run(Path(run_dir or cfg["run"]["run_dir"]), cfg, force=force)
+    store, changes = open_run(Path(run_dir or cfg.run.run_dir), cfg, force=force)
     if changes.stages:
         print(f"config or data changed; these stages recompute:\n{changes.describe()}")
     with store:

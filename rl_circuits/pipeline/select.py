@@ -14,10 +14,10 @@ from rl_circuits.store.run import RunStore
 
 def stage_select(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
     """Per pair and dataset: the questions both models got right, filtered and sampled."""
-    s = cfg["select"]
+    s = cfg.select
     for pair in cfg.pairs.values():
         keys = {role: PairModel(pair, role).key for role in ROLES}
-        for dataset in cfg["run"]["datasets"]:
+        for dataset in cfg.run.datasets:
             rel = RunLayout.selection(pair.name, dataset)
             if store.exists(rel):
                 continue
@@ -44,16 +44,16 @@ def stage_select(cfg: RunConfig, store: RunStore, progress: bool = True) -> None
             try:
                 selection = select(
                     rows,
-                    n=s["n"],
-                    seed=s["seed"],
-                    beta=s["beta"],
-                    gamma=s["gamma"],
-                    delta=s["delta"],
-                    reference=None if s["reference"] == "preset" else s["reference"],
-                    window=None if s["window"] == "preset" else s["window"],
+                    n=s.n,
+                    seed=s.seed,
+                    beta=s.beta,
+                    gamma=s.gamma,
+                    delta=s.delta,
+                    reference=None if s.reference == "preset" else s.reference,
+                    window=None if s.window == "preset" else s.window,
                     alphas=cfg.alphas,
-                    rules=s["rules"],
-                    subset=s["subset"],
+                    rules=s.rules,
+                    subset=s.subset,
                 )
             except RLCircuitsError as exc:
                 raise type(exc)(f"pair {pair.name}, dataset {dataset}: {exc}") from exc

@@ -19,7 +19,7 @@ def test_demo_config_validates(tmp_path, monkeypatch):
     cfg = load_config(resource_dir("configs") / "demo.toml")
     assert list(cfg.pairs) == ["toy-grpo", "toy-dpo"]
     assert cfg.alphas == [0.1, 0.3, 0.5, 1.0]
-    assert cfg["attribute"]["graph"] == "paper"
+    assert cfg.attribute.graph == "paper"
     assert cfg.pairs["toy-dpo"].algorithm == "DPO"
 
 

@@ -281,14 +281,14 @@ def test_pipeline_runs_the_heads_graph_end_to_end(heads_run):
     from rl_circuits import load_run
 
     run = load_run(heads_run)
-    assert run.config["attribute"]["graph"] == "heads"
+    assert run.config.attribute.graph == "heads"
     scores = run.scores("tiny", "after", "sevens", 1.0)
     n_layers, n_heads = 2, 4  # the tiny models
     graph = build_graph("heads", n_layers, n_heads)
     assert scores.values.shape == (4, len(graph.upstream), len(graph.downstream))
     assert scores.upstream == graph.upstream and scores.downstream == graph.downstream
     assert torch.equal(scores.edge_mask, graph.edge_mask)
-    assert scores.graph == "heads" and scores.method == run.config["attribute"]["method"]
+    assert scores.graph == "heads" and scores.method == run.config.attribute.method
     assert (scores.values[:, ~scores.edge_mask] == 0).all()
     assert scores.values[:, scores.edge_mask].abs().min() >= 0
     table = run.table1().to_markdown()

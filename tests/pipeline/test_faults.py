@@ -5,6 +5,7 @@ one message the user sees, the exit code, and that nothing already written is lo
 to kill are forked from this one (imports already done), patched to stop at a chosen point.
 """
 
+import dataclasses
 import errno
 import json
 import multiprocessing
@@ -924,7 +925,7 @@ def test_security_names_cannot_write_outside_the_run(world, tmp_path, capsys):
     cfg = load_config(world.config)
     pair = cfg.pairs["tiny"]
     fields = {k: v for k, v in vars(pair).items() if k != "name"}
-    evil = type(cfg)(cfg.values, {"../evil": Pair(name="../evil", **fields)}, cfg.source)
+    evil = dataclasses.replace(cfg, pairs={"../evil": Pair(name="../evil", **fields)})
     copy = _copy_run(world, tmp_path / "run", "grade")
     with RunStore.open(copy, cfg.resolved()) as store:
         with pytest.raises(StoreError, match=r"contains '\.\.': nothing is written outside"):

@@ -188,7 +188,7 @@ def test_explicit_run_table_is_honoured(tiny_run, tmp_path, capsys):
         'pairs = ["qwen2.5"]\n[run]\nrun_dir = "elsewhere"\nlimit = 3\ndatasets = ["x"]\n'
     )
     cfg = load_config(path)
-    assert cfg["run"]["run_dir"] == "elsewhere" and cfg["run"]["limit"] == 3
+    assert cfg.run.run_dir == "elsewhere" and cfg.run.limit == 3
     path.write_text('limit = 2\npairs = ["qwen2.5"]\n[run]\nlimit = 3\ndatasets = ["x"]\n')
     with pytest.raises(ConfigError, match="limit is set both at the top level and in"):
         load_config(path)

@@ -18,13 +18,13 @@ from rl_circuits.store.run import RunStore
 def test_every_file_of_a_run_is_named_by_the_layout(tiny_run):
     base, config = tiny_run
     cfg, root = load_config(config), base / "run"
-    datasets = cfg["run"]["datasets"]
+    datasets = cfg.run.datasets
     named = {RunLayout.LOCK, RunLayout.CONFIG, RunLayout.MANIFEST}
     named |= {RunLayout.marker(stage) for stage in STAGE_NAMES}
     named |= {RunLayout.dataset(d) for d in datasets}
     named |= {RunLayout.COMPARE, RunLayout.OUTPUT_ENTROPY, RunLayout.SKIPPED_CELLS}
     named |= {RunLayout.TABLE1_MD, RunLayout.TABLE1_TEX, RunLayout.REPORT_HTML}
-    if cfg["circuits"]["enabled"]:
+    if cfg.circuits.enabled:
         named.add(RunLayout.CIRCUIT_CURVES)
     records = [
         where(model.key, d)
@@ -45,7 +45,7 @@ def test_every_file_of_a_run_is_named_by_the_layout(tiny_run):
                         RunLayout.scores(pair, role, d, alpha),
                     }
                     named |= {RunLayout.question_scores(pair, role, d, alpha, q) for q in selected}
-                if cfg["circuits"]["enabled"]:
+                if cfg.circuits.enabled:
                     named |= {RunLayout.circuit(pair, role, d, a) for a in circuit_alphas(cfg)}
     files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
     pngs = {f for f in files if re.fullmatch(re.escape(RunLayout.report_png("")) + r"[^/]+", f)}

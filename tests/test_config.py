@@ -1,0 +1,248 @@
+"""Run configs as typed sections: defaults, ranges, choices owned by their modules, overrides,
+and a run written before the sections existed loading and planning unchanged."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rl_circuits.config import (
+    SECTIONS,
+    AttributeSection,
+    CircuitsSection,
+    GenerateSection,
+    GradeSection,
+    ModelSection,
+    RunConfig,
+    SelectSection,
+    config_from_resolved,
+    defaults,
+    load_config,
+    parse_config,
+    rule,
+    upgrade_resolved,
+)
+from rl_circuits.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.toml"
+FIXTURE = Path(__file__).parent / "fixtures" / "config_94d74f2.json"
+MINIMAL = {"pairs": ["mistral"], "datasets": ["gsm8k"]}
+
+
+def test_one_frozen_section_per_table():
+    names = [f.name for f in dataclasses.fields(RunConfig)]
+    assert names == [*SECTIONS, "pairs", "source"]
+    assert list(SECTIONS) == [
+        "run",
+        "model",
+        "generate",
+        "grade",
+        "select",
+        "attribute",
+        "circuits",
+        "analyze",
+    ]
+    cfg = parse_config(MINIMAL, "c.toml")
+    for name, kind in SECTIONS.items():
+        section = cfg.section(name)
+        assert type(section) is kind and getattr(cfg, name) is section
+        for f in dataclasses.fields(kind):
+            assert f.metadata["rule"].kind is not None, f"{name}.{f.name} has no type"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.select.n = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.select = SelectSection()
+    with pytest.raises(KeyError):
+        cfg.section("pairs")
+
+
+def test_defaults_fill_every_absent_key():
+    cfg = parse_config({**MINIMAL, "select": {"n": 7}}, "c.toml")
+    resolved = cfg.resolved()
+    expected = defaults()
+    expected["run"].update(pairs=["mistral"], datasets=["gsm8k"])
+    expected["select"]["n"] = 7
+    assert {k: v for k, v in resolved.items() if k != "pairs"} == expected
+    # TOML lists are tuples in the frozen sections and lists again in resolved()
+    assert cfg.select.alphas == (0.03, 0.1, 0.3, 0.5) and cfg.run.pairs == ("mistral",)
+    assert resolved["select"]["alphas"] == [0.03, 0.1, 0.3, 0.5]
+    assert cfg.alphas == [0.03, 0.1, 0.3, 0.5]
+    assert SelectSection().n == 100 and GradeSection().grader == "math-verify"
+
+
+def test_every_choice_comes_from_its_owning_module():
+    from rl_circuits.data import generation, grading, selection
+    from rl_circuits.engine import attribution, circuits, graph
+    from rl_circuits.models import loading
+
+    owned = {
+        (ModelSection, "dtype"): tuple(loading.DTYPES),
+        (GenerateSection, "backend"): generation.BACKENDS,
+        (GenerateSection, "end_token"): generation.END_TOKENS,
+        (GradeSection, "grader"): grading.GRADERS,
+        (SelectSection, "rules"): selection.RULES,
+        (SelectSection, "subset"): selection.SUBSETS,
+        (AttributeSection, "graph"): graph.GRAPHS,
+        (AttributeSection, "method"): attribution.METHODS,
+        (CircuitsSection, "ablation"): circuits.ABLATIONS,
+        (CircuitsSection, "ranking"): circuits.RANKINGS,
+        (CircuitsSection, "rank_by"): circuits.RANK_BY,
+    }
+    for (section, key), values in owned.items():
+        assert rule(section, key).choices == values, f"{section.__name__}.{key}"
+    # "preset": whatever select.rules implies (selection.PRESETS)
+    assert rule(SelectSection, "reference").choices == ("preset", *selection.REFERENCES)
+    assert rule(SelectSection, "window").choices == ("preset", *selection.WINDOWS)
+    assert SelectSection().alphas == selection.DEFAULT_ALPHAS
+    choice_keys = {
+        (kind, f.name)
+        for kind in SECTIONS.values()
+        for f in dataclasses.fields(kind)
+        if f.metadata["rule"].choices is not None
+    }
+    from rl_circuits.config import AnalyzeSection
+
+    assert rule(AnalyzeSection, "edges").choices == graph.EDGE_SETS
+    assert choice_keys == {*owned, (SelectSection, "reference"), (SelectSection, "window")} | {
+        (AnalyzeSection, "edges")
+    }
+
+
+def test_a_value_added_to_an_owning_module_is_accepted(monkeypatch):
+    """The config re-types no list of names: a graph, grader, ... added where the concept lives
+    is a valid config value at once (and listed in the error for a wrong one)."""
+    import torch
+
+    from rl_circuits.data import generation, grading
+    from rl_circuits.engine import graph
+    from rl_circuits.models import loading
+
+    monkeypatch.setattr(graph, "GRAPHS", (*graph.GRAPHS, "mlp-only"))
+    monkeypatch.setattr(grading, "GRADERS", (*grading.GRADERS, "sympy"))
+    monkeypatch.setattr(generation, "BACKENDS", (*generation.BACKENDS, "sglang"))
+    monkeypatch.setattr(loading, "DTYPES", {**loading.DTYPES, "float8": torch.float8_e4m3fn})
+    doc = {
+        **MINIMAL,
+        "attribute": {"graph": "mlp-only"},
+        "grade": {"grader": "sympy"},
+        "generate": {"backend": "sglang"},
+        "model": {"dtype": "float8"},
+    }
+    cfg = parse_config(doc, "c.toml")
+    assert (cfg.attribute.graph, cfg.grade.grader, cfg.generate.backend, cfg.model.dtype) == (
+        "mlp-only",
+        "sympy",
+        "sglang",
+        "float8",
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config({**doc, "attribute": {"graph": "nope"}}, "c.toml")
+    assert str(info.value) == (
+        "c.toml: attribute.graph = 'nope' is out of range: must be one of 'paper', 'block', "
+        "'residual', 'heads', 'mlp-only'"
+    )
+
+
+def test_config_imports_no_model_code():
+    """The choices of engine and model keys are read from their modules when checked, so the
+    config module (and the CLI that names the sections) loads without torch or TransformerLens."""
+    code = (
+        "import sys, rl_circuits.config as c\n"
+        "c.parse_config({'pairs': ['mistral'], 'datasets': ['gsm8k']}, 'c.toml')\n"
+        "print(sorted(m for m in ('torch', 'transformer_lens') if m in sys.modules))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (
+            {"model": {"dtype": "fp8"}},
+            "c.toml: model.dtype = 'fp8' is out of range: must be one of 'float32', 'bfloat16', "
+            "'float16', 'float64'",
+        ),
+        ({"limit": True}, "c.toml: limit must be an int (>= 0), got True"),
+        (
+            {"generate": {"temperature": "hot"}},
+            "c.toml: generate.temperature must be a number (>= 0), got 'hot'",
+        ),
+        (
+            {"grade": {"timeout": float("inf")}},
+            "c.toml: grade.timeout = inf must be a finite number (> 0)",
+        ),
+        ({"attribute": {"checkpoint": 1}}, "c.toml: attribute.checkpoint must be a bool, got 1"),
+        ({"select": {"alphas": 0.5}}, "c.toml: select.alphas must be a list, got 0.5"),
+        (
+            {"circuits": {"colour": 1}},
+            "c.toml: circuits.colour is not a known key; allowed: enabled, points, thresholds, "
+            "ablation, ranking, rank_by, alphas, batch_size",
+        ),
+        (
+            {"colour": {"x": 1}},
+            "c.toml: unknown section [colour]; allowed: run, model, generate, grade, select, "
+            "attribute, circuits, analyze",
+        ),
+        (
+            {"select": {"alphas": [0.5, 0.5000001]}},
+            "c.toml: select.alphas = [0.5, 0.5000001] lists alpha 0.5 more than once",
+        ),
+    ],
+)
+def test_errors_name_the_key_and_the_range(doc, message):
+    with pytest.raises(ConfigError) as info:
+        parse_config({**MINIMAL, **doc}, "c.toml")
+    assert str(info.value).startswith(message)
+
+
+def test_overrides_replace_keys_and_are_validated():
+    plain = load_config(TINY)
+    cfg = load_config(TINY, {"select": {"n": 3}, "run": {"limit": 2}, "grade": {"timeout": 9}})
+    assert (cfg.select.n, cfg.run.limit, cfg.grade.timeout) == (3, 2, 9)
+    # the file's other keys stay, in the overridden section too
+    assert cfg.select.beta == plain.select.beta == 0.1 and cfg.run.pairs == ("tiny",)
+    changed = {
+        f"{name}.{k}"
+        for name in SECTIONS
+        for k, v in cfg.resolved()[name].items()
+        if plain.resolved()[name][k] != v
+    }
+    assert changed == {"select.n", "run.limit", "grade.timeout"}
+    with pytest.raises(ConfigError, match=r"tiny\.toml: select\.n = 1 is out of range: must be"):
+        load_config(TINY, {"select": {"n": 1}})
+
+
+def test_run_written_before_the_sections_loads_and_plans_unchanged():
+    """config.json of a run written by the code before typed sections (fixture) parses back
+    to the same resolved config, shows no config change, and every stage and cell keeps its
+    fingerprint: the run is neither refused nor recomputed."""
+    from rl_circuits.store.run_store import config_diff
+
+    from rl_circuits.pipeline.integrity import plan
+
+    old = json.loads(FIXTURE.read_text())
+    stored = old["config"]
+    cfg = config_from_resolved(upgrade_resolved(stored), "config.json")
+    assert cfg.resolved() == stored
+    assert config_diff(upgrade_resolved(stored), cfg.resolved()) == []
+    got = plan(cfg, old["dataset_hashes"])
+    assert {
+        stage: {"stage": p.fingerprint, "cells": {k: c.fingerprint for k, c in p.cells.items()}}
+        for stage, p in got.items()
+    } == old["fingerprints"]
+    # keys at their defaults missing from an older config.json are no change either
+    older = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}
+    del older["analyze"]["bins"], older["run"]["ids"]
+    assert config_from_resolved(upgrade_resolved(older), "c").resolved() == stored
