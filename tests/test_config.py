@@ -228,7 +228,7 @@ def test_run_written_before_the_sections_loads_and_plans_unchanged():
     """config.json of a run written by the code before typed sections (fixture) parses back
     to the same resolved config, shows no config change, and every stage and cell keeps its
     fingerprint: the run is neither refused nor recomputed."""
-    from rl_circuits.store.run_store import config_diff
+    from rl_circuits.store.canonical import config_diff
 
     from rl_circuits.pipeline.integrity import plan
 
