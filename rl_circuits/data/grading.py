@@ -196,6 +196,7 @@ def _grade_authors(
     in the harness (its process pool gives up after 3 s)."""
     from rl_circuits.data import harness_grader
 
+    harness_grader.latex_grammar()  # raises ImportError naming the missing package
     raw_gold = gold if isinstance(gold, str) else gold_answer(gold)
     pred, ref = harness_grader.verdict_inputs(response_text, raw_gold, dataset)
     if not str(raw_gold).strip():

@@ -429,51 +429,60 @@ def _parse_plain(text: str) -> Any:
     return parse_expr(text)
 
 
-def _latex(text: str) -> Any:
-    from latex2sympy2_extended import latex2sympy
+@cache
+def latex_grammar() -> tuple[Any, type, type, Any]:
+    """sympy's ANTLR LaTeX grammar (the one behind the harness's `parse_latex`): the antlr4
+    module, lexer and parser classes, and sympy's module with its error listener and
+    converter. sympy's own `parse_latex` wrapper insists on antlr4 4.11 (math-verify needs
+    4.13), but the generated grammar runs unchanged on 4.13; the subclasses only silence the
+    generated code's version notice, which it prints to stdout."""
+    try:
+        import antlr4
+        from sympy.parsing.latex import _parse_latex_antlr as grammar
+    except ImportError as exc:
+        raise ImportError(
+            "the authors' grader parses LaTeX with sympy's ANTLR grammar, which needs the "
+            "package antlr4-python3-runtime (pip install 'antlr4-python3-runtime>=4.11')"
+        ) from exc
+    if None in (grammar.LaTeXLexer, grammar.LaTeXParser, grammar.MathErrorListener):
+        raise ImportError(
+            "sympy's ANTLR LaTeX grammar did not load (sympy.parsing.latex._antlr); install "
+            "antlr4-python3-runtime>=4.11 next to sympy"
+        )
 
-    return latex2sympy(text)
+    class Lexer(grammar.LaTeXLexer):
+        def checkVersion(self, toolVersion: str) -> None:  # noqa: N802 - antlr's name
+            """Generated for antlr 4.11; its grammar runs on later runtimes as is."""
 
+    class Parser(grammar.LaTeXParser):
+        def checkVersion(self, toolVersion: str) -> None:  # noqa: N802 - antlr's name
+            """Generated for antlr 4.11; its grammar runs on later runtimes as is."""
 
-def _stop_of_relation(text: str) -> int:
-    """Where sympy's LaTeX grammar ends a formula: a comma outside brackets, or a period
-    that does not start a decimal's digits."""
-    depth = 0
-    for index, char in enumerate(text):
-        if char in "([{":
-            depth += 1
-        elif char in ")]}":
-            depth -= 1
-        elif char == "," and depth <= 0:
-            return index
-        elif char == "." and not text[index + 1 : index + 2].isdigit():
-            return index
-    return len(text)
+    return antlr4, Lexer, Parser, grammar
 
 
 def _parse_latex(text: str) -> Any:
-    """LaTeX to sympy like the harness's sympy `parse_latex`, which reads the longest leading
-    formula and ignores the rest ("No. Consider x" reads as N*o)."""
-    head = text[: _stop_of_relation(text)]
-    if not head.strip():
-        raise ValueError(f"no formula at the start of {text!r}")
-    try:
-        return _latex(head)
-    except Exception:  # fall back to the longest leading part that parses
-        pass
-    for end in range(len(head) - 1, max(len(head) - _PREFIX_TRIES, 0), -1):
-        try:
-            return _latex(head[:end])
-        except Exception:  # shorter prefixes next
-            continue
-    raise ValueError(f"no LaTeX formula parses at the start of {text!r}")
-
-
-_PREFIX_TRIES = 400
+    """LaTeX to sympy exactly as the harness's sympy 1.12 `parse_latex`: the same grammar and
+    converter, which read the longest leading formula and ignore what follows it ("No.
+    Consider x" reads as N*o, `\\mathbb{R}+1` as R*mathbb + 1); a syntax error in what it
+    reads raises."""
+    antlr4, lexer_class, parser_class, grammar = latex_grammar()
+    errors = grammar.MathErrorListener(text)
+    lexer = lexer_class(antlr4.InputStream(text))
+    lexer.removeErrorListeners()
+    lexer.addErrorListener(errors)
+    parser = parser_class(antlr4.CommonTokenStream(lexer))
+    parser.removeErrorListeners()
+    parser.addErrorListener(errors)
+    return grammar.convert_relation(parser.math().relation())
 
 
 def _parse(text: str) -> Any:
-    """A sympy object from answer text (LaTeX first, then plain arithmetic), else the text."""
+    """A sympy object from answer text, else the text: sympy's LaTeX grammar first, then plain
+    arithmetic, each on the text with `\\\\` read as `\\` and then as written (the harness's
+    order). Its third parser, latex2sympy2, is generated for antlr 4.7 and does not load on
+    the antlr4 4.11 that its pinned sympy 1.12 needs, so it never parses there: not tried."""
+    latex_grammar()  # a missing antlr4 is an install error, not a failed parse
     for parser in (_parse_latex, _parse_plain):
         for variant in (text.replace("\\\\", "\\"), text):
             try:

@@ -237,6 +237,102 @@ def test_authors_grader_rules(text, gold, dataset, correct):
     assert result.correct is correct, result
 
 
+# Verdicts of the harness itself (QwenLM/Qwen2.5-Math grader.py under its pinned sympy 1.12 and
+# antlr4 4.11.1), where an emulation of sympy's `parse_latex` by another LaTeX parser differed.
+@pytest.mark.parametrize(
+    ("text", "gold", "dataset", "correct"),
+    [
+        ("\\boxed{ 1 4 5 ^ \\ c i r c }", "145^\\circ", "math500", False),
+        ("\\boxed{ 3   \\ p m   2   \\ s q r t { 2 } }", "3 \\pm 2 \\sqrt{2}", "math500", False),
+        # the gold's own answer is wrong: "\approx\1985.06" stops sympy's grammar with an error
+        (
+            "So the answer is $\\boxed{P=\\frac{2000}{e^{0.0025 \\cdot 3}} \\approx \\$ 1985.06}$.",
+            "$P=\\frac{2000}{e^{0.0025 \\cdot 3}} \\approx \\$ 1985.06$",
+            "college_math",
+            False,
+        ),
+        # chains of equations read as Eq(Eq(..)) = False on both sides: equal
+        (
+            "Thus \\boxed{i^{311}=\\left(i^{4}\\right)^{76}=1^{76}=1}.",
+            "$i^{304}=\\left(i^{4}\\right)^{76}=1^{76}=1$",
+            "college_math",
+            True,
+        ),
+        (
+            "\\boxed{\\frac{-3}{\\sqrt{1+4+1} \\sqrt{1+4+49}}=-0.55555=\\cos \\theta}",
+            "$\\frac{-10}{\\sqrt{1+4+1} \\sqrt{1+4+49}}=-0.55555=\\cos \\theta$",
+            "college_math",
+            True,
+        ),
+        (
+            "\\boxed{P(X=12) \\approx\\left((100 / 1000)^{5} / 5\\right.$ ! $) "
+            "\\exp \\{-100 / 1000\\}}",
+            "$P(X=5) \\approx\\left((100 / 1000)^{5} / 5\\right.$ ! $) \\exp \\{-100 / 1000\\}$",
+            "college_math",
+            False,
+        ),
+        # bracketed matrices: the grammar has no \begin{pmatrix}, each side fails to parse
+        (
+            "\\boxed{\\mathbf{y}=c_{8} e^{2 t}"
+            "\\left[\\begin{array}{c}\\cos t \\\\ 2\\end{array}\\right]}",
+            "$\\mathbf{y}=c_{1} e^{2 t}\\left[\\begin{array}{c}\\cos t \\\\ 2\\end{array}\\right]$",
+            "college_math",
+            False,
+        ),
+        ("\\boxed{\\mathbb{R}+1}", "$\\mathbb{R}$", "college_math", False),  # R*mathbb + 1
+        ("\\boxed{\\mathbb{R}}", "$\\{$ All reals. $\\}: \\mathbb{R}$", "college_math", False),
+        ("\\boxed{No. Consider y}", "No. Consider x", "college_math", True),  # both N*o
+        ("\\boxed{Yes}", "No. Consider x", "college_math", False),
+    ],
+)
+def test_authors_grader_parses_latex_as_the_harness_does(text, gold, dataset, correct):
+    result = grade(text, gold, grader="authors", dataset=dataset)
+    assert result.correct is correct, result
+
+
+@pytest.mark.parametrize(
+    ("latex", "expected"),
+    [
+        ("\\mathbb{R}+1", "R*mathbb + 1"),  # the longest leading formula, partial commands too
+        ("No. Consider x", "N*o"),
+        ("x^{2}+1, 5", "x**2 + 1"),
+        ("P(X=12)\\approx3", "P"),
+        ("i^{311}=(i^{4})^{76}=1^{76}=1", "False"),
+        ("\\frac{1}{", None),  # a syntax error in what it reads raises
+        ("(45,2),(-10,-9)", None),
+        ("\\begin{pmatrix}1&2\\end{pmatrix}", None),
+        ("?x", None),
+        ("", None),
+    ],
+)
+def test_latex_parser_matches_sympys_parse_latex(latex, expected, capsys):
+    """Results of sympy 1.12's `parse_latex` on antlr4 4.11 (the harness's), from our antlr4."""
+    from sympy.parsing.latex.errors import LaTeXParsingError
+
+    from rl_circuits.harness_grader import _parse_latex
+
+    if expected is None:
+        with pytest.raises(LaTeXParsingError):
+            _parse_latex(latex)
+    else:
+        assert str(_parse_latex(latex)) == expected
+    assert capsys.readouterr().out == ""  # the generated code's version notice is silenced
+
+
+def test_authors_grader_without_antlr4_says_what_to_install(monkeypatch):
+    import sys
+
+    from rl_circuits import harness_grader
+
+    harness_grader.latex_grammar.cache_clear()
+    monkeypatch.setitem(sys.modules, "antlr4", None)  # `import antlr4` raises ImportError
+    try:
+        with pytest.raises(ImportError, match="antlr4-python3-runtime"):
+            grade("\\boxed{x+1}", "1+x", grader="authors", dataset="math500")
+    finally:
+        harness_grader.latex_grammar.cache_clear()
+
+
 def test_authors_grader_differs_from_math_verify_where_the_harness_does():
     text = "She sells 9 eggs and earns 18"  # no box, no "answer is": only the harness reads 18
     assert grade(text, "18", grader="authors", dataset="gsm8k").correct
