@@ -309,7 +309,7 @@ def test_latex_parser_matches_sympys_parse_latex(latex, expected, capsys):
     """Results of sympy 1.12's `parse_latex` on antlr4 4.11 (the harness's), from our antlr4."""
     from sympy.parsing.latex.errors import LaTeXParsingError
 
-    from rl_circuits.harness_grader import _parse_latex
+    from rl_circuits.data.harness_grader import _parse_latex
 
     if expected is None:
         with pytest.raises(LaTeXParsingError):
@@ -322,7 +322,7 @@ def test_latex_parser_matches_sympys_parse_latex(latex, expected, capsys):
 def test_authors_grader_without_antlr4_says_what_to_install(monkeypatch):
     import sys
 
-    from rl_circuits import harness_grader
+    from rl_circuits.data import harness_grader
 
     harness_grader.latex_grammar.cache_clear()
     monkeypatch.setitem(sys.modules, "antlr4", None)  # `import antlr4` raises ImportError
