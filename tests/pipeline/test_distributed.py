@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from config_support import write_config
 
 import rl_circuits.store.atomic as atomic_module
 from rl_circuits.cli.main import main
@@ -40,11 +41,8 @@ class World:
     def __init__(self, base: Path, tiny_config: Path):
         self.base = base
         self.ref = base / "ref"
-        text = tiny_config.read_text()
-        assert text.count('backend = "hf"\n') == 1
-        text = text.replace('backend = "hf"\n', 'backend = "hf"\nchunk_size = 2\n')
-        self.config = base / "sharded.toml"
-        self.config.write_text(text)
+        chunks = {"generate": {"chunk_size": 2}}
+        self.config = write_config(base / "sharded.toml", chunks, base=tiny_config)
 
     def argv(self, stage: str, run_dir: Path, *extra: str) -> list[str]:
         return [stage, str(self.config), "--run-dir", str(run_dir), *extra]
