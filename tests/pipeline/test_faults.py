@@ -215,10 +215,10 @@ def _kill(proc, sig: int) -> int:
     return proc.exitcode
 
 
-# --------------------------------------------------------------------------- rows 1-5: models
+# --------------------------------------------------------------------------- models
 
 
-def test_row01_missing_model_path_and_directory_without_config(world, tmp_path, capsys):
+def test_missing_model_path_or_config_is_named_before_loading(world, tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     code, err = _run(["check-model", str(missing)], capsys)
     assert code == 2
@@ -237,7 +237,9 @@ def test_row01_missing_model_path_and_directory_without_config(world, tmp_path, 
     assert not (tmp_path / "run" / "generate").exists()
 
 
-def test_row02_truncated_or_corrupted_safetensors(world, tmp_path, capsys, monkeypatch):
+def test_truncated_or_corrupted_safetensors_is_refused_before_building(
+    world, tmp_path, capsys, monkeypatch
+):
     import rl_circuits.models.loading as loading
     from rl_circuits.data.generation import HFGenerator
     from rl_circuits.models.loading import load_model
@@ -277,7 +279,7 @@ def _evil_pickle(path: Path, flag: Path) -> None:
     torch.save({"model.embed_tokens.weight": Evil()}, path)
 
 
-def test_row03_pickle_only_checkpoint_is_refused(world, tmp_path, capsys):
+def test_pickle_only_checkpoint_is_refused_and_its_code_never_runs(world, tmp_path, capsys):
     from rl_circuits.models.loading import load_model
 
     ckpt = _copy_model(world, tmp_path / "pickled")
@@ -309,7 +311,7 @@ def _assert_payload_runs(path: Path, flag: Path) -> None:
     assert flag.exists()
 
 
-def test_row04_unsupported_architecture_lists_supported(world, tmp_path, capsys):
+def test_unsupported_architecture_is_refused_listing_the_supported(world, tmp_path, capsys):
     from rl_circuits.models.loading import model_maps
 
     ckpt = _copy_model(world, tmp_path / "gpt2ish", "after")
@@ -328,7 +330,7 @@ def test_row04_unsupported_architecture_lists_supported(world, tmp_path, capsys)
     assert not (tmp_path / "run" / "generate").exists()
 
 
-def test_row05_tokenizer_larger_than_embedding(world, tmp_path, capsys):
+def test_tokenizer_larger_than_the_embedding_is_refused(world, tmp_path, capsys):
     from rl_circuits.models.loading import load_model
 
     ckpt = _copy_model(world, tmp_path / "bigtok")
@@ -350,7 +352,7 @@ def test_row05_tokenizer_larger_than_embedding(world, tmp_path, capsys):
     assert not list((tmp_path / "run").glob("generate/**/*.jsonl"))
 
 
-# --------------------------------------------------------------------------- rows 6-8: inputs
+# --------------------------------------------------------------------------- inputs
 
 
 @pytest.mark.parametrize(
@@ -401,7 +403,7 @@ def test_row05_tokenizer_larger_than_embedding(world, tmp_path, capsys):
         ),
     ],
 )
-def test_row06_config_errors_name_key_and_range(world, tmp_path, capsys, edits, expected):
+def test_bad_config_is_refused_naming_key_and_range(world, tmp_path, capsys, edits, expected):
     config = world.write_unchecked_config(tmp_path / "c.toml", edits)
     run_dir = tmp_path / "run"
     code, err = _run(["run", str(config), "--run-dir", str(run_dir)], capsys)
@@ -410,7 +412,7 @@ def test_row06_config_errors_name_key_and_range(world, tmp_path, capsys, edits, 
     assert not run_dir.exists()  # validated before the run directory is touched
 
 
-def test_row07_malformed_dataset_lines(world, tmp_path, capsys):
+def test_malformed_dataset_line_is_named_by_file_and_line(world, tmp_path, capsys):
     data = tmp_path / "data" / "mixed" / "test.jsonl"
     data.parent.mkdir(parents=True)
     config = world.write_config(tmp_path / "c.toml", {"run": {"data_dir": str(tmp_path / "data")}})
@@ -427,7 +429,7 @@ def test_row07_malformed_dataset_lines(world, tmp_path, capsys):
         assert not (run_dir / "datasets").exists()
 
 
-def test_row08_no_question_survives_selection(world, tmp_path, capsys):
+def test_empty_selection_stops_with_the_count_each_filter_removed(world, tmp_path, capsys):
     run_dir = _copy_run(world, tmp_path / "run", "grade")
     config = world.write_config(tmp_path / "c.toml", {"select": {"delta": 0.01}})
     code, err = _run(["run", str(config), "--run-dir", str(run_dir)], capsys)
@@ -451,7 +453,7 @@ def test_row08_no_question_survives_selection(world, tmp_path, capsys):
     assert not list(run_dir.rglob("*.safetensors"))  # no empty score files
 
 
-# --------------------------------------------------------------------------- rows 9-11: data
+# --------------------------------------------------------------------------- data
 
 
 def _model_key(world: World, pair: str, role: str) -> str:
@@ -468,7 +470,7 @@ def _records(world: World, stage: str, pair: str, role: str) -> list[dict]:
     return RunStore.read_only(world.ref).records(f"{stage}/{key}/mixed").load()
 
 
-def test_row09_token_limit_without_answer_is_no_answer(world, tmp_path, capsys):
+def test_answer_cut_at_the_token_limit_is_graded_no_answer(world, tmp_path, capsys):
     from rl_circuits.config import load_config
     from rl_circuits.models.pairs import PairModel
     from rl_circuits.store.run import RunStore
@@ -510,7 +512,7 @@ def test_row09_token_limit_without_answer_is_no_answer(world, tmp_path, capsys):
         assert "no question survives selection: 6 entered, both_correct removed 6" in err
 
 
-def test_row10_t_cut_longer_than_answer_skips_question_in_both_models(world, tmp_path):
+def test_t_cut_longer_than_an_answer_skips_the_question_in_both_models(world, tmp_path):
     from rl_circuits import load_run
 
     # With the mean of both models' lengths as reference, T_cut at alpha = 1 exceeds the
@@ -546,7 +548,7 @@ def test_row10_t_cut_longer_than_answer_skips_question_in_both_models(world, tmp
             assert run.scores("tiny", role, "mixed", 1.0).ids == kept
 
 
-def test_row11_nan_scores_name_question_and_stage(world, tmp_path, capsys, monkeypatch):
+def test_nan_scores_fail_naming_question_and_stage(world, tmp_path, capsys, monkeypatch):
     import rl_circuits.models.loading as loading
 
     run_dir = _copy_run(world, tmp_path / "run", "select")
@@ -574,7 +576,7 @@ def test_row11_nan_scores_name_question_and_stage(world, tmp_path, capsys, monke
     assert not list((run_dir / "attribute" / "tiny" / "after").rglob("*.safetensors"))
 
 
-# --------------------------------------------------------------------------- rows 12-16: process
+# --------------------------------------------------------------------------- process
 
 
 def _patch_half_write(target: str, flag: Path):
@@ -607,7 +609,7 @@ def _patch_after_calls(module, name: str, calls: int, flag: Path):
     return lambda: setattr(module, name, wrapper)
 
 
-def test_row12_sigkill_in_any_stage_resumes_to_identical_outputs(world, tmp_path):
+def test_sigkill_in_any_stage_resumes_to_identical_outputs(world, tmp_path):
     import rl_circuits.pipeline.attribute as attribute_stage
     import rl_circuits.pipeline.grade as grade_stage
 
@@ -656,7 +658,7 @@ def test_row12_sigkill_in_any_stage_resumes_to_identical_outputs(world, tmp_path
         assert resumed[rel] == data, rel
 
 
-def test_row13_ctrl_c_stops_cleanly_and_says_how_to_resume(world, tmp_path):
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(world, tmp_path):
     run_dir = _copy_run(world, tmp_path / "run", "select")
     flag, log = tmp_path / "flag", tmp_path / "log"
     real = atomic_module._write_pieces
@@ -681,7 +683,7 @@ def test_row13_ctrl_c_stops_cleanly_and_says_how_to_resume(world, tmp_path):
     assert _snapshot(run_dir, "attribute") == _snapshot(world.ref, "attribute")
 
 
-def test_row14_second_process_is_refused_first_unharmed(world, tmp_path, capsys):
+def test_second_process_on_a_run_is_refused_and_the_first_is_unharmed(world, tmp_path, capsys):
     run_dir = _copy_run(world, tmp_path / "run", "select")
     flag, go, log = tmp_path / "flag", tmp_path / "go", tmp_path / "log"
     real = RunStore.write_scores
@@ -706,7 +708,7 @@ def test_row14_second_process_is_refused_first_unharmed(world, tmp_path, capsys)
     assert _snapshot(run_dir, "attribute") == _snapshot(world.ref, "attribute")
 
 
-def test_row15_disk_full_fails_stage_keeps_files(world, tmp_path, capsys, monkeypatch):
+def test_disk_full_fails_the_stage_and_keeps_written_files(world, tmp_path, capsys, monkeypatch):
     run_dir = _copy_run(world, tmp_path / "run", "select")
     argv = ["attribute", str(world.config), "--run-dir", str(run_dir)]
     before = _snapshot(run_dir)
@@ -745,7 +747,7 @@ def test_row15_disk_full_fails_stage_keeps_files(world, tmp_path, capsys, monkey
     assert _snapshot(run_dir, "attribute") == _snapshot(world.ref, "attribute")
 
 
-def test_row16_cuda_oom_retries_smaller_batches(world, tmp_path, capsys, monkeypatch):
+def test_cuda_out_of_memory_retries_smaller_batches(world, tmp_path, capsys, monkeypatch):
     import rl_circuits.engine.attribution as attribution
 
     real = attribution.attribute
