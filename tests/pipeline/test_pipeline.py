@@ -81,9 +81,9 @@ def test_killed_attribution_resumes_to_identical_scores(tiny_run, tmp_path):
     for stage in ("datasets", "generate", "grade", "select"):
         assert main([stage, str(config), "--run-dir", str(run_dir)]) == 0
     slow = (
-        "import time, sys; import rl_circuits.pipeline.attribute as p; f = p._attribute_batch\n"
-        "def slow(*a, **k):\n    time.sleep(0.4); yield from f(*a, **k)\n"
-        "p._attribute_batch = slow\n"
+        "import time, sys; from rl_circuits.store.run import RunStore; f = RunStore.write_scores\n"
+        "def slow(*a, **k):\n    time.sleep(0.4); return f(*a, **k)\n"
+        "RunStore.write_scores = slow\n"
         "from rl_circuits.cli.main import main; sys.exit(main(sys.argv[1:]))\n"
     )
     proc = subprocess.Popen(
