@@ -33,8 +33,8 @@ def test_attribute_and_the_store_give_the_same_type(both, tiny_run):
     assert type(edge) is type(stored) is EdgeScores is rl_circuits.EdgeScores
     assert edge.ids is None and edge.loss.shape == (2,) and edge.meta == {}
     # a stored cell keeps what attribute() measured: graph, method, each question's loss
-    attribute_cfg = stored_config["attribute"]
-    assert (stored.graph, stored.method) == (attribute_cfg["graph"], attribute_cfg["method"])
+    attribute_cfg = stored_config.attribute
+    assert (stored.graph, stored.method) == (attribute_cfg.graph, attribute_cfg.method)
     assert stored.loss.shape == (len(stored.ids),) and bool((stored.loss > 0).all())
     assert set(stored.meta) == {"t_cut"}
 
