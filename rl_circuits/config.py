@@ -16,6 +16,8 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
+import tomli_w
+
 from rl_circuits.data import grading, selection
 from rl_circuits.errors import ConfigError
 from rl_circuits.models.pairs import Pair, load_pairs, parse_pairs, registry_templates
@@ -303,6 +305,22 @@ def config_from_resolved(resolved: dict[str, Any], source: str) -> RunConfig:
         for name, pair in (resolved.get("pairs") or {}).items()
     }
     return parse_config(doc, source)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The TOML text of `cfg` that `load_config` reads back into an equal config (the same
+    `resolved()`): every section's values, and its pairs as `[pairs_inline.NAME]` tables
+    (an inline pair overrides a registered pair of the same name)."""
+    doc: dict[str, Any] = {name: _table(cfg.section(name)) for name in SECTIONS}
+    doc["pairs_inline"] = {
+        name: {
+            k: _plain(v)
+            for k, v in vars(pair).items()
+            if k != "name" and v is not None and (k != "stop" or v)
+        }
+        for name, pair in sorted(cfg.pairs.items())
+    }
+    return tomli_w.dumps(doc)
 
 
 def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:

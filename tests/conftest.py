@@ -6,8 +6,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -42,14 +40,14 @@ def models64(tiny_checkpoints):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """Tiny trained models + dataset, configs/tiny.toml pointed at them, and one complete run."""
+    from config_support import merge, tiny_models_overrides, write_config
+
     from rl_circuits.cli.main import main
 
     base = tmp_path_factory.mktemp("pipeline")
     assert main(["tiny-models", str(base / "models")]) == 0
-    text = (Path(__file__).resolve().parents[1] / "configs" / "tiny.toml").read_text()
-    text = text.replace('"runs/tiny-models', f'"{base / "models"}')
-    text = text.replace('run_dir = "runs/tiny"', f'run_dir = "{base / "run"}"')
-    config = base / "tiny.toml"
-    config.write_text(text)
+    overrides, pairs = tiny_models_overrides(base / "models")
+    overrides = merge(overrides, {"run": {"run_dir": str(base / "run")}})
+    config = write_config(base / "tiny.toml", overrides, pairs=pairs)
     assert main(["run", str(config)]) == 0
     return base, config

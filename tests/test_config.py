@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from rl_circuits.config import (
     SelectSection,
     config_from_resolved,
     defaults,
+    dump_config,
     load_config,
     parse_config,
     rule,
@@ -224,13 +226,55 @@ def test_overrides_replace_keys_and_are_validated():
         load_config(TINY, {"select": {"n": 1}})
 
 
+# changes in every kind of key: strings TOML must escape, numbers, lists, booleans
+EVERY_KIND = {
+    "run": {"run_dir": 'runs/a "quoted"\\path\nwith ünïcode', "limit": 3},
+    "generate": {"temperature": 0.7, "seed": -1},
+    "select": {"alphas": [0.25, 1], "n": 7},
+    "circuits": {"enabled": True, "thresholds": [0.5], "alphas": [1]},
+}
+
+
+@pytest.mark.parametrize("overrides", [None, EVERY_KIND], ids=["file", "overridden"])
+@pytest.mark.parametrize("name", ["tiny.toml", "demo.toml", "paper.toml"])
+def test_dump_config_reads_back_to_the_same_config(tmp_path, name, overrides):
+    cfg = load_config(ROOT / "configs" / name, overrides)
+    path = tmp_path / name
+    path.write_text(dump_config(cfg))
+    back = load_config(path)
+    assert back.resolved() == cfg.resolved()
+    assert back.pairs == cfg.pairs
+    # every pair is written inline: the file does not depend on the registry it was made with
+    for pair in cfg.pairs:
+        assert tomllib.loads(path.read_text())["pairs_inline"][pair]
+
+
+def test_dump_config_keeps_every_field_of_a_pair(tmp_path):
+    """Optional pair fields (revisions, end markers of both kinds) and an inline pair that
+    replaces a registered one of the same name come back as they were."""
+    mistral = {
+        "before": "local/before",
+        "after": "local/after",
+        "revision_before": "abc123",
+        "algorithm": "PPO",
+        "template": "[INST] {q} [/INST]",
+        "max_new_tokens": 17,
+        "stop": ["</s>", 2],
+    }
+    cfg = parse_config({**MINIMAL, "pairs_inline": {"mistral": mistral}}, "c.toml")
+    assert cfg.pairs["mistral"].revision_before == "abc123"  # not the registry's entry
+    path = tmp_path / "c.toml"
+    path.write_text(dump_config(cfg))
+    back = load_config(path)
+    assert back.pairs == cfg.pairs and back.resolved() == cfg.resolved()
+
+
 def test_run_written_before_the_sections_loads_and_plans_unchanged():
     """config.json of a run written by the code before typed sections (fixture) parses back
     to the same resolved config, shows no config change, and every stage and cell keeps its
     fingerprint: the run is neither refused nor recomputed."""
-    from rl_circuits.store.canonical import config_diff
-
     from rl_circuits.pipeline.integrity import plan
+    from rl_circuits.store.canonical import config_diff
 
     old = json.loads(FIXTURE.read_text())
     stored = old["config"]

@@ -34,7 +34,7 @@ def test_load_model_dtype_names(model, tiny_checkpoints):
         load_model(tiny_checkpoints["LlamaForCausalLM"], dtype="fp32", device="cpu")
 
 
-def test_device_errors(monkeypatch):
+def test_unusable_device_is_refused_naming_the_alternative(monkeypatch):
     from rl_circuits.models.loading import check_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -45,7 +45,7 @@ def test_device_errors(monkeypatch):
     assert check_device("auto") == "cpu" and check_device("cpu") == "cpu"
 
 
-def test_attribute_inputs(model):
+def test_attribute_reads_lists_and_arrays_and_refuses_bad_tokens_by_name(model):
     from rl_circuits.engine.attribution import attribute
 
     tokens, mask = _inputs(model)
@@ -76,7 +76,7 @@ def test_attribute_inputs(model):
         assert f"load the model with max_seq_len >= {model.cfg.n_ctx + 1}" in str(info.value)
 
 
-def test_compare_inputs(model):
+def test_compare_takes_scores_or_tensors_and_refuses_nan(model):
     from rl_circuits.analysis.stats import compare
     from rl_circuits.engine.attribution import attribute
 

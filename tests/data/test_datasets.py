@@ -54,7 +54,7 @@ def test_gsm8k_gold_is_the_number_after_hashes_without_commas():
     assert all(r.gold.lstrip("-").replace(".", "").isdigit() for r in records.values())
 
 
-def test_limit_and_ids():
+def test_limit_and_ids_pick_records_in_dataset_order():
     assert [r.id for r in load_dataset("gsm8k", data_dir=SHARED, limit=3)] == [
         "gsm8k-0",
         "gsm8k-1",
@@ -146,7 +146,7 @@ def test_missing_directory_or_file(tmp_path):
     assert str(empty) in str(err.value)
 
 
-def test_dataset_hash(tmp_path):
+def test_dataset_hash_is_the_file_sha256_and_changes_with_it(tmp_path):
     path = write(tmp_path, "h", ['{"question": "q", "answer": "#### 1"}'])
     assert dataset_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()
     before = dataset_hash(path)
@@ -179,7 +179,7 @@ def fake_hub(monkeypatch):
     return calls
 
 
-def test_hub_path(fake_hub):
+def test_hub_datasets_load_with_ids_and_every_math_subject(fake_hub):
     assert load_dataset("gsm8k") == [Record("gsm8k-0", "q0", "4")]
     assert load_dataset("math500") == [Record("math500-algebra_3", "p", "7")]
     full = load_dataset("math")
@@ -193,7 +193,7 @@ def test_hub_path(fake_hub):
     ]
 
 
-def test_hub_errors(fake_hub, monkeypatch):
+def test_dataset_without_hub_copy_or_network_asks_for_data_dir(fake_hub, monkeypatch):
     with pytest.raises(
         DataError, match="no copy on the Hugging Face hub.*set data_dir \\(in the config\\)"
     ):

@@ -143,7 +143,7 @@ def test_fewer_than_n_keeps_all():
         ({"seed": "x"}, "seed"),
     ],
 )
-def test_parameter_validation(kwargs, name):
+def test_bad_selection_parameters_are_config_errors_naming_them(kwargs, name):
     with pytest.raises(ConfigError, match=name):
         select(TABLE, **kwargs)
 
@@ -270,7 +270,7 @@ def test_authors_code_window_bounds_are_integers():
     ("subset", "expected"),
     [("both_correct", ["a"]), ("both_wrong", ["d"]), ("only_before", ["b"]), ("only_after", ["c"])],
 )
-def test_subsets(subset, expected):
+def test_each_subset_keeps_questions_by_which_models_were_correct(subset, expected):
     rows = [row(q, 10, 10) for q in "abcd"]
     rows[1]["correct_after"] = False
     rows[2]["correct_before"] = False

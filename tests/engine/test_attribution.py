@@ -228,7 +228,7 @@ def test_batch_invariance_with_right_padding(tiny_checkpoints):
         assert err <= 1e-5
 
 
-def test_eap_ig(models64):
+def test_eap_ig_equals_hand_written_integrated_gradients(models64):
     model = models64["Qwen2ForCausalLM"]
     tokens, mask = _batch(seed=6)
     eap = attribute(model, tokens, mask, graph="residual")

@@ -264,15 +264,14 @@ def test_no_per_head_copy_of_the_residual_stream(tmp_path):
 @pytest.fixture(scope="module")
 def heads_run(tiny_run, tmp_path_factory):
     """The tiny pipeline (tests' trained tiny models) rerun with attribute.graph = "heads"."""
+    from config_support import write_config
+
     from rl_circuits.cli.main import main
 
     base, config = tiny_run
     out = tmp_path_factory.mktemp("heads-run")
-    text = config.read_text().replace('graph = "paper"', 'graph = "heads"')
-    text = text.replace(f'run_dir = "{base / "run"}"', f'run_dir = "{out / "run"}"')
-    assert 'graph = "heads"' in text and str(out) in text
-    path = out / "heads.toml"
-    path.write_text(text)
+    overrides = {"run": {"run_dir": str(out / "run")}, "attribute": {"graph": "heads"}}
+    path = write_config(out / "heads.toml", overrides, base=config)
     assert main(["run", str(path)]) == 0
     return out / "run"
 

@@ -61,7 +61,7 @@ def test_construction_checks_shapes_and_names():
             EdgeScores(**args)
 
 
-def test_short_repr(both):
+def test_repr_is_short_and_names_samples_edges_graph_and_method(both):
     edge, stored = both
     text = repr(edge)
     assert len(text) < 200 and text.startswith("EdgeScores(2 samples x ")

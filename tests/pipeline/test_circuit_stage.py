@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+from config_support import write_config, write_unchecked_config
 
 from rl_circuits.cli.main import main
 
@@ -13,7 +14,7 @@ from rl_circuits.cli.main import main
     [
         ({}, "mean"),
         # The authors' rules keep answers shorter than T_cut, their loss over what they have.
-        ({'reference = "min"': 'reference = "mean"\nrules = "authors-code"'}, "sample"),
+        ({"reference": "mean", "rules": "authors-code"}, "sample"),
     ],
 )
 def test_circuits_stage_runs_resumes_and_reaches_table1_and_report(
@@ -23,13 +24,12 @@ def test_circuits_stage_runs_resumes_and_reaches_table1_and_report(
 
     base, config = tiny_run
     run_dir = tmp_path / "run"
-    text = config.read_text().replace(f'run_dir = "{base / "run"}"', f'run_dir = "{run_dir}"')
-    for old, new in select.items():
-        assert old in text
-        text = text.replace(old, new)
-    config = tmp_path / "circuits.toml"
-    extra = f'\n[circuits]\nenabled = true\npoints = 6\nbatch_size = 3\nrank_by = "{rank_by}"\n'
-    config.write_text(text + extra)
+    overrides = {
+        "run": {"run_dir": str(run_dir)},
+        "select": select,
+        "circuits": {"enabled": True, "points": 6, "batch_size": 3, "rank_by": rank_by},
+    }
+    config = write_config(tmp_path / "circuits.toml", overrides, base=config)
     assert main(["run", str(config)]) == 0
     run = load_run(run_dir)
     curves = run.circuit_curves()
@@ -74,15 +74,15 @@ def test_circuits_stage_runs_resumes_and_reaches_table1_and_report(
 def test_circuits_config_is_validated(tiny_run, tmp_path, capsys):
     _, config = tiny_run
     for extra, message in (
-        ("thresholds = [0.8, 1.5]", "circuits.thresholds = [0.8, 1.5] is out of range"),
+        ({"thresholds": [0.8, 1.5]}, "circuits.thresholds = [0.8, 1.5] is out of range"),
         (
-            "alphas = [0.5]",
+            {"alphas": [0.5]},
             "circuits.alphas = [0.5] is out of range: each entry must be a number "
             "among select.alphas",
         ),
-        ('ablation = "resample"', "circuits.ablation = 'resample' is out of range"),
+        ({"ablation": "resample"}, "circuits.ablation = 'resample' is out of range"),
     ):
-        bad = tmp_path / "bad.toml"
-        bad.write_text(config.read_text() + f"\n[circuits]\nenabled = true\n{extra}\n")
+        edits = {"circuits": {"enabled": True, **extra}}
+        bad = write_unchecked_config(tmp_path / "bad.toml", edits, base=config)
         assert main(["circuits", str(bad), "--run-dir", str(tmp_path / "r")]) == 2
         assert message in capsys.readouterr().err

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from config_support import write_config
+from fault_support import intercept_writes, score_temp
 
-import rl_circuits.store.atomic as atomic_module
 from rl_circuits.cli.main import main
 from rl_circuits.errors import ConfigError, LockedError, StoreError
 from rl_circuits.store.run import RunStore
@@ -40,11 +41,8 @@ class World:
     def __init__(self, base: Path, tiny_config: Path):
         self.base = base
         self.ref = base / "ref"
-        text = tiny_config.read_text()
-        assert text.count('backend = "hf"\n') == 1
-        text = text.replace('backend = "hf"\n', 'backend = "hf"\nchunk_size = 2\n')
-        self.config = base / "sharded.toml"
-        self.config.write_text(text)
+        chunks = {"generate": {"chunk_size": 2}}
+        self.config = write_config(base / "sharded.toml", chunks, base=tiny_config)
 
     def argv(self, stage: str, run_dir: Path, *extra: str) -> list[str]:
         return [stage, str(self.config), "--run-dir", str(run_dir), *extra]
@@ -188,22 +186,21 @@ def test_concurrent_shard_workers_merge_to_single_process_bytes(world, tmp_path)
 def test_killed_shard_worker_resumes(world, tmp_path, capsys):
     run_dir = world.run_upto(tmp_path / "run", "attribute")
     flag, log = tmp_path / "flag", tmp_path / "log"
-    real = atomic_module._write_pieces
+    started: list[Path] = []
 
-    def half_write(path, pieces):  # killed half-way through its second score file
-        if "q" in path.parts:
-            if flag.with_suffix(".first").exists():
-                with open(path, "xb") as handle:
-                    handle.write(b"partial")
-                flag.touch()
-                time.sleep(120)
-            flag.with_suffix(".first").touch()
-        return real(path, pieces)
+    def half_write(path, fd, data, real_write):  # killed half-way through its second score file
+        if path not in started:
+            started.append(path)
+        if len(started) == 2:
+            real_write(fd, b"partial")
+            flag.touch()
+            time.sleep(120)
+        return real_write(fd, data)
 
     proc = _fork(
         world.argv("attribute", run_dir, "--shard", "0/2"),
         log,
-        lambda: setattr(atomic_module, "_write_pieces", half_write),
+        lambda: intercept_writes(score_temp, half_write),
     )
     deadline = time.monotonic() + 120
     while not flag.exists():
@@ -294,17 +291,18 @@ def test_launcher_runs_two_workers_then_merges(world, tmp_path, capsys):
 
 
 def test_launcher_fails_with_the_workers_error(world, tmp_path, capsys, monkeypatch):
-    import rl_circuits.pipeline.distributed as distributed
+    import subprocess
 
     run_dir = world.run_upto(tmp_path / "run", "attribute")
-    real, held = distributed._prepare, []
+    real, held = subprocess.Popen, []
 
-    def prepare_then_lock(*args, **kwargs):  # an exclusive stage starts before the workers
-        result = real(*args, **kwargs)
-        held.append(RunStore.open(run_dir, json.loads((run_dir / "config.json").read_text())))
-        return result
+    def lock_then_start(*args, **kwargs):  # an exclusive stage starts before the workers
+        if not held:
+            config = json.loads((run_dir / "config.json").read_text())
+            held.append(RunStore.open(run_dir, config))
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(distributed, "_prepare", prepare_then_lock)
+    monkeypatch.setattr(subprocess, "Popen", lock_then_start)
     capsys.readouterr()
     assert main(world.argv("attribute", run_dir, "--workers", "2")) == 2
     err = capsys.readouterr().err.rstrip("\n").rsplit("\n", 1)[-1]

@@ -17,11 +17,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from config_support import merge, tiny_models_overrides, write_config, write_unchecked_config
+from fault_support import intercept_writes, score_temp, temp_of
 
-import rl_circuits.store.atomic as atomic_module
 from rl_circuits.cli.main import main
 from rl_circuits.errors import CheckpointError, StoreError
 from rl_circuits.models.tiny import char_tokenizer
@@ -45,46 +47,48 @@ TEMP_FILE = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]+$")
 # --------------------------------------------------------------------------- the tiny world
 
 
-def _config_text(base: Path, run_dir: Path, subs: dict[str, str] | None = None) -> str:
-    """configs/tiny.toml with its paths moved under `base`, run on the mixed dataset.
-
-    Pair `tiny` answers with up to 48 tokens; `tiny_short` (same models, defined, not run) with
-    up to 30, fewer than the after model's usual answer.
-    """
-    models = base / "models"
-    text = (ROOT / "configs" / "tiny.toml").read_text()
-    standard = {
-        '"runs/tiny-models': f'"{models}',
-        'run_dir = "runs/tiny"': f'run_dir = "{run_dir}"',
-        'datasets = ["sevens"]': 'datasets = ["mixed"]',
-        "n = 4\n": "n = 10\n",
-        'backend = "hf"\n': 'backend = "hf"\nchunk_size = 2\n',
-        "n_resamples = 200": "n_resamples = 50",
-    }
-    for old, new in standard.items():
-        assert text.count(old) == (4 if "models" in old else 1), f"tiny.toml changed: {old!r}"
-        text = text.replace(old, new)
-    text += (
-        "\n[pairs_inline.tiny_short]\n"
-        f'before = "{models / "before"}"\nafter = "{models / "after"}"\n'
-        'algorithm = "GRPO"\ntemplate = "Q: {q}?\\nA:"\nmax_new_tokens = 30\n'
-    )
-    for old, new in (subs or {}).items():
-        assert old in text, old
-        text = text.replace(old, new)
-    return text
-
-
 class World:
+    """configs/tiny.toml with its paths moved under `base`, run on the mixed dataset, and its
+    reference run `ref`.
+
+    Pair `tiny` answers with up to 48 tokens; `tiny_short` (same models, defined where a config
+    runs it) with up to 30, fewer than the after model's usual answer.
+    """
+
     def __init__(self, base: Path):
         self.base = base
         self.models = base / "models"
         self.ref = base / "ref"
         self.config = self.write_config(base / "ref.toml")
 
-    def write_config(self, path: Path, subs: dict[str, str] | None = None) -> Path:
-        path.write_text(_config_text(self.base, self.ref, subs))
-        return path
+    def write_config(
+        self,
+        path: Path,
+        overrides: dict[str, dict[str, Any]] | None = None,
+        pairs: dict[str, dict[str, Any]] | None = None,
+    ) -> Path:
+        """The world's config with `overrides` and `pairs` (as `config_support.write_config`)."""
+        moved, tiny = tiny_models_overrides(self.models)
+        standard = {
+            "run": {"run_dir": str(self.ref), "datasets": ["mixed"]},
+            "select": {"n": 10},
+            "generate": {"chunk_size": 2},
+            "analyze": {"n_resamples": 50},
+        }
+        short = {
+            "tiny_short": {
+                **tiny["tiny"],
+                "algorithm": "GRPO",
+                "template": "Q: {q}?\nA:",
+                "max_new_tokens": 30,
+            }
+        }
+        overrides = merge(moved, standard, overrides)
+        return write_config(path, overrides, pairs=merge(tiny, short, pairs))
+
+    def write_unchecked_config(self, path: Path, edits: dict[str, Any]) -> Path:
+        """The reference config with `edits` set unchecked (`config_support`): a bad config."""
+        return write_unchecked_config(path, edits, base=self.config)
 
 
 @pytest.fixture(scope="module")
@@ -211,10 +215,10 @@ def _kill(proc, sig: int) -> int:
     return proc.exitcode
 
 
-# --------------------------------------------------------------------------- rows 1-5: models
+# --------------------------------------------------------------------------- models
 
 
-def test_row01_missing_model_path_and_directory_without_config(world, tmp_path, capsys):
+def test_missing_model_path_or_config_is_named_before_loading(world, tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     code, err = _run(["check-model", str(missing)], capsys)
     assert code == 2
@@ -226,15 +230,16 @@ def test_row01_missing_model_path_and_directory_without_config(world, tmp_path, 
     assert code == 2
     assert f"model directory '{empty}' has no config.json" in err
     # In a run: the generate stage names the path before generating anything.
-    before = world.models / "before"
-    config = world.write_config(tmp_path / "c.toml", {f'"{before}"': f'"{missing}"'})
+    config = world.write_config(tmp_path / "c.toml", pairs={"tiny": {"before": str(missing)}})
     code, err = _run(["run", str(config), "--run-dir", str(tmp_path / "run")], capsys)
     assert code == 2
     assert err.startswith("error: ") and f"'{missing}' does not exist" in err
     assert not (tmp_path / "run" / "generate").exists()
 
 
-def test_row02_truncated_or_corrupted_safetensors(world, tmp_path, capsys, monkeypatch):
+def test_truncated_or_corrupted_safetensors_is_refused_before_building(
+    world, tmp_path, capsys, monkeypatch
+):
     import rl_circuits.models.loading as loading
     from rl_circuits.data.generation import HFGenerator
     from rl_circuits.models.loading import load_model
@@ -274,7 +279,7 @@ def _evil_pickle(path: Path, flag: Path) -> None:
     torch.save({"model.embed_tokens.weight": Evil()}, path)
 
 
-def test_row03_pickle_only_checkpoint_is_refused(world, tmp_path, capsys):
+def test_pickle_only_checkpoint_is_refused_and_its_code_never_runs(world, tmp_path, capsys):
     from rl_circuits.models.loading import load_model
 
     ckpt = _copy_model(world, tmp_path / "pickled")
@@ -289,8 +294,7 @@ def test_row03_pickle_only_checkpoint_is_refused(world, tmp_path, capsys):
     code, err_text = _run(["check-model", str(ckpt)], capsys)
     assert code == 2 and "only pickle weights" in err_text
     # In a run: refused by the generate stage before any generation.
-    before = world.models / "before"
-    config = world.write_config(tmp_path / "c.toml", {f'"{before}"': f'"{ckpt}"'})
+    config = world.write_config(tmp_path / "c.toml", pairs={"tiny": {"before": str(ckpt)}})
     code, err_text = _run(["run", str(config), "--run-dir", str(tmp_path / "run")], capsys)
     assert code == 2 and "only pickle weights" in err_text
     assert not list((tmp_path / "run").glob("generate/**/*.jsonl"))
@@ -307,7 +311,7 @@ def _assert_payload_runs(path: Path, flag: Path) -> None:
     assert flag.exists()
 
 
-def test_row04_unsupported_architecture_lists_supported(world, tmp_path, capsys):
+def test_unsupported_architecture_is_refused_listing_the_supported(world, tmp_path, capsys):
     from rl_circuits.models.loading import model_maps
 
     ckpt = _copy_model(world, tmp_path / "gpt2ish", "after")
@@ -320,14 +324,13 @@ def test_row04_unsupported_architecture_lists_supported(world, tmp_path, capsys)
     supported = sorted(model_maps())
     assert len(supported) >= 3 and f"supported: {', '.join(supported)}" in err
     # In a run: refused before any model generates (not after hours of generation).
-    after = world.models / "after"
-    run_config = world.write_config(tmp_path / "c.toml", {f'"{after}"': f'"{ckpt}"'})
+    run_config = world.write_config(tmp_path / "c.toml", pairs={"tiny": {"after": str(ckpt)}})
     code, err = _run(["run", str(run_config), "--run-dir", str(tmp_path / "run")], capsys)
     assert code == 2 and "unsupported architecture 'GPT2LMHeadModel'" in err
     assert not (tmp_path / "run" / "generate").exists()
 
 
-def test_row05_tokenizer_larger_than_embedding(world, tmp_path, capsys):
+def test_tokenizer_larger_than_the_embedding_is_refused(world, tmp_path, capsys):
     from rl_circuits.models.loading import load_model
 
     ckpt = _copy_model(world, tmp_path / "bigtok")
@@ -341,8 +344,7 @@ def test_row05_tokenizer_larger_than_embedding(world, tmp_path, capsys):
     code, err = _run(["check-model", str(ckpt)], capsys)
     assert code == 2 and f"tokenizer in {ckpt}" in err and expected in err
     # In a run: the generate stage refuses it too (its ids would overrun the embedding).
-    before = world.models / "before"
-    config = world.write_config(tmp_path / "c.toml", {f'"{before}"': f'"{ckpt}"'})
+    config = world.write_config(tmp_path / "c.toml", pairs={"tiny": {"before": str(ckpt)}})
     code, err = _run(["run", str(config), "--run-dir", str(tmp_path / "run")], capsys)
     assert code == 2 and err == f"error: tokenizer in {ckpt} {expected}; the tokenizer does " + (
         "not belong to this model.\n"
@@ -350,63 +352,59 @@ def test_row05_tokenizer_larger_than_embedding(world, tmp_path, capsys):
     assert not list((tmp_path / "run").glob("generate/**/*.jsonl"))
 
 
-# --------------------------------------------------------------------------- rows 6-8: inputs
+# --------------------------------------------------------------------------- inputs
 
 
 @pytest.mark.parametrize(
-    "old,new,expected",
+    "edits,expected",
     [
-        ("[select]\n", "[select]\ncolour = 1\n", "select.colour is not a known key; allowed: n,"),
+        ({"select": {"colour": 1}}, "select.colour is not a known key; allowed: n,"),
         (
-            "batch_size = 2",
-            'batch_size = "two"',
+            {"attribute": {"batch_size": "two"}},
             "attribute.batch_size must be an int (>= 1), got 'two'",
         ),
         (
-            "alphas = [0.3, 1.0]",
-            "alphas = [0.0, 1.0]",
+            {"select": {"alphas": [0.0, 1.0]}},
             "select.alphas = [0.0, 1.0] is out of range: must be a non-empty list of numbers "
             "in (0, 1]",
         ),
         (
-            "alphas = [0.3, 1.0]",
-            "alphas = [0.3, 2.0]",
+            {"select": {"alphas": [0.3, 2.0]}},
             "select.alphas = [0.3, 2.0] is out of range: must be a non-empty list of numbers "
             "in (0, 1]",
         ),
         (
-            "alphas = [0.3, 1.0]",
-            "alphas = [0.3, 0.30000001, 1.0]",
+            {"select": {"alphas": [0.3, 0.30000001, 1.0]}},
             "select.alphas = [0.3, 0.30000001, 1.0] lists alpha 0.3 more than once",
         ),
-        ('datasets = ["mixed"]', 'datasets = ["mixed", "mixed"]', "datasets lists 'mixed' more"),
-        ('pairs = ["tiny"]', 'pairs = ["tiny", "tiny"]', "pairs lists 'tiny' more than once"),
+        ({"run": {"datasets": ["mixed", "mixed"]}}, "datasets lists 'mixed' more"),
+        ({"run": {"pairs": ["tiny", "tiny"]}}, "pairs lists 'tiny' more than once"),
         (
-            'pairs = ["tiny"]',
-            'pairs = ["tiny"]\nids = ["7"]',
+            {"run": {"ids": ["7"]}},
             "ids entry '7' names no dataset of this run: an id is DATASET-ID with DATASET among "
             "mixed (e.g. 'mixed-12')",
         ),
-        ('pairs = ["tiny"]', 'pairs = ["tiny"]\nids = ["sevens-1"]', "ids entry 'sevens-1'"),
+        ({"run": {"ids": ["sevens-1"]}}, "ids entry 'sevens-1'"),
         (
-            "[select]\n",
-            '[select]\n[run]\ntiny_models = "x"\n',
+            {"tiny_models": "x"},  # at the top level, besides [run]'s
             "tiny_models is set both at the top level and in [run]; keep one",
         ),
         (
-            "beta = 0.1",
-            "beta = 5.0",
+            {"select": {"beta": 5.0}},
             "select.beta = 5.0 > select.gamma = 3.0; the length window needs beta <= gamma",
         ),
-        ("delta = 1.0", "delta = 1.5", "select.delta = 1.5 is out of range: must be in (0, 1]"),
-        ("delta = 1.0", "delta = 0.0", "select.delta = 0.0 is out of range: must be in (0, 1]"),
-        ("n = 10", "n = 0", "select.n = 0 is out of range: must be >= 2"),
-        ("n = 10", "n = 1", "select.n = 1 is out of range: must be >= 2"),
-        ("gamma = 3.0", "gamma = inf", "select.gamma = inf must be a finite number (> 0)"),
+        ({"select": {"delta": 1.5}}, "select.delta = 1.5 is out of range: must be in (0, 1]"),
+        ({"select": {"delta": 0.0}}, "select.delta = 0.0 is out of range: must be in (0, 1]"),
+        ({"select": {"n": 0}}, "select.n = 0 is out of range: must be >= 2"),
+        ({"select": {"n": 1}}, "select.n = 1 is out of range: must be >= 2"),
+        (
+            {"select": {"gamma": float("inf")}},
+            "select.gamma = inf must be a finite number (> 0)",
+        ),
     ],
 )
-def test_row06_config_errors_name_key_and_range(world, tmp_path, capsys, old, new, expected):
-    config = world.write_config(tmp_path / "c.toml", {old: new})
+def test_bad_config_is_refused_naming_key_and_range(world, tmp_path, capsys, edits, expected):
+    config = world.write_unchecked_config(tmp_path / "c.toml", edits)
     run_dir = tmp_path / "run"
     code, err = _run(["run", str(config), "--run-dir", str(run_dir)], capsys)
     assert code == 2
@@ -414,12 +412,10 @@ def test_row06_config_errors_name_key_and_range(world, tmp_path, capsys, old, ne
     assert not run_dir.exists()  # validated before the run directory is touched
 
 
-def test_row07_malformed_dataset_lines(world, tmp_path, capsys):
+def test_malformed_dataset_line_is_named_by_file_and_line(world, tmp_path, capsys):
     data = tmp_path / "data" / "mixed" / "test.jsonl"
     data.parent.mkdir(parents=True)
-    config = world.write_config(
-        tmp_path / "c.toml", {f'"{world.models / "data"}"': f'"{tmp_path / "data"}"'}
-    )
+    config = world.write_config(tmp_path / "c.toml", {"run": {"data_dir": str(tmp_path / "data")}})
     run_dir = tmp_path / "run"
     good = json.dumps({"question": "What is 3+4", "answer": "#### 7"})
     for body, expected in (
@@ -433,9 +429,9 @@ def test_row07_malformed_dataset_lines(world, tmp_path, capsys):
         assert not (run_dir / "datasets").exists()
 
 
-def test_row08_no_question_survives_selection(world, tmp_path, capsys):
+def test_empty_selection_stops_with_the_count_each_filter_removed(world, tmp_path, capsys):
     run_dir = _copy_run(world, tmp_path / "run", "grade")
-    config = world.write_config(tmp_path / "c.toml", {"delta = 1.0": "delta = 0.01"})
+    config = world.write_config(tmp_path / "c.toml", {"select": {"delta": 0.01}})
     code, err = _run(["run", str(config), "--run-dir", str(run_dir)], capsys)
     assert code == 2
     match = re.search(
@@ -457,7 +453,7 @@ def test_row08_no_question_survives_selection(world, tmp_path, capsys):
     assert not list(run_dir.rglob("*.safetensors"))  # no empty score files
 
 
-# --------------------------------------------------------------------------- rows 9-11: data
+# --------------------------------------------------------------------------- data
 
 
 def _model_key(world: World, pair: str, role: str) -> str:
@@ -474,14 +470,14 @@ def _records(world: World, stage: str, pair: str, role: str) -> list[dict]:
     return RunStore.read_only(world.ref).records(f"{stage}/{key}/mixed").load()
 
 
-def test_row09_token_limit_without_answer_is_no_answer(world, tmp_path, capsys):
+def test_answer_cut_at_the_token_limit_is_graded_no_answer(world, tmp_path, capsys):
     from rl_circuits.config import load_config
     from rl_circuits.models.pairs import PairModel
     from rl_circuits.store.run import RunStore
 
     # Pair tiny_short stops answers at 30 tokens: the after model's usual answer has 39.
-    subs = {'pairs = ["tiny"]': 'pairs = ["tiny_short"]'}
-    config = world.write_config(tmp_path / "short.toml", subs)
+    short = {"run": {"pairs": ["tiny_short"]}}
+    config = world.write_config(tmp_path / "short.toml", short)
     run_dir = tmp_path / "run"
     for stage in ("datasets", "generate", "grade"):
         assert main([stage, str(config), "--run-dir", str(run_dir)]) == 0
@@ -516,14 +512,14 @@ def test_row09_token_limit_without_answer_is_no_answer(world, tmp_path, capsys):
         assert "no question survives selection: 6 entered, both_correct removed 6" in err
 
 
-def test_row10_t_cut_longer_than_answer_skips_question_in_both_models(world, tmp_path):
+def test_t_cut_longer_than_an_answer_skips_the_question_in_both_models(world, tmp_path):
     from rl_circuits import load_run
 
     # With the mean of both models' lengths as reference, T_cut at alpha = 1 exceeds the
     # before model's usual answer (23 tokens against the after model's 39).
     run_dir = _copy_run(world, tmp_path / "run", "grade")
-    subs = {'reference = "min"': 'reference = "mean"'}
-    config = world.write_config(tmp_path / "mean.toml", subs)
+    mean = {"select": {"reference": "mean"}}
+    config = world.write_config(tmp_path / "mean.toml", mean)
     for stage in ("select", "attribute"):
         assert main([stage, str(config), "--run-dir", str(run_dir)]) == 0
     selection = json.loads((run_dir / "select" / "tiny" / "mixed.json").read_text())
@@ -552,7 +548,7 @@ def test_row10_t_cut_longer_than_answer_skips_question_in_both_models(world, tmp
             assert run.scores("tiny", role, "mixed", 1.0).ids == kept
 
 
-def test_row11_nan_scores_name_question_and_stage(world, tmp_path, capsys, monkeypatch):
+def test_nan_scores_fail_naming_question_and_stage(world, tmp_path, capsys, monkeypatch):
     import rl_circuits.models.loading as loading
 
     run_dir = _copy_run(world, tmp_path / "run", "select")
@@ -580,23 +576,17 @@ def test_row11_nan_scores_name_question_and_stage(world, tmp_path, capsys, monke
     assert not list((run_dir / "attribute" / "tiny" / "after").rglob("*.safetensors"))
 
 
-# --------------------------------------------------------------------------- rows 12-16: process
+# --------------------------------------------------------------------------- process
 
 
 def _patch_half_write(target: str, flag: Path):
     """Hang half-way through writing `target` (relative to the run): its temp file is half full."""
-    real = atomic_module._write_pieces
-    parent, name = target.rsplit("/", 1)
 
-    def write(path, pieces):
-        if path.parent.as_posix().endswith(parent) and path.name.startswith(f".{name}.tmp-"):
-            data = b"".join(bytes(p) for p in pieces)
-            with open(path, "xb") as handle:
-                handle.write(data[: len(data) // 2])
-            _hang(flag)
-        return real(path, pieces)
+    def write(path, fd, data, real_write):
+        real_write(fd, data[: len(data) // 2])
+        _hang(flag)
 
-    return lambda: setattr(atomic_module, "_write_pieces", write)
+    return lambda: intercept_writes(temp_of(target), write)
 
 
 def _patch_after_calls(module, name: str, calls: int, flag: Path):
@@ -613,8 +603,7 @@ def _patch_after_calls(module, name: str, calls: int, flag: Path):
     return lambda: setattr(module, name, wrapper)
 
 
-def test_row12_sigkill_in_any_stage_resumes_to_identical_outputs(world, tmp_path):
-    import rl_circuits.pipeline.attribute as attribute_stage
+def test_sigkill_in_any_stage_resumes_to_identical_outputs(world, tmp_path):
     import rl_circuits.pipeline.grade as grade_stage
 
     key = _model_key(world, "tiny", "before")
@@ -626,7 +615,7 @@ def test_row12_sigkill_in_any_stage_resumes_to_identical_outputs(world, tmp_path
         ("generate", f"generate/{key}/mixed/chunks/00002.jsonl"),
         ("grade", (grade_stage, "grade", 9)),
         ("select", "select/tiny/mixed.json"),
-        ("attribute", (attribute_stage, "_attribute_batch", 4)),
+        ("attribute", (RunStore, "write_scores", 4)),
         ("analyze", "analysis/table1.md"),
     ]
     for stage, point in kills:
@@ -651,8 +640,8 @@ def test_row12_sigkill_in_any_stage_resumes_to_identical_outputs(world, tmp_path
         if stage == "grade":  # one of the two models graded, the second part way
             assert len(list(run_dir.glob("grade/*/mixed/records.jsonl"))) == 1
         if stage == "attribute":
-            # Three batches of at most two questions were written before the kill.
-            assert 3 <= len(list(run_dir.glob("attribute/**/q/*.safetensors"))) <= 6
+            # Three score files were written before the kill, in the fourth call.
+            assert len(list(run_dir.glob("attribute/**/q/*.safetensors"))) == 3
     assert main(argv) == 0
     assert not _temp_files(run_dir)
     resumed, reference = _snapshot(run_dir), _snapshot(world.ref)
@@ -662,20 +651,16 @@ def test_row12_sigkill_in_any_stage_resumes_to_identical_outputs(world, tmp_path
         assert resumed[rel] == data, rel
 
 
-def test_row13_ctrl_c_stops_cleanly_and_says_how_to_resume(world, tmp_path):
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(world, tmp_path):
     run_dir = _copy_run(world, tmp_path / "run", "select")
     flag, log = tmp_path / "flag", tmp_path / "log"
-    real = atomic_module._write_pieces
 
-    def write(path, pieces):  # Ctrl-C arrives while a score file is being written
-        if "q" in path.parts:
-            with open(path, "xb") as handle:
-                handle.write(b"partial")
-            _hang(flag)
-        return real(path, pieces)
+    def write(path, fd, data, real_write):  # Ctrl-C arrives while a score file is being written
+        real_write(fd, b"partial")
+        _hang(flag)
 
     argv = ["attribute", str(world.config), "--run-dir", str(run_dir)]
-    proc = _fork(argv, log, lambda: setattr(atomic_module, "_write_pieces", write))
+    proc = _fork(argv, log, lambda: intercept_writes(score_temp, write))
     _wait_for(flag, proc, log)
     assert _kill(proc, signal.SIGINT) == 130
     assert _last_line(log.read_text()) == (
@@ -687,7 +672,7 @@ def test_row13_ctrl_c_stops_cleanly_and_says_how_to_resume(world, tmp_path):
     assert _snapshot(run_dir, "attribute") == _snapshot(world.ref, "attribute")
 
 
-def test_row14_second_process_is_refused_first_unharmed(world, tmp_path, capsys):
+def test_second_process_on_a_run_is_refused_and_the_first_is_unharmed(world, tmp_path, capsys):
     run_dir = _copy_run(world, tmp_path / "run", "select")
     flag, go, log = tmp_path / "flag", tmp_path / "go", tmp_path / "log"
     real = RunStore.write_scores
@@ -712,23 +697,21 @@ def test_row14_second_process_is_refused_first_unharmed(world, tmp_path, capsys)
     assert _snapshot(run_dir, "attribute") == _snapshot(world.ref, "attribute")
 
 
-def test_row15_disk_full_fails_stage_keeps_files(world, tmp_path, capsys, monkeypatch):
+def test_disk_full_fails_the_stage_and_keeps_written_files(world, tmp_path, capsys, monkeypatch):
     run_dir = _copy_run(world, tmp_path / "run", "select")
     argv = ["attribute", str(world.config), "--run-dir", str(run_dir)]
     before = _snapshot(run_dir)
-    real = atomic_module._write_pieces
-    written: list[Path] = []
+    started: list[Path] = []
 
-    def write(path, pieces):
-        if "q" in path.parts and len(written) == 2:  # the third score file: disk full
-            with open(path, "xb") as handle:
-                handle.write(b"\0" * 100)
+    def write(path, fd, data, real_write):
+        if path not in started:
+            started.append(path)
+        if len(started) == 3:  # the third score file: disk full after its first 100 bytes
+            real_write(fd, data[:100])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(path, pieces)
-        if "q" in path.parts:
-            written.append(path)
+        return real_write(fd, data)
 
-    monkeypatch.setattr(atomic_module, "_write_pieces", write)
+    intercept_writes(score_temp, write, monkeypatch.setattr)
     code, err = _run(argv, capsys)
     assert code == 2
     match = re.fullmatch(
@@ -751,7 +734,7 @@ def test_row15_disk_full_fails_stage_keeps_files(world, tmp_path, capsys, monkey
     assert _snapshot(run_dir, "attribute") == _snapshot(world.ref, "attribute")
 
 
-def test_row16_cuda_oom_retries_smaller_batches(world, tmp_path, capsys, monkeypatch):
+def test_cuda_out_of_memory_retries_smaller_batches(world, tmp_path, capsys, monkeypatch):
     import rl_circuits.engine.attribution as attribution
 
     real = attribution.attribute
@@ -788,7 +771,7 @@ def test_row16_cuda_oom_retries_smaller_batches(world, tmp_path, capsys, monkeyp
     assert (2, True) in sizes and all(n == 1 for n, failed in sizes if not failed)
     monkeypatch.undo()
     batch1 = _copy_run(world, tmp_path / "batch1", "select")
-    config = world.write_config(tmp_path / "batch1.toml", {"batch_size = 2": "batch_size = 1"})
+    config = world.write_config(tmp_path / "batch1.toml", {"attribute": {"batch_size": 1}})
     assert main(["attribute", str(config), "--run-dir", str(batch1)]) == 0
     retried = _snapshot(run_dir, "attribute")
     # One score file per scored question and cell: as many as the reference run wrote.
@@ -880,11 +863,13 @@ def test_security_grading_timeout_works_outside_main_thread(monkeypatch):
     worker.join()
     assert results["real"][0].verdict == "correct"  # math-verify itself, off the main thread
 
-    def hang(gold, extracted):  # a comparison that never ends (sympy's worst cases)
+    def hang(*args, **kwargs):  # a comparison that never ends (sympy's worst cases)
         while True:
             pass
 
-    monkeypatch.setattr(grading, "_compare", hang)
+    import math_verify
+
+    monkeypatch.setattr(math_verify, "verify", hang)
     worker = threading.Thread(target=in_thread, args=("hang", "\\boxed{14/2}", "7", 0.3))
     worker.start()
     worker.join(10)
@@ -905,17 +890,16 @@ def test_security_names_cannot_write_outside_the_run(world, tmp_path, capsys):
     from rl_circuits.store.run import RunStore
 
     run_dir = tmp_path / "inside" / "run"
-    for subs, name in (
-        ({'datasets = ["mixed"]': 'datasets = ["../escape"]'}, "datasets entry '../escape'"),
+    tiny = load_config(world.config).pairs["tiny"]
+    evil_pair = {k: v for k, v in vars(tiny).items() if k != "name" and v is not None and v != ()}
+    for edits, name in (
+        ({"run": {"datasets": ["../escape"]}}, "datasets entry '../escape'"),
         (
-            {
-                'pairs = ["tiny"]': 'pairs = ["../evil"]',
-                "[pairs_inline.tiny]": '[pairs_inline."../evil"]',
-            },
+            {"run": {"pairs": ["../evil"]}, "pairs_inline": {"../evil": evil_pair}},
             "pairs entry '../evil'",
         ),
     ):
-        config = world.write_config(tmp_path / "c.toml", subs)
+        config = world.write_unchecked_config(tmp_path / "c.toml", edits)
         code, err = _run(["run", str(config), "--run-dir", str(run_dir)], capsys)
         assert code == 2
         assert err.startswith(f"error: {config}: {name} is not a plain name")

@@ -6,31 +6,26 @@ import shutil
 from pathlib import Path
 
 import pytest
+from config_support import merge, tiny_models_overrides, write_config
 
 from rl_circuits.cli.main import main
 from rl_circuits.pipeline.registry import SHARDED_STAGES, STAGE_NAMES, STAGES
 
 
-def _copy(tiny_run, tmp_path: Path, subs: dict[str, str] | None = None) -> tuple[Path, Path]:
-    """A copy of the tiny run (run directory, data) and its config with `subs` applied."""
+def _copy(tiny_run, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the tiny run (run directory, data) and its config pointed at the copy."""
     base, config = tiny_run
     run = tmp_path / "run"
     shutil.copytree(base / "run", run)
     data = tmp_path / "data"
     shutil.copytree(base / "models" / "data", data)
-    text = config.read_text().replace(f'"{base / "run"}"', f'"{run}"')
-    text = text.replace(f'data_dir = "{base / "models" / "data"}"', f'data_dir = "{data}"')
-    for old, new in (subs or {}).items():
-        assert old in text, old
-        text = text.replace(old, new)
-    path = tmp_path / "c.toml"
-    path.write_text(text)
-    return run, path
+    moved = {"run": {"run_dir": str(run), "data_dir": str(data)}}
+    return run, write_config(tmp_path / "c.toml", moved, base=config)
 
 
-def _moved(tiny_run, tmp_path, capsys, subs=None) -> tuple[Path, Path]:
+def _moved(tiny_run, tmp_path, capsys) -> tuple[Path, Path]:
     """The copy, after accepting its moved data directory (same file: only the report reruns)."""
-    run, config = _copy(tiny_run, tmp_path, subs)
+    run, config = _copy(tiny_run, tmp_path)
     assert main(["run", str(config), "--force"]) == 0
     out = capsys.readouterr().out
     assert "  report: rerun" in out and "datasets: done" in out
@@ -46,10 +41,9 @@ def _bytes(run: Path, under: str) -> dict[str, bytes]:
     }
 
 
-def _rewrite(config: Path, old: str, new: str) -> None:
-    text = config.read_text()
-    assert old in text, old
-    config.write_text(text.replace(old, new))
+def _rewrite(config: Path, overrides: dict) -> None:
+    """Change keys of the config file `config` in place."""
+    write_config(config, overrides, base=config)
 
 
 def test_registry_declares_every_stage_once():
@@ -74,7 +68,7 @@ def test_added_alpha_computes_only_its_cells(tiny_run, tmp_path, capsys):
     run, config = _moved(tiny_run, tmp_path, capsys)
     kept = {**_bytes(run, "generate"), **_bytes(run, "grade"), **_bytes(run, "attribute")}
     markers = {s: (run / "stages" / f"{s}.json").read_bytes() for s in ("generate", "grade")}
-    _rewrite(config, "alphas = [0.3, 1.0]", "alphas = [0.3, 0.5, 1.0]")
+    _rewrite(config, {"select": {"alphas": [0.3, 0.5, 1.0]}})
 
     assert main(["run", str(config)]) == 2  # refused without --force, naming the stages
     err = capsys.readouterr().err
@@ -108,7 +102,7 @@ def test_added_alpha_computes_only_its_cells(tiny_run, tmp_path, capsys):
 
 def test_single_stage_after_added_alpha_recomputes_select_first(tiny_run, tmp_path, capsys):
     run, config = _moved(tiny_run, tmp_path, capsys)
-    _rewrite(config, "alphas = [0.3, 1.0]", "alphas = [0.3, 0.5, 1.0]")
+    _rewrite(config, {"select": {"alphas": [0.3, 0.5, 1.0]}})
     assert main(["attribute", str(config), "--force"]) == 0
     out = capsys.readouterr().out
     assert "select: recomputing (invalidated by the config change)" in out
@@ -123,7 +117,7 @@ def test_single_stage_after_added_alpha_recomputes_select_first(tiny_run, tmp_pa
 def test_changed_graph_recomputes_attribute_and_after(tiny_run, tmp_path, capsys):
     run, config = _moved(tiny_run, tmp_path, capsys)
     kept = {**_bytes(run, "generate"), **_bytes(run, "select")}
-    _rewrite(config, 'graph = "paper"', 'graph = "block"')
+    _rewrite(config, {"attribute": {"graph": "block"}})
     assert main(["run", str(config), "--force"]) == 0
     out = capsys.readouterr().out
     assert "attribute: recompute 4 cells" in out and "select: recompute" not in out
@@ -224,9 +218,9 @@ def test_run_made_with_relative_paths_loads_from_elsewhere(tiny_run, tmp_path, m
     base, config = tiny_run
     work = tmp_path / "work"
     shutil.copytree(base / "models", work / "models")
-    text = config.read_text().replace(f'"{base / "models"}', '"models')
-    text = text.replace(f'"{base / "run"}"', '"runs/rel"')
-    (work / "rel.toml").write_text(text)
+    overrides, pairs = tiny_models_overrides(Path("models"))
+    overrides = merge(overrides, {"run": {"run_dir": "runs/rel"}})
+    write_config(work / "rel.toml", overrides, base=config, pairs=pairs)
     monkeypatch.chdir(work)
     assert main(["run", "rel.toml"]) == 0
     assert json.loads((work / "runs/rel/config.json").read_text())["pairs"]["tiny"]["after"] == (

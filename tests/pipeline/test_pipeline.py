@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from config_support import merge, tiny_models_overrides, write_config
 
 from rl_circuits.cli.main import main
 from rl_circuits.errors import ConfigError
@@ -69,8 +70,7 @@ def test_second_run_does_nothing(tiny_run, capsys):
 
 def test_changed_config_is_refused(tiny_run, tmp_path, capsys):
     base, config = tiny_run
-    changed = tmp_path / "changed.toml"
-    changed.write_text(config.read_text().replace("beta = 0.1", "beta = 0.2"))
+    changed = write_config(tmp_path / "changed.toml", {"select": {"beta": 0.2}}, base=config)
     assert main(["run", str(changed), "--run-dir", str(base / "run")]) == 2
     assert "select.beta" in capsys.readouterr().err
 
@@ -81,9 +81,9 @@ def test_killed_attribution_resumes_to_identical_scores(tiny_run, tmp_path):
     for stage in ("datasets", "generate", "grade", "select"):
         assert main([stage, str(config), "--run-dir", str(run_dir)]) == 0
     slow = (
-        "import time, sys; import rl_circuits.pipeline.attribute as p; f = p._attribute_batch\n"
-        "def slow(*a, **k):\n    time.sleep(0.4); yield from f(*a, **k)\n"
-        "p._attribute_batch = slow\n"
+        "import time, sys; from rl_circuits.store.run import RunStore; f = RunStore.write_scores\n"
+        "def slow(*a, **k):\n    time.sleep(0.4); return f(*a, **k)\n"
+        "RunStore.write_scores = slow\n"
         "from rl_circuits.cli.main import main; sys.exit(main(sys.argv[1:]))\n"
     )
     proc = subprocess.Popen(
@@ -131,22 +131,17 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_ids_option_keeps_only_those_questions(tiny_run, tmp_path):
     base, config = tiny_run
-    text = config.read_text().replace(
-        'data_dir = "', 'ids = ["sevens-1", "sevens-4"]\ndata_dir = "', 1
-    )
-    path = tmp_path / "ids.toml"
-    path.write_text(text)
+    ids = {"run": {"ids": ["sevens-1", "sevens-4"]}}
+    path = write_config(tmp_path / "ids.toml", ids, base=config)
     assert main(["datasets", str(path), "--run-dir", str(tmp_path / "run")]) == 0
     kept = [json.loads(line)["id"] for line in (tmp_path / "run/datasets/sevens.jsonl").open()]
     assert kept == ["sevens-1", "sevens-4"]
 
 
 def test_run_writes_the_tiny_models_it_names_when_absent(tmp_path, capsys):
-    text = (ROOT / "configs" / "tiny.toml").read_text()
-    text = text.replace('"runs/tiny-models', f'"{tmp_path / "models"}')
-    text = text.replace('run_dir = "runs/tiny"', f'run_dir = "{tmp_path / "run"}"')
-    config = tmp_path / "tiny.toml"
-    config.write_text(text)
+    overrides, pairs = tiny_models_overrides(tmp_path / "models")
+    overrides = merge(overrides, {"run": {"run_dir": str(tmp_path / "run")}})
+    config = write_config(tmp_path / "tiny.toml", overrides, pairs=pairs)
     assert main(["datasets", str(config)]) == 0
     for rel in ("before/model.safetensors", "after/config.json", "data/sevens/test.jsonl"):
         assert (tmp_path / "models" / rel).is_file(), rel

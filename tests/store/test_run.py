@@ -192,7 +192,7 @@ def test_store_files_cannot_be_overwritten_through_the_api(tmp_path):
 # ------------------------------------------------------------------ stage markers
 
 
-def test_stage_markers(tmp_path):
+def test_stage_markers_are_set_read_cleared_and_validated(tmp_path):
     with RunStore.open(tmp_path / "run", CONFIG) as store:
         assert not store.stage_done("select") and store.stage_info("select") is None
         store.mark_done("select", {"n_selected": 12})
