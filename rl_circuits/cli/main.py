@@ -8,8 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from rl_circuits.pipeline.registry import SHARDED_STAGES
-from rl_circuits.pipeline.registry import STAGE_NAMES as STAGES
+from rl_circuits.pipeline.registry import SHARDED_STAGES, STAGE_NAMES
 
 CHECK_PROMPT = "Natalia sold clips to 48 of her friends in April. 48 / 2 = 24. \\boxed{72}"
 
@@ -256,10 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rl-circuits",
         description="Compare a model's edge-attribution circuitry before and after "
-        "post-training. Stages: " + " -> ".join(STAGES) + "; `run` chains them.",
+        "post-training. Stages: " + " -> ".join(STAGE_NAMES) + "; `run` chains them.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", *STAGES):
+    for name in ("run", *STAGE_NAMES):
         p = sub.add_parser(name, help="run every stage" if name == "run" else f"the {name} stage")
         p.add_argument("config", help="TOML run config, e.g. configs/paper.toml")
         p.add_argument("--run-dir", help="run directory (default: the config's run_dir)")
