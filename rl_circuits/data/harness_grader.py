@@ -16,6 +16,7 @@ import keyword
 import math
 import re
 from collections.abc import Callable
+from contextlib import suppress
 from functools import cache
 from typing import Any
 
@@ -261,16 +262,11 @@ def _only_choices(text: str) -> bool:
 def _as_number(text: Any) -> float | None:
     """A float from answer text (commas dropped; a trailing % divides by 100), else None."""
     s = str(text).replace(",", "")
-    try:
+    with suppress(ValueError):
         return float(s)
-    except ValueError:
-        pass
     if s.endswith("%"):
-        s = s[:-1].removesuffix("\\")
-        try:
-            return float(s) / 100
-        except ValueError:
-            pass
+        with suppress(ValueError):
+            return float(s[:-1].removesuffix("\\")) / 100
     return None
 
 

@@ -4,10 +4,10 @@ before issue 13 (rl-circuits-scores/1) still load and rewrite to the same bytes.
 
 from __future__ import annotations
 
-import shutil
+import json
+import struct
 import textwrap
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +16,6 @@ from store_support import CONFIG, make_scores, run_python
 from rl_circuits.engine.scores import EdgeScores
 from rl_circuits.errors import DataError
 from rl_circuits.store.run import RunStore
-
-DATA = Path(__file__).resolve().parent / "data"
 
 
 def test_scores_round_trip_exactly(tmp_path):
@@ -68,12 +66,62 @@ def test_scores_are_validated(tmp_path):
         assert not store.exists("s.safetensors")
 
 
+def _v1_file(values: torch.Tensor, ids: list[str], meta: dict) -> bytes:
+    """A score file byte for byte as the store wrote it before issue 13 (format
+    rl-circuits-scores/1): safetensors with a compact, key-sorted JSON header padded with spaces
+    to 8 bytes, float32 values then the bool edge mask, and graph, method and loss inside
+    `meta`. Written here from the format, independently of the store's writer."""
+
+    def compact(obj) -> str:
+        return json.dumps(obj, separators=(",", ":"), sort_keys=True)
+
+    upstream = ["hook_embed", "blocks.0.hook_attn_out", "blocks.0.hook_mlp_out"]
+    downstream = [
+        "blocks.0.hook_mlp_in",
+        "blocks.1.hook_q_input",
+        "blocks.1.hook_mlp_in",
+        "blocks.1.hook_resid_post",
+    ]
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[2, 0] = False
+    value_bytes = values.numpy().astype("<f4").tobytes()
+    mask_bytes = mask.numpy().tobytes()
+    header = {
+        "__metadata__": {
+            "downstream": compact(downstream),
+            "format": "rl-circuits-scores/1",
+            "ids": compact(ids),
+            "meta": compact(meta),
+            "upstream": compact(upstream),
+        },
+        "edge_mask": {
+            "data_offsets": [len(value_bytes), len(value_bytes) + len(mask_bytes)],
+            "dtype": "BOOL",
+            "shape": [3, 4],
+        },
+        "values": {"data_offsets": [0, len(value_bytes)], "dtype": "F32", "shape": [*values.shape]},
+    }
+    text = compact(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + value_bytes + mask_bytes
+
+
 def test_files_from_before_the_shared_type_load_and_rewrite_identically(tmp_path):
-    """A merged cell and a per-question file written by the pre-issue-13 store."""
+    """A merged cell and a per-question file as the pre-issue-13 store wrote them."""
+    values = ((torch.arange(24) * 2 - 15) / 16).reshape(2, 3, 4)
+    loss = {"sevens-0": 1.5, "sevens-1": 2.25}
+    cell_v1 = _v1_file(
+        values,
+        ["sevens-0", "sevens-1"],
+        {"graph": "paper", "loss": loss, "method": "eap", "t_cut": 4},
+    )
+    question_v1 = _v1_file(  # a per-question file stored its loss as a bare number
+        values[1:], ["sevens-1"], {"graph": "paper", "loss": 2.25, "method": "eap", "t_cut": 3}
+    )
     run = tmp_path / "run"
     with RunStore.open(run, CONFIG) as store:
-        for name in ("cell-v1.safetensors", "question-v1.safetensors"):
-            shutil.copy(DATA / name, run / name)
+        (run / "cell-v1.safetensors").write_bytes(cell_v1)
+        (run / "question-v1.safetensors").write_bytes(question_v1)
         cell = store.read_scores("cell-v1.safetensors")
         question = store.read_scores("question-v1.safetensors")
         assert cell.ids == ["sevens-0", "sevens-1"] and question.ids == ["sevens-1"]
@@ -81,10 +129,10 @@ def test_files_from_before_the_shared_type_load_and_rewrite_identically(tmp_path
             assert (scores.graph, scores.method) == ("paper", "eap")
             assert scores.values.shape == (len(scores.ids), 3, 4)
         assert cell.loss.tolist() == [1.5, 2.25] and cell.meta == {"t_cut": 4}
-        assert question.loss.tolist() == [2.25] and question.meta == {"t_cut": 3}  # bare number
-        assert torch.equal(question.values[0], cell.values[1])
+        assert question.loss.tolist() == [2.25] and question.meta == {"t_cut": 3}
+        assert torch.equal(cell.values, values) and torch.equal(question.values[0], values[1])
         rewritten = store.write_scores("again.safetensors", cell).read_bytes()
-    assert rewritten == (DATA / "cell-v1.safetensors").read_bytes()
+    assert rewritten == cell_v1
 
 
 MERGE_CHILD = textwrap.dedent(
