@@ -85,7 +85,7 @@ def test_different_gsm8k_golds_grade_incorrect():
         ("The answer is: 18", "18"),
     ],
 )
-def test_equivalent_answers(response, gold):
+def test_equivalent_answers_grade_correct(response, gold):
     result = grade(response, gold, exact_match=False)
     assert result.verdict == "correct", result
 
@@ -102,11 +102,11 @@ def test_equivalent_answers(response, gold):
         ("\\boxed{1000}", "100"),
     ],
 )
-def test_non_equivalent_answers(response, gold):
+def test_non_equivalent_answers_grade_incorrect(response, gold):
     assert grade(response, gold).verdict == "incorrect"
 
 
-def test_extract_boxed():
+def test_extract_boxed_takes_the_last_complete_box():
     assert extract_boxed("a \\boxed{1} b \\boxed{\\frac{1}{\\sqrt{2}}} c") == "\\frac{1}{\\sqrt{2}}"
     assert extract_boxed("\\fbox{7}") == "7"
     assert extract_boxed("\\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"  # escaped braces do not nest
@@ -117,7 +117,7 @@ def test_extract_boxed():
     assert extract_boxed("\\boxedx{3}") is None
 
 
-def test_extract_answer():
+def test_extract_answer_prefers_a_box_then_the_last_answer_phrase():
     assert extract_answer("... The answer is: 18") == "18"
     assert extract_answer("The answer is 3.5.\n") == "3.5"
     assert extract_answer("The final answer is $\\frac{1}{2}$.") == "\\frac{1}{2}"
@@ -127,7 +127,7 @@ def test_extract_answer():
     assert extract_answer("\\boxed{}") is None
 
 
-def test_gold_answer():
+def test_gold_answer_strips_one_outer_pair_of_dollars():
     assert gold_answer("  $\\frac{4}{5}$ ") == "\\frac{4}{5}"
     assert gold_answer("$$x+1$$") == "x+1"
     assert gold_answer("$\\min$ at $x=-1$") == "$\\min$ at $x=-1$"  # not one outer pair
@@ -136,7 +136,7 @@ def test_gold_answer():
     assert gold_answer({"id": "a", "question": "q", "gold": "8"}) == "8"
 
 
-def test_no_answer_and_grade_fields():
+def test_missing_or_cut_answer_is_no_answer_and_a_grade_has_four_fields():
     truncated = "First, 3 + 4 = 7. Then we multiply by"
     result = grade(truncated, "14")
     assert result == Grade("no_answer", None, "14", None)
@@ -152,7 +152,7 @@ def test_no_answer_and_grade_fields():
     assert grade("\\boxed{1}", "  ").verdict == "ungradable"
 
 
-def test_grading_from_other_threads():
+def test_grading_works_from_other_threads():
     cases = [
         ("\\boxed{0.5}", "\\frac{1}{2}"),
         ("\\boxed{3}", "4"),
@@ -196,7 +196,7 @@ def test_hanging_verifier_times_out_and_stops(monkeypatch):
     assert not any(t.name == "rl-circuits-grade" for t in threading.enumerate())
 
 
-def test_grade_many_checks_lengths():
+def test_grade_many_refuses_responses_and_golds_of_different_lengths():
     with pytest.raises(ValueError, match="2 responses but 1 gold"):
         grade_many(["a", "b"], ["1"], progress=False)
 
@@ -232,7 +232,7 @@ def test_grade_many_checks_lengths():
         ("the result is \\boxed{18}<|im_end|> junk 19", "18", "gsm8k", True),  # stop strings
     ],
 )
-def test_authors_grader_rules(text, gold, dataset, correct):
+def test_authors_grader_follows_the_harness_rules(text, gold, dataset, correct):
     result = grade(text, gold, grader="authors", dataset=dataset)
     assert result.correct is correct, result
 
