@@ -9,7 +9,7 @@ over the pooled 2n samples, and each paper metric has an exact weighted form (a 
 of per-sample values, a weighted histogram, a quadratic form in the sample correlations), so
 1000 resamples cost about as much as a few direct evaluations. Other metrics fall back to
 materialising each resampled set. (Sample diversity on a bootstrap set skips pairs of a
-question with its own duplicate, see `_weighted_diversity`.) `table1_from_rows` lays the
+question with its own duplicate, see `weighted_sample_diversity`.) `table1_from_rows` lays the
 results out as in the paper.
 """
 
@@ -149,7 +149,7 @@ def _weighted_histogram_entropy(
     return evaluate
 
 
-def _weighted_diversity(pool: np.ndarray, mask) -> Batched:
+def weighted_sample_diversity(pool: np.ndarray, mask) -> Batched:
     """Figure 3a on weighted sets: mean correlation over pairs of draws of distinct samples.
 
     A bootstrap set that draws a question twice holds one sample twice; pairing it with itself
@@ -183,7 +183,7 @@ _BATCHED: Mapping[Callable, tuple[Callable, frozenset[str]]] = MappingProxyType(
             frozenset(),
         ),
         information_complexity: (_weighted_histogram_entropy, frozenset({"bins", "eps"})),
-        sample_diversity: (_weighted_diversity, frozenset()),
+        sample_diversity: (weighted_sample_diversity, frozenset()),
     }
 )
 

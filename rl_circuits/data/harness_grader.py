@@ -457,7 +457,7 @@ def latex_grammar() -> tuple[Any, type, type, Any]:
     return antlr4, Lexer, Parser, grammar
 
 
-def _parse_latex(text: str) -> Any:
+def parse_latex(text: str) -> Any:
     """LaTeX to sympy exactly as the harness's sympy 1.12 `parse_latex`: the same grammar and
     converter, which read the longest leading formula and ignore what follows it ("No.
     Consider x" reads as N*o, `\\mathbb{R}+1` as R*mathbb + 1); a syntax error in what it
@@ -479,7 +479,7 @@ def _parse(text: str) -> Any:
     order). Its third parser, latex2sympy2, is generated for antlr 4.7 and does not load on
     the antlr4 4.11 that its pinned sympy 1.12 needs, so it never parses there: not tried."""
     latex_grammar()  # a missing antlr4 is an install error, not a failed parse
-    for parser in (_parse_latex, _parse_plain):
+    for parser in (parse_latex, _parse_plain):
         for variant in (text.replace("\\\\", "\\"), text):
             try:
                 return parser(variant)

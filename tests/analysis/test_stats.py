@@ -25,10 +25,10 @@ from rl_circuits.analysis.metrics import (
 )
 from rl_circuits.analysis.stats import (
     COLUMNS,
-    _weighted_diversity,
     compare,
     format_value,
     table1_from_rows,
+    weighted_sample_diversity,
 )
 
 GAIN, NOISE = 1.2, 0.5
@@ -101,10 +101,10 @@ def test_bootstrap_diversity_skips_pairs_of_a_duplicated_question():
     corr = np.corrcoef(pool.reshape(6, -1))
     pairs = [(a, b) for a in range(6) for b in range(a + 1, 6) if draws[a] != draws[b]]
     expected = 1 - np.mean([corr[draws[a], draws[b]] for a, b in pairs])
-    assert _weighted_diversity(pool, None)(weights)[0] == pytest.approx(expected)
+    assert weighted_sample_diversity(pool, None)(weights)[0] == pytest.approx(expected)
     # Without duplicates it is plain sample diversity.
     ones = np.ones((1, 6))
-    assert _weighted_diversity(pool, None)(ones)[0] == pytest.approx(sample_diversity(pool))
+    assert weighted_sample_diversity(pool, None)(ones)[0] == pytest.approx(sample_diversity(pool))
     # So each model's bootstrap interval brackets its own value (the naive one sits ~1/n low).
     before, after = shifted(np.random.default_rng(4), n=30)
     row = compare(before, after, metrics=["sample_diversity"], n_resamples=300).iloc[0]

@@ -309,13 +309,13 @@ def test_latex_parser_matches_sympys_parse_latex(latex, expected, capsys):
     """Results of sympy 1.12's `parse_latex` on antlr4 4.11 (the harness's), from our antlr4."""
     from sympy.parsing.latex.errors import LaTeXParsingError
 
-    from rl_circuits.data.harness_grader import _parse_latex
+    from rl_circuits.data.harness_grader import parse_latex
 
     if expected is None:
         with pytest.raises(LaTeXParsingError):
-            _parse_latex(latex)
+            parse_latex(latex)
     else:
-        assert str(_parse_latex(latex)) == expected
+        assert str(parse_latex(latex)) == expected
     assert capsys.readouterr().out == ""  # the generated code's version notice is silenced
 
 
