@@ -124,6 +124,16 @@ class _State:
         return True
 
 
+def _prepare(model: HookedTransformer, tokens: torch.Tensor) -> tuple[_Layout, _State]:
+    """The node layout and empty buffers for one pass over `tokens`, accumulating in float64
+    for float64 models and float32 otherwise (after refusing unsupported models)."""
+    check_supported(model)
+    cfg = model.cfg
+    acc = torch.float64 if cfg.dtype == torch.float64 else torch.float32
+    batch, pos = tokens.shape
+    return _Layout(cfg.n_layers, cfg.n_heads), _State(model, batch, pos, tokens.device, acc)
+
+
 def gradient_scores(
     model: HookedTransformer,
     tokens: torch.Tensor,
@@ -133,13 +143,9 @@ def gradient_scores(
     scales: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """EAP (one scale) or EAP-IG scores [batch, n_upstream, n_downstream] and the clean loss."""
-    check_supported(model)
     cfg = model.cfg
-    batch, pos = tokens.shape
-    device = tokens.device
-    acc = torch.float64 if cfg.dtype == torch.float64 else torch.float32
-    layout = _Layout(cfg.n_layers, cfg.n_heads)
-    state = _State(model, batch, pos, device, acc)
+    layout, state = _prepare(model, tokens)
+    batch, device, acc = tokens.shape[0], state.device, state.dtype
     scores = torch.zeros(batch, len(graph.upstream), len(graph.downstream), dtype=acc)
     scores = scores.to(device)
     weight = 1.0 / len(scales)
@@ -346,13 +352,8 @@ def exact_scores(
     metric: Callable,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """loss(O_u really removed from the input of node d) - clean loss, for every edge."""
-    check_supported(model)
-    cfg = model.cfg
-    batch, pos = tokens.shape
-    device = tokens.device
-    acc = torch.float64 if cfg.dtype == torch.float64 else torch.float32
-    layout = _Layout(cfg.n_layers, cfg.n_heads)
-    state = _State(model, batch, pos, device, acc)
+    layout, state = _prepare(model, tokens)
+    batch, acc = tokens.shape[0], state.dtype
     with torch.no_grad():
         with _gradient_hooks(model, state, _NoEngine(), record=True):
             clean = metric(model(tokens), tokens, loss_mask)
