@@ -87,13 +87,16 @@ def attribute(
         )
     g = build_graph(graph, model.cfg.n_layers, model.cfg.n_heads)
     tokens, loss_mask = _check_inputs(model, tokens, loss_mask)
+    ids = _check_sample_ids(sample_ids, tokens.shape[0])
+    metric = checked_metric(metric, tokens.shape[0])
     per_head = g.name == "heads"
     if per_head:
         heads.check_supported(model)
+    flags = tl_compat.ungrouped_kv(model) if per_head else tl_compat.single_stream_inputs(model)
+    # the flags first: efficient attention checks them on entry
     attention = efficient.efficient_attention(model) if efficient_attention else nullcontext()
     blocks = efficient.checkpoint_blocks(model) if checkpoint else nullcontext()
-    ungrouped = tl_compat.ungrouped_kv(model) if per_head else nullcontext()
-    with _frozen(model), torch.enable_grad(), ungrouped, attention, blocks:
+    with _frozen(model), torch.enable_grad(), flags, attention, blocks:
         if method == "exact":
             exact = heads.exact_scores if per_head else _exact_scores
             values, loss = exact(model, tokens, loss_mask, g, metric)
@@ -102,7 +105,7 @@ def attribute(
             scales = [k / steps for k in range(steps, 0, -1)]  # the real input first
             gradient = heads.gradient_scores if per_head else _gradient_scores
             values, loss = gradient(model, tokens, loss_mask, g, metric, scales)
-    _check_finite(loss, values, sample_ids, method)
+    _check_finite(loss, values, ids, method)
     return EdgeScores(
         values=values.float().cpu(),
         upstream=g.upstream,
@@ -111,6 +114,7 @@ def attribute(
         loss=loss.float().cpu(),
         graph=graph,
         method=method,
+        ids=ids,
     )
 
 
@@ -283,6 +287,11 @@ def _check_inputs(model, tokens, loss_mask):
         raise ValueError(
             f"tokens must be a 2-d tensor [batch, pos], got shape {tuple(tokens.shape)}"
         )
+    if tokens.shape[0] == 0 or tokens.shape[1] < 2:
+        raise ValueError(
+            f"tokens has shape {tuple(tokens.shape)}: give at least one sample of at least 2 "
+            "positions (a token, and one that the loss predicts from it)"
+        )
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
         raise ValueError(
             f"tokens must hold integer token ids, got dtype {tokens.dtype}: pass token ids from "
@@ -321,6 +330,55 @@ def _check_inputs(model, tokens, loss_mask):
         )
     device = model.embed.W_E.device
     return tokens.long().to(device), loss_mask.to(device)
+
+
+def _check_sample_ids(sample_ids, batch: int) -> list[str] | None:
+    """`sample_ids` as a list of `batch` distinct strings (None stays None), else ValueError."""
+    if sample_ids is None:
+        return None
+    try:
+        ids = None if isinstance(sample_ids, str | bytes) else list(sample_ids)
+    except TypeError:
+        ids = None
+    if ids is None:
+        raise ValueError(
+            f"sample_ids must be a list of {batch} strings (one per sample), got "
+            f"{type(sample_ids).__name__}"
+        )
+    if len(ids) != batch or not all(isinstance(i, str) for i in ids):
+        raise ValueError(
+            f"sample_ids must be {batch} strings, one per sample of tokens; got {len(ids)} "
+            f"({', '.join(sorted({type(i).__name__ for i in ids})) or 'none'})"
+        )
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        raise ValueError(f"sample_ids must be distinct (one id per sample); repeated: {twice[:5]}")
+    return ids
+
+
+def checked_metric(metric: Metric, batch: int) -> Metric:
+    """`metric` refusing, with its name, a result that is not one float per sample [batch]."""
+    name = getattr(metric, "__name__", type(metric).__name__)
+
+    def checked(logits, tokens, loss_mask):
+        out = metric(logits, tokens, loss_mask)
+        if (
+            not isinstance(out, torch.Tensor)
+            or tuple(out.shape) != (batch,)
+            or not out.is_floating_point()
+        ):
+            got = (
+                f"{out.dtype} of shape {list(out.shape)}"
+                if isinstance(out, torch.Tensor)
+                else type(out).__name__
+            )
+            raise ValueError(
+                f"metric {name} must return one float per sample, a tensor of shape [{batch}]; "
+                f"it returned {got} (reduce it over everything but the batch dimension)"
+            )
+        return out
+
+    return checked
 
 
 def _as_tensor(x, what: str) -> torch.Tensor:

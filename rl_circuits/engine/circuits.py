@@ -22,10 +22,12 @@ from transformer_lens import HookedTransformer
 from rl_circuits.engine import efficient, heads, tl_compat
 from rl_circuits.engine.attribution import (
     Metric,
+    _as_tensor,
     _buffers,
     _check_inputs,
     _frozen,
     _hooks,
+    checked_metric,
     masked_nll,
 )
 from rl_circuits.engine.graph import build_graph
@@ -57,16 +59,19 @@ def evaluate_circuit(
     inputs, the same thing on a stream no earlier ablation has changed). `ablation="mean"`
     subtracts O_u - mean(O_u) instead, the mean being the clean run's O_u averaged over the
     batch's positions up to each sample's last loss position (right padding is left out): the
-    removed edge then carries its average message. A stack of k circuits [k, n_up, n_down]
-    gives [k, batch], one forward each. Entries of `circuit` outside the graph's edge mask are
-    ignored. Forward passes only, under `no_grad`: nothing is kept for a backward pass, so there
-    is no activation memory for `attribute`'s `checkpoint` to save; `efficient_attention` uses
-    the fused kernels as `attribute` does (the heads graph needs TransformerLens attention).
+    removed edge then carries its average message. `circuit` is a bool tensor, numpy array or
+    nested list; a stack of k circuits [k, n_up, n_down] gives [k, batch], one forward each
+    (an empty stack, k = 0, gives [0, batch]). Entries of `circuit` outside the graph's edge
+    mask are ignored. Forward passes only, under `no_grad`: nothing is kept for a backward pass,
+    so there is no activation memory for `attribute`'s `checkpoint` to save;
+    `efficient_attention` uses the fused kernels as `attribute` does (the heads graph needs
+    TransformerLens attention).
     """
     if ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
     g = build_graph(graph, model.cfg.n_layers, model.cfg.n_heads)
     shape = (len(g.upstream), len(g.downstream))
+    circuit = _as_tensor(circuit, "circuit")
     stacked = circuit.ndim == 3
     circuits = circuit if stacked else circuit.unsqueeze(0)
     if circuits.dtype != torch.bool or tuple(circuits.shape[1:]) != shape:
@@ -76,17 +81,21 @@ def evaluate_circuit(
             f"{list(circuit.shape)}"
         )
     tokens, loss_mask = _check_inputs(model, tokens, loss_mask)
+    metric = checked_metric(metric, tokens.shape[0])
+    batch, pos = tokens.shape
+    acc = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
+    if len(circuits) == 0:  # an empty stack: no forward pass
+        return torch.zeros(0, batch, dtype=acc)
     if g.name == "heads":
         with _frozen(model), torch.no_grad():
             out = _heads_losses(model, tokens, loss_mask, g, circuits, ablation, metric)
         return out if stacked else out[0]
-    batch, pos = tokens.shape
-    acc = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
     chunks = _buffers(model, batch, pos, acc)
     slots = [buf[:, i] for _, buf in chunks for i in range(buf.shape[1])]
     attention = efficient.efficient_attention(model) if efficient_attention else nullcontext()
+    flags = tl_compat.single_stream_inputs(model)  # before attention, which checks them
     losses = []
-    with _frozen(model), torch.no_grad(), attention:
+    with _frozen(model), torch.no_grad(), flags, attention:
         mean = None
         if ablation == "mean":
             with _hooks(model, g, record=slots):

@@ -11,7 +11,9 @@ per query head, as TransformerLens's split-qkv inputs with `ungroup_grouped_quer
 An attention output bias b_O belongs to no head (as in TransformerLens and EAP-IG): it is not
 an upstream node of the heads graph, so its edges are not scored there, while the paper
 graph's `hook_attn_out` includes it. Llama, Mistral and Qwen2 have no output bias (b_O = 0),
-so summing a layer's head scores gives the paper graph's scores exactly.
+so summing a layer's head scores gives the paper graph's scores exactly; a model whose b_O is
+nonzero (b_V folded into it by TransformerLens's weight processing) is refused for this graph
+(`heads.check_supported`).
 """
 
 from __future__ import annotations

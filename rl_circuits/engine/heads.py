@@ -60,6 +60,16 @@ def check_supported(model: HookedTransformer) -> None:
             f"graph='heads' does not support {'; '.join(problems)}; use graph='paper' for this "
             "model"
         )
+    biased = [i for i, block in enumerate(model.blocks) if bool(block.attn.b_O.detach().any())]
+    if biased:
+        raise ValueError(
+            f"graph='heads' gives an attention output bias b_O to no head, and layer(s) "
+            f"{biased} have a nonzero b_O, so the heads' scores would miss it. Llama, Mistral and "
+            "Qwen2 have no b_O: a nonzero one is the value bias b_V moved there by "
+            "TransformerLens's weight processing (fold_value_biases). Load the model with "
+            "rl_circuits.load_model (its fold_ln and center_unembed keep b_V with its head) or "
+            "with fold_value_biases=False, or use graph='paper'."
+        )
 
 
 @dataclass(frozen=True)

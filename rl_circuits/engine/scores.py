@@ -1,13 +1,15 @@
 """Edge scores: the one type `attribute()` returns and a run directory stores and reads back.
 
 `values[sample, u, d]` scores the edge from upstream node u to downstream node d for each
-sample. Scores from `attribute()` carry the samples' clean loss, graph and method but no ids;
-a run's stored scores carry question ids and `meta` (e.g. the run's `t_cut`), and their loss,
-graph and method are whatever the file recorded (None where it recorded none).
+sample. Scores from `attribute()` carry the samples' clean loss, graph, method and the
+`sample_ids` given (else no ids); a run's stored scores carry question ids and `meta` (e.g. the
+run's `t_cut`), and their loss, graph and method are whatever the file recorded (None where it
+recorded none).
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -112,8 +114,8 @@ class EdgeScores:
         (upstream, downstream, mean score)."""
         import torch
 
-        if k < 0:
-            raise ValueError(f"top_edges: k must be >= 0, got {k}")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+            raise ValueError(f"top_edges: k must be a whole number >= 0, got {k!r}")
         mean = self.values.to(torch.float64).mean(0)
         rows, cols = self.edge_mask.nonzero(as_tuple=True)
         edge_means = mean[rows, cols]

@@ -10,7 +10,7 @@ properties) and calls this module for everything else. It owns:
   inputs in that order (also with `use_split_qkv_input`); the graphs' norm-input sites count on it.
 * `ungrouped_kv`: the `cfg` flags toggled while attributing (`ungroup_grouped_query_attention`,
   `use_split_qkv_input`, `use_attn_in`, `use_attn_result`, `use_hook_mlp_in`), set on every
-  component's config.
+  component's config; `single_stream_inputs` turns off the last four for the layer graphs.
 * `qkv_weight`: the grouped key/value weights `_W_K` / `_W_V` of `GroupedQueryAttention`.
 * `norm_kind`, `has_post_norm`: which norm classes and post-norm architectures a block has
   (`POST_NORM_ARCHITECTURES` lives in a TransformerLens utility module).
@@ -88,6 +88,23 @@ def ungrouped_kv(model: HookedTransformer, *, per_head_inputs: bool = False) -> 
     flags = dict(_ATTRIBUTION_FLAGS)
     if per_head_inputs:
         flags.update(use_split_qkv_input=True, use_hook_mlp_in=True)
+    with _flags_set(model, flags):
+        yield
+
+
+@contextmanager
+def single_stream_inputs(model: HookedTransformer) -> Iterator[None]:
+    """No per-head copies of attention inputs or outputs (`ln1` then sees the residual stream
+    [batch, pos, d_model], as the layer graphs' sites need), whatever the user left set; the
+    user's flags restored on exit. Grouped keys and values stay as they are."""
+    flags = {k: v for k, v in _ATTRIBUTION_FLAGS.items() if k != "ungroup_grouped_query_attention"}
+    with _flags_set(model, flags):
+        yield
+
+
+@contextmanager
+def _flags_set(model: HookedTransformer, flags: dict[str, bool]) -> Iterator[None]:
+    """`flags` set on every config object of the model's components, restored on exit."""
     configs = {id(model.cfg): model.cfg}
     for module in model.modules():
         cfg = getattr(module, "cfg", None)

@@ -292,10 +292,13 @@ def load_model(
     if n_devices > 1:
         model.move_model_modules_to_device()
     if fold_ln or center_unembed:
-        model.process_weights_(
+        # b_V stays with its head: folded into b_O it would belong to no head of the heads graph
+        model.load_and_process_state_dict(
+            model.state_dict(),
             fold_ln=fold_ln,
             center_writing_weights=False,
             center_unembed=center_unembed,
+            fold_value_biases=False,
             refactor_factored_attn_matrices=False,
         )
     model.checkpoint_max_positions = ckpt.config.get("max_position_embeddings")

@@ -8,6 +8,7 @@ from scipy.stats import spearmanr
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from rl_circuits.engine.attribution import attribute, masked_nll
+from rl_circuits.engine.circuits import evaluate_circuit
 from rl_circuits.engine.graph import GRAPHS, build_graph, parse_node
 from rl_circuits.errors import NumericalError
 from rl_circuits.models.loading import load_model
@@ -313,15 +314,47 @@ def test_lower_precision_models_agree_with_float64(tiny_checkpoints, models64, d
     assert rel < (1e-5 if dtype == torch.float32 else 0.1)
 
 
-def test_weight_processing_keeps_scores(tiny_checkpoints):
+@pytest.fixture(scope="module")
+def processed_qwen2(tiny_checkpoints):
+    """The tiny Qwen2 checkpoint (qkv biases) raw, and with each weight processing offered."""
     path = tiny_checkpoints["Qwen2ForCausalLM"]
-    raw = load_model(path, dtype=torch.float64, device="cpu", max_seq_len=64)
-    folded = load_model(
-        path, dtype=torch.float64, device="cpu", max_seq_len=64, fold_ln=True, center_unembed=True
-    )
-    tokens, mask = _batch(seed=10)
-    a, b = attribute(raw, tokens, mask), attribute(folded, tokens, mask)
-    torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-7)
+    options = [{}, {"fold_ln": True}, {"center_unembed": True}]
+    options.append({"fold_ln": True, "center_unembed": True})
+    return [
+        load_model(path, dtype=torch.float64, device="cpu", max_seq_len=64, **kw) for kw in options
+    ]
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("method", ["eap", "exact"])
+def test_weight_processing_keeps_scores(processed_qwen2, graph, method):
+    """fold_ln / center_unembed keep every graph's scores, the heads graph's too: b_V stays
+    with its head instead of moving into b_O, which belongs to no head."""
+    raw, *processed = processed_qwen2
+    assert raw.blocks[0].attn.b_V.abs().max() > 0  # the qkv biases that used to move
+    tokens, mask = _batch(seed=10, pos=10, start=5)
+    a = attribute(raw, tokens, mask, graph=graph, method=method)
+    scale = a.values.abs().max()
+    for model in processed:
+        assert all(not block.attn.b_O.any() for block in model.blocks)
+        b = attribute(model, tokens, mask, graph=graph, method=method)
+        assert (b.values - a.values).abs().max() < 1e-6 * scale  # float32 copies of float64
+
+
+def test_heads_graph_refuses_a_value_bias_folded_into_the_output_bias(tiny_checkpoints):
+    """TransformerLens's own processing moves b_V into b_O: the heads graph then refuses the
+    model, naming the cause and the fix; the paper graph (which owns b_O) still works."""
+    path = tiny_checkpoints["Qwen2ForCausalLM"]
+    model = load_model(path, dtype=torch.float64, device="cpu", max_seq_len=64)
+    model.process_weights_(fold_ln=True, center_writing_weights=False, center_unembed=False)
+    tokens, mask = _batch(seed=11)
+    for method in ("eap", "exact"):
+        with pytest.raises(ValueError, match=r"layer\(s\) \[0, 1\] have a nonzero b_O.*b_V"):
+            attribute(model, tokens, mask, graph="heads", method=method)
+    heads = build_graph("heads", model.cfg.n_layers, model.cfg.n_heads)
+    with pytest.raises(ValueError, match="fold_value_biases=False"):
+        evaluate_circuit(model, tokens, mask, heads.edge_mask, graph="heads")
+    assert attribute(model, tokens, mask, graph="paper").values.abs().max() > 0
 
 
 def test_bad_inputs_are_refused(models64):
