@@ -9,6 +9,7 @@ reads are in `rl_circuits.pipeline` (analyze.py, report.py).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,21 +114,47 @@ class Run:
     store: RunStore
 
     def selection(self, pair: str, dataset: str) -> Selection:
-        return Selection.from_dict(self.store.read_json(RunLayout.selection(pair, dataset)))
+        """The questions selected for `pair` on `dataset`, their T_cut per alpha and report."""
+        self._check(pair, None, dataset)
+        rel = RunLayout.selection(pair, dataset)
+        self._require(rel, f"selection for {pair} on {dataset}", "select")
+        return Selection.from_dict(self.store.read_json(rel))
 
-    def _check(self, pair: str, role: str | None, dataset: str, alpha: float | None = None):
+    def _require(self, rel: str, what: str, stage: str) -> None:
+        """Refuse a file the run does not have yet, naming the stage that writes it."""
+        if not self.store.exists(rel):
+            raise RLCircuitsError(
+                f"run {self.root} has no {what} yet: run `rl-circuits {stage} CONFIG` (or "
+                "`rl-circuits run CONFIG`)"
+            )
+
+    def _check(self, pair: str, role: str | None, dataset: str) -> None:
         """Refuse names the run does not have, listing the ones it has."""
         for what, value, known in (
             ("pair", pair, list(self.config.pairs)),
             ("role", role, list(ROLES)),
             ("dataset", dataset, list(self.config.run.datasets)),
-            ("alpha", alpha, self.config.alphas),
         ):
             if value is not None and value not in known:
                 raise RLCircuitsError(
                     f"{what} {value!r} is not in run {self.root}; it has "
                     f"{', '.join(map(repr, known))}"
                 )
+
+    def _alpha(self, alpha: float | str) -> float:
+        """The run's alpha equal to `alpha` up to float rounding (0.1 * 3 is 0.3), else an error
+        listing the run's alphas."""
+        known = self.config.alphas
+        try:
+            value = float(alpha)
+        except (TypeError, ValueError):
+            value = math.nan
+        for a in known:
+            if math.isclose(value, a, rel_tol=1e-9, abs_tol=1e-12):
+                return a
+        raise RLCircuitsError(
+            f"alpha {alpha!r} is not in run {self.root}; it has {', '.join(map(repr, known))}"
+        )
 
     def _records(self, stage: str, pair: str, role: str, dataset: str) -> list[dict]:
         self._check(pair, role, dataset)
@@ -149,8 +176,10 @@ class Run:
         return self._records("grade", pair, role, dataset)
 
     def scores(self, pair: str, role: str, dataset: str, alpha: float) -> EdgeScores:
-        """Edge scores [n, n_upstream, n_downstream] with node names and question ids."""
-        self._check(pair, role, dataset, float(alpha))
+        """Edge scores [n, n_upstream, n_downstream] with node names and question ids; `alpha`
+        is matched to the run's alphas up to float rounding."""
+        self._check(pair, role, dataset)
+        alpha = self._alpha(alpha)
         rel = RunLayout.scores(pair, role, dataset, alpha)
         if not self.store.exists(rel):
             raise RLCircuitsError(
@@ -187,6 +216,8 @@ class Run:
         return accuracy_table(self.config, self.store)
 
     def comparisons(self) -> pd.DataFrame:
+        """The analyze stage's metric comparisons (Table 1's rows)."""
+        self._require(RunLayout.COMPARE, "metric comparisons (Table 1, figures)", "analyze")
         return pd.DataFrame(self.store.read_jsonl(RunLayout.COMPARE))
 
     def table1(self) -> Table1:
@@ -235,6 +266,7 @@ class Run:
                 )
             )
         figures["Sample diversity"] = diversity_bars(df)
+        self._require(RunLayout.OUTPUT_ENTROPY, "output-edge entropies", "analyze")
         entropy = self.store.read_json(RunLayout.OUTPUT_ENTROPY)
         for key, value in entropy.items():
             pair, dataset, alpha = key.split("|")
@@ -265,10 +297,15 @@ class Run:
 
     def circuits(self, pair: str, role: str, dataset: str, alpha: float) -> dict:
         """The circuits stage's per-question losses of one cell: ids, ks, losses, clean, none."""
-        return self.store.read_json(RunLayout.circuit(pair, role, dataset, alpha))
+        self._check(pair, role, dataset)
+        rel = RunLayout.circuit(pair, role, dataset, self._alpha(alpha))
+        self._require(rel, f"circuit losses for {pair}/{role}, {dataset}", "circuits")
+        return self.store.read_json(rel)
 
     def circuit_curves(self) -> dict:
         """Mean faithfulness curves, bands, overlap and sizes per "pair|dataset|alpha"."""
+        what = "faithfulness curves (from the circuits stage's losses)"
+        self._require(RunLayout.CIRCUIT_CURVES, what, "analyze")
         return self.store.read_json(RunLayout.CIRCUIT_CURVES)
 
 
