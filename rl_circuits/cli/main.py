@@ -11,6 +11,11 @@ from pathlib import Path
 from rl_circuits.pipeline.registry import SHARDED_STAGES, STAGE_NAMES
 
 CHECK_PROMPT = "Natalia sold clips to 48 of her friends in April. 48 / 2 = 24. \\boxed{72}"
+# check-model's bound on max |logit difference| / max |logit| per dtype. Measured (CPU, the
+# prompt above): SmolLM2-135M (30 layers) 6.2e-7 in float64 (Hugging Face keeps rotary in
+# float32), 2.9e-6 in float32, 2.6e-2 in bfloat16; the zoo's SFT/GRPO models 7.4e-7, 1.2e-6,
+# 1.3e-2. Each bound leaves a margin of about 4x or more for deeper models.
+CHECK_TOLERANCES = {"float64": 1e-5, "float32": 1e-4, "bfloat16": 1e-1}
 
 
 def _threads() -> None:
@@ -47,11 +52,14 @@ def cmd_check_model(args) -> int:
     tokens = load_tokenizer(ckpt.path)(CHECK_PROMPT, return_tensors="pt").input_ids
     tokens = tokens.to(args.device)
     with torch.no_grad():
-        diff = (model(tokens) - hf(tokens).logits).abs().max().item()
+        reference = hf(tokens).logits
+        diff = (model(tokens) - reference).abs().max().item()
+    scale = reference.abs().max().item()
+    relative = diff / scale if scale > 0 else float("inf")
     print(f"checkpoint: {ckpt.path} ({ckpt.architecture}, {model.cfg.n_layers} layers)")
     print(
         f"max |logit difference| vs Hugging Face ({args.dtype}, {tokens.shape[1]} tokens): "
-        f"{diff:.3e}"
+        f"{diff:.3e}, {relative:.2e} of the largest |logit| ({scale:.3e})"
     )
     for name in GRAPHS:
         graph = build_graph(name, model.cfg.n_layers, model.cfg.n_heads)
@@ -59,7 +67,19 @@ def cmd_check_model(args) -> int:
             f"graph {name!r}: {len(graph.upstream)} upstream x {len(graph.downstream)} "
             f"downstream nodes, {graph.n_edges} edges"
         )
-    return 0 if diff < args.tolerance else 1
+    tolerance = CHECK_TOLERANCES[args.dtype] if args.tolerance is None else args.tolerance
+    which = f"the {args.dtype} tolerance" if args.tolerance is None else "the given tolerance"
+    if relative <= tolerance:
+        print(
+            f"PASS: logit difference {relative:.2e} of the largest |logit| <= {which} {tolerance:g}"
+        )
+        return 0
+    print(
+        f"FAIL: logit difference {relative:.2e} of the largest |logit| > {which} {tolerance:g}: "
+        "TransformerLens does not compute what Hugging Face does for this checkpoint; check the "
+        "architecture's map in model_maps/"
+    )
+    return 1
 
 
 def cmd_stage(args) -> int:
@@ -271,7 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--tolerance", type=float, default=1e-3)
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        help="largest max |logit difference| / max |logit| that passes (default per dtype: "
+        + ", ".join(f"{k} {v:g}" for k, v in CHECK_TOLERANCES.items())
+        + ")",
+    )
     p.set_defaults(func=cmd_check_model)
     p = sub.add_parser("zoo", help="the demo's SFT/GRPO/DPO model zoo: `zoo build --help`")
     p.add_argument("action", choices=["build"])

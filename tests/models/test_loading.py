@@ -93,6 +93,26 @@ def test_check_model_command(tiny_checkpoints, capsys):
 
     assert main(["check-model", str(tiny_checkpoints["MistralForCausalLM"])]) == 0
     out = capsys.readouterr().out
-    diff = float(out.split("tokens): ")[1].split()[0])
+    diff = float(out.split("tokens): ")[1].split(",")[0])
     assert diff < 1e-4
     assert "graph 'paper': 5 upstream x 9 downstream nodes, 23 edges" in out
+    assert out.splitlines()[-1].startswith("PASS: logit difference ")
+    assert out.splitlines()[-1].endswith("<= the float32 tolerance 0.0001")
+
+
+def test_check_model_judges_each_dtype_by_its_own_tolerance(tiny_checkpoints, capsys):
+    """bfloat16 logits differ from Hugging Face's by bfloat16 rounding (4.5e-3 of the largest
+    logit here), far above float32's bound and well within bfloat16's; a failing check says
+    FAIL, naming the tolerance it failed."""
+    from rl_circuits.cli.main import main
+
+    path = str(tiny_checkpoints["Qwen2ForCausalLM"])
+    assert main(["check-model", path, "--dtype", "bfloat16"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("PASS: ") and last.endswith("<= the bfloat16 tolerance 0.1")
+    relative = float(last.split("logit difference ")[1].split()[0])
+    assert 1e-4 < relative < 0.1  # bfloat16 rounding: fails a float32 bound, passes its own
+    assert main(["check-model", path, "--dtype", "bfloat16", "--tolerance", "1e-4"]) == 1
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith(f"FAIL: logit difference {relative:.2e} of the largest |logit| > ")
+    assert "the given tolerance 0.0001" in last and "model_maps/" in last
