@@ -30,6 +30,11 @@ __all__ = [
 ]
 
 BEFORE_COLOUR, AFTER_COLOUR = "#1f77b4", "#d62728"
+# What a cell of several edges shows, stated on the head-level Figure 2.
+SUMMED_CELL = (
+    "cell: mean over questions of |Σ W|, each question's scores summed with their signs over "
+    "the cell's edges (a layer's heads sum to the paper graph's edge)"
+)
 
 
 def relative_change_heatmap(
@@ -40,7 +45,8 @@ def relative_change_heatmap(
     edge_mask: Mask,
     title: str | None = None,
 ) -> go.Figure:
-    """Figure 2: change of mean |W| per edge, upstream rows x downstream columns.
+    """Figure 2: change of mean |W| per edge (mean over samples of |W|), upstream rows x
+    downstream columns.
 
     Colour is log2(after / before) on a scale symmetric about 0 (red: stronger after), so a
     halving and a doubling look equally strong; the range is ±R for the smallest R in
@@ -50,7 +56,8 @@ def relative_change_heatmap(
     `blocks.3.hook_q_input`, the hover keeps the hook name) and the figure grows with the
     node count so that every label has room. Head-level graphs (node names `hook[h]`) get one
     view with each layer's heads summed and a drop-down to drill into the heads of any layer
-    (see `_head_heatmap`).
+    (see `_head_heatmap`); a cell of several edges shows mean |Σ W|, each sample's scores summed
+    with their signs first, so a layer's summed heads read as the paper graph's edge does.
     """
     before, after = check_scores(W_before), check_scores(W_after)
     mask = check_mask(edge_mask, before)
@@ -120,8 +127,8 @@ def _ratio_text(log2_value: float) -> str:
 def _change_trace(
     before: np.ndarray, after: np.ndarray, x, y, visible: bool, summed: bool = True
 ) -> go.Heatmap:
-    """A log2(after / before) heatmap of (summed) mean |W|, clipped to a symmetric range; NaN
-    (grey) where there is no edge."""
+    """A log2(after / before) heatmap of mean |W| (`summed`: mean |Σ W| over each cell's edges),
+    clipped to a symmetric range; NaN (grey) where there is no edge."""
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(before > 0, after / before, np.nan)
         log_ratio = np.log2(ratio)  # after = 0: -inf, clipped below
@@ -135,7 +142,7 @@ def _change_trace(
         text[0], text[-1] = f"≤ {text[0]}", f"≥ {text[-1]}"
     clipped = f"{n_clipped} edge(s) beyond, clipped" if n_clipped else "no edge beyond"
     colour_title = f"after / before<br>(log2 scale, ±{limit:g}:<br>{clipped})"
-    total = "Σ " if summed else ""
+    strength = "mean |Σ W|" if summed else "mean |W|"
     return go.Heatmap(
         z=colour.astype(np.float32),
         x=list(x),
@@ -155,8 +162,8 @@ def _change_trace(
         hoverongaps=False,
         hovertemplate=(
             "upstream %{y}<br>downstream %{x}<br>"
-            f"before {total}mean |W| %{{customdata[0]:.3e}}<br>"
-            f"after {total}mean |W| %{{customdata[1]:.3e}}<br>"
+            f"before {strength} %{{customdata[0]:.3e}}<br>"
+            f"after {strength} %{{customdata[1]:.3e}}<br>"
             "relative change %{customdata[2]:+.1%}<br>"
             "after / before ×%{customdata[3]:.3g}<extra></extra>"
         ),
@@ -222,19 +229,35 @@ def _head_heatmap(
 ) -> go.Figure:
     """Figure 2 for a head-level graph (~800 x 3400 edges at 7B): readable at layer level.
 
-    The first view sums mean |W| over each layer's heads (upstream `attn.hook_result`,
-    downstream `hook_{q,k,v}_input`) before taking the change; the drop-down shows
-    one layer's heads instead: as writers (rows, against every summed reader) or as q/k/v
-    readers (columns, against every summed writer).
+    Every view shows, per cell, the mean over samples of |Σ W| over the cell's edges: each
+    sample's scores are summed with their signs, then made absolute (the heads of a layer sum
+    to the paper graph's edge exactly, so the first view is the paper graph's Figure 2). The
+    first view sums each layer's heads (upstream `attn.hook_result`, downstream
+    `hook_{q,k,v}_input`); the drop-down shows one layer's heads instead: as writers (rows,
+    against every summed reader) or as q/k/v readers (columns, against every summed writer).
     """
     keep = np.ones(before.shape[1:]) if mask is None else mask.astype(float)
-    mb, ma = np.abs(before).mean(axis=0) * keep, np.abs(after).mean(axis=0) * keep
+    wb, wa = before * keep, after * keep
     up_groups, up_onehot = group_by_hook(upstream)
     down_groups, down_onehot = group_by_hook(downstream)
     down_onehot = down_onehot.T
+
+    def strength(w: np.ndarray, rows: np.ndarray | None, cols: np.ndarray | None) -> np.ndarray:
+        """mean over samples of |Σ W| per cell: `rows` / `cols` sum nodes into groups (None:
+        every node its own)."""
+        if rows is not None:
+            w = rows @ w
+        if cols is not None:
+            w = w @ cols
+        return np.abs(w).mean(axis=0)
+
     traces = [
         _change_trace(
-            up_onehot @ mb @ down_onehot, up_onehot @ ma @ down_onehot, down_groups, up_groups, True
+            strength(wb, up_onehot, down_onehot),
+            strength(wa, up_onehot, down_onehot),
+            down_groups,
+            up_groups,
+            True,
         )
     ]
     labels = ["all nodes, heads summed per layer"]
@@ -244,8 +267,8 @@ def _head_heatmap(
         if len(rows) > 1:  # the heads of one layer, as writers
             traces.append(
                 _change_trace(
-                    mb[rows] @ down_onehot,
-                    ma[rows] @ down_onehot,
+                    strength(wb[:, rows], None, down_onehot),
+                    strength(wa[:, rows], None, down_onehot),
                     down_groups,
                     [upstream[i] for i in rows],
                     False,
@@ -261,8 +284,8 @@ def _head_heatmap(
     for layer, cols in layers.items():  # the heads of one layer, as q/k/v readers
         traces.append(
             _change_trace(
-                up_onehot @ mb[:, cols],
-                up_onehot @ ma[:, cols],
+                strength(wb[:, :, cols], up_onehot, None),
+                strength(wa[:, :, cols], up_onehot, None),
                 [downstream[j] for j in cols],
                 up_groups,
                 False,
@@ -280,7 +303,10 @@ def _head_heatmap(
     ]
     figure = go.Figure(traces)
     _layout_heatmap(figure, title, shapes, [*up_groups, *upstream], [*down_groups, *downstream])
-    figure.update_layout(updatemenus=[{"buttons": buttons, "direction": "down", "x": 0, "y": 1.12}])
+    figure.update_layout(
+        title={"text": f"{figure.layout.title.text}<br><sup>{SUMMED_CELL}</sup>"},
+        updatemenus=[{"buttons": buttons, "direction": "down", "x": 0, "y": 1.12}],
+    )
     return figure
 
 

@@ -146,6 +146,43 @@ def test_heatmap_labels_readable_on_121_downstream_nodes():
     assert short_node_label("custom_node") == "custom_node"
 
 
+def test_heads_heatmap_summed_per_layer_is_the_paper_graphs_figure():
+    """One definition in both views (issue 22): the heads graph's per-layer view sums each
+    sample's head scores with their signs, then takes mean |.|, as the paper graph's edge is
+    that signed sum; so both figures show the same numbers, and the figure says so."""
+    from rl_circuits.analysis.plots import SUMMED_CELL
+    from rl_circuits.engine.graph import build_graph, parse_node
+
+    fine, coarse = build_graph("heads", 2, n_heads=3), build_graph("paper", 2)
+    rows = np.zeros((len(coarse.upstream), len(fine.upstream)))
+    for i, name in enumerate(fine.upstream):
+        hook = parse_node(name)[0].replace(".attn.hook_result", ".hook_attn_out")
+        rows[coarse.upstream.index(hook), i] = 1
+    cols = np.zeros((len(fine.downstream), len(coarse.downstream)))
+    for j, name in enumerate(fine.downstream):
+        cols[j, coarse.downstream.index(parse_node(name)[0])] = 1
+    rng = np.random.default_rng(22)
+    mask = fine.edge_mask.numpy()
+    # heads of one layer partly cancelling: absolute-first sums would differ from the paper's
+    before, after = (rng.normal(size=(5, *mask.shape)) * mask for _ in range(2))
+    heads = relative_change_heatmap(before, after, fine.upstream, fine.downstream, mask).data[0]
+    paper = relative_change_heatmap(
+        rows @ before @ cols,
+        rows @ after @ cols,
+        coarse.upstream,
+        coarse.downstream,
+        coarse.edge_mask.numpy(),
+    ).data[0]
+    heads_rows = [name.replace(".attn.hook_result", ".hook_attn_out") for name in heads.y]
+    assert heads_rows == list(paper.y) and list(heads.x) == list(paper.x)
+    np.testing.assert_allclose(
+        np.asarray(heads.customdata, float), np.asarray(paper.customdata, float), rtol=1e-5
+    )
+    assert "mean |Σ W|" in heads.hovertemplate and "mean |W|" in paper.hovertemplate
+    figure = relative_change_heatmap(before, after, fine.upstream, fine.downstream, mask)
+    assert SUMMED_CELL in figure.layout.title.text and "with their signs" in SUMMED_CELL
+
+
 def test_diversity_bars_output_entropy_and_metric_vs_alpha():
     rows = compare_rows()
     bars = diversity_bars(rows)

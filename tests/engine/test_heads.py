@@ -356,8 +356,9 @@ def test_heatmap_sums_heads_per_layer_and_drills_down():
     )
     ups = [graph.upstream.index(f"blocks.0.attn.hook_result[{h}]") for h in range(3)]
     downs = [graph.downstream.index(f"blocks.1.hook_k_input[{h}]") for h in range(3)]
-    b = before.abs().mean(0)[ups][:, downs].sum().item()
-    a = after.abs().mean(0)[ups][:, downs].sum().item()
+    # one definition in every view: each sample's scores summed with signs, then mean |.|
+    b = before[:, ups][:, :, downs].sum((1, 2)).abs().mean().item()
+    a = after[:, ups][:, :, downs].sum((1, 2)).abs().mean().item()
     assert summary.customdata[row][col][0] == pytest.approx(b, rel=1e-6)
     assert summary.customdata[row][col][2] == pytest.approx((a - b) / b, rel=1e-5)
     expected = np.clip(np.log2(a / b), summary.zmin, summary.zmax)
