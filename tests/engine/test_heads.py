@@ -319,6 +319,7 @@ def test_notebooks_run_on_the_heads_graph(heads_run, monkeypatch):
         assert "Traceback" not in text, path.name
         if path.name.startswith("02"):
             assert "exact loss change" in text and "[" in text.split("edge ")[-1]
+            assert "heads summed per layer" in text  # the heads branch of the edge matrix ran
 
 
 def test_buffer_sizes_used_for_estimates_are_the_engines(models64):
