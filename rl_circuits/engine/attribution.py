@@ -9,6 +9,7 @@ site contracts its gradient with the buffer prefix of nodes that write before it
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Literal
@@ -74,6 +75,10 @@ def attribute(
     `efficient_attention` computes attention with fused kernels (memory linear in pos, no
     pattern tensors; hooks on `hook_pattern`/`hook_attn_scores` then raise): same scores.
     `checkpoint` recomputes each block in the backward pass: less memory, one more forward.
+    `sample_ids` (one distinct string per sample) name the samples in errors and become the
+    result's `ids`; `metric` must return one float per sample. TransformerLens flags that only
+    add per-head copies of inputs or outputs (`use_split_qkv_input`, ...) are off during the
+    call and restored after it: they do not change the model's function.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -350,7 +355,7 @@ def _check_sample_ids(sample_ids, batch: int) -> list[str] | None:
             f"sample_ids must be {batch} strings, one per sample of tokens; got {len(ids)} "
             f"({', '.join(sorted({type(i).__name__ for i in ids})) or 'none'})"
         )
-    twice = sorted({i for i in ids if ids.count(i) > 1})
+    twice = sorted(i for i, n in Counter(ids).items() if n > 1)
     if twice:
         raise ValueError(f"sample_ids must be distinct (one id per sample); repeated: {twice[:5]}")
     return ids
