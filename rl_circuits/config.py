@@ -121,7 +121,7 @@ def rule(section: type, key: str) -> Rule:
 class RunSection:
     """[run], or the top level of the file: where the run lives and what it runs on."""
 
-    run_dir: str = _key("runs/default")
+    run_dir: str = _key("runs/default", ("a non-empty path", lambda v: bool(v.strip())))
     pairs: tuple[str, ...] = _key(())
     datasets: tuple[str, ...] = _key(())
     data_dir: str = _key("")

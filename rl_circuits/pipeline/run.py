@@ -29,14 +29,14 @@ def run_pipeline(
     Returns the run directory. `run_dir` overrides the config's; `force` accepts a changed
     config (`rl_circuits.pipeline.integrity.open_run`)."""
     from rl_circuits.config import load_config
-    from rl_circuits.pipeline.common import device_of
+    from rl_circuits.pipeline.common import device_of, run_root
     from rl_circuits.pipeline.integrity import iter_missing, open_run, stage_current
 
     if stage is not None:
         get_stage(stage)
     cfg = load_config(config)
     device_of(cfg)  # an unusable device fails before any work
-    store, changes = open_run(Path(run_dir or cfg.run.run_dir), cfg, force=force)
+    store, changes = open_run(run_root(cfg, run_dir), cfg, force=force)
     if changes.stages:
         print(f"config or data changed; these stages recompute:\n{changes.describe()}")
     with store:
