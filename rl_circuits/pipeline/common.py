@@ -36,6 +36,11 @@ def run_root(cfg: RunConfig, run_dir: str | os.PathLike[str] | None) -> Path:
     return Path(run_dir).expanduser()
 
 
+def circuit_alphas(cfg: RunConfig) -> list[float]:
+    """The alphas whose cells get circuits: `circuits.alphas`, or every selection alpha."""
+    return [float(a) for a in cfg.circuits.alphas] or cfg.alphas
+
+
 def questions(store: RunStore, dataset: str) -> list[dict]:
     """The dataset's normalised records ({id, question, gold}) as the datasets stage wrote them."""
     return store.read_jsonl(RunLayout.dataset(dataset))

@@ -99,7 +99,7 @@ def data_hashes(cfg: RunConfig) -> dict[str, str]:
 
 def plan(cfg: RunConfig, hashes: dict[str, str]) -> dict[str, StagePlan]:
     """The cells and fingerprints of every stage under `cfg` (`hashes`: dataset file hashes)."""
-    from rl_circuits.pipeline.circuits import circuit_alphas
+    from rl_circuits.pipeline.common import circuit_alphas
 
     plans = {name: StagePlan() for name in STAGE_NAMES}
 

@@ -1,0 +1,106 @@
+"""Messages and defaults a new user meets first: fast answers with nothing to compute, help
+text for every command and option (issue 22, part 5)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rl_circuits.cli.main import build_parser, main
+
+REPO = Path(__file__).resolve().parents[2]
+HEAVY_PROBE = (
+    "import sys\n"
+    "from rl_circuits.cli.main import main\n"
+    "status = main(sys.argv[1:])\n"
+    "print(status, sorted(m for m in ('torch', 'transformer_lens') if m in sys.modules))\n"
+)
+
+
+def _probe(argv: list[str], cwd: Path) -> str:
+    """The last line HEAVY_PROBE prints for `rl-circuits ARGV` in a fresh process: the exit
+    status and which of torch and TransformerLens it imported."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", HEAVY_PROBE, *argv],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.stdout.strip(), done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_validation_and_a_finished_run_import_neither_torch_nor_transformer_lens(
+    tiny_run, tmp_path
+):
+    """The seconds torch and TransformerLens take to import are not spent on a config typo or
+    on a run with nothing left to do (bench/cli_startup.py times both)."""
+    _base, config = tiny_run
+    typo = tmp_path / "typo.toml"
+    typo.write_text(config.read_text().replace("[select]\n", "[select]\ncolour = 1\n"))
+    assert _probe(["run", str(typo)], tmp_path) == "2 []"
+    assert _probe(["run", str(config)], tmp_path) == "0 []"  # every stage done
+    code = (
+        "import sys\nfrom rl_circuits.config import load_config\n"
+        "for name in ('tiny', 'paper'):\n    load_config(f'configs/{name}.toml')\n"
+        "print(sorted(m for m in ('torch', 'transformer_lens') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.stdout.strip() == "[]", done.stderr
+
+
+def test_threads_setting_reaches_torch_when_it_is_imported_later(tmp_path):
+    code = (
+        "import os, sys\nfrom rl_circuits.cli.main import _threads\n"
+        "os.environ['RL_CIRCUITS_THREADS'] = '1'\n_threads()\n"
+        "import torch\nprint(torch.get_num_threads())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.stdout.strip() == "1", done.stderr
+
+
+def _commands() -> dict[str, object]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return dict(sub.choices)
+
+
+def test_every_command_says_what_it_does_and_every_option_has_help():
+    from rl_circuits.pipeline.registry import STAGE_NAMES
+
+    commands = _commands()
+    assert {"run", *STAGE_NAMES} <= set(commands)
+    for name, command in commands.items():
+        assert command.description and len(command.description) > 20, name
+        for action in command._actions:
+            if action.dest != "help":
+                assert action.help, f"{name} {action.option_strings or action.dest}: no help"
+    force = next(a for a in commands["run"]._actions if a.dest == "force")
+    assert "delete the outputs it makes stale" in force.help
+
+
+def test_stage_help_names_the_stage_work(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["grade", "--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # as wrapped to any terminal width
+    assert "Grade every answer against the gold answer." in out
+    assert "delete the outputs it makes stale" in out
+
+
+def test_zoo_without_an_action_names_the_action(capsys):
+    assert main(["zoo"]) == 2
+    err = capsys.readouterr().err
+    assert "error: zoo: name an action: `rl-circuits zoo build`" in err
+    assert "args" not in err
