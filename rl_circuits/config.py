@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
+import warnings
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -22,9 +23,15 @@ import tomli_w
 from rl_circuits.data import choices as data_choices
 from rl_circuits.data import grading, selection
 from rl_circuits.engine import choices as engine_choices
-from rl_circuits.errors import ConfigError
+from rl_circuits.errors import ConfigError, RLCircuitsWarning
 from rl_circuits.models import choices as model_choices
-from rl_circuits.models.pairs import Pair, load_pairs, parse_pairs, registry_templates
+from rl_circuits.models.pairs import (
+    Pair,
+    load_pairs,
+    parse_pairs,
+    registry_templates,
+    same_checkpoint_note,
+)
 
 _NUMBER = (int, float)
 _POSITIVE = ("> 0", lambda v: v > 0)
@@ -275,7 +282,7 @@ def config_from_resolved(resolved: dict[str, Any], source: str) -> RunConfig:
         name: {k: v for k, v in pair.items() if k != "name" and v is not None}
         for name, pair in (resolved.get("pairs") or {}).items()
     }
-    return parse_config(doc, source)
+    return parse_config(doc, source, stored=True)
 
 
 def dump_config(cfg: RunConfig) -> str:
@@ -314,9 +321,15 @@ def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = 
 
 
 def parse_config(
-    raw: dict[str, Any], source: str, overrides: dict[str, dict[str, Any]] | None = None
+    raw: dict[str, Any],
+    source: str,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    *,
+    stored: bool = False,
 ) -> RunConfig:
-    """Validate a config document; the top-level keys form the `[run]` section."""
+    """Validate a config document; the top-level keys form the `[run]` section. Pairs that are
+    probably not what the user meant get an `RLCircuitsWarning`, unless `stored` (a run's
+    config.json, which lists every pair inline)."""
     raw = dict(raw)
     inline = raw.pop("pairs_inline", {})
     if not isinstance(inline, dict):
@@ -346,7 +359,7 @@ def parse_config(
     for section in SECTIONS:
         values.setdefault(section, _validate_section(section, {}, source))
     _check_cross_fields(values["run"], values["select"], values["circuits"], source)
-    pairs = _pairs(values["run"].pairs, inline_pairs, source)
+    pairs = _pairs(values["run"].pairs, inline_pairs, source, warn=not stored)
     return RunConfig(**values, pairs=pairs, source=source)
 
 
@@ -444,12 +457,26 @@ def _check_cross_fields(
         raise ConfigError(f"{source}: ids lists {twice[0]!r} more than once; list each once")
 
 
-def _pairs(names: tuple[str, ...], inline: dict[str, Pair], source: str) -> dict[str, Pair]:
-    registry = {**load_pairs(), **inline}
+def _pairs(
+    names: tuple[str, ...], inline: dict[str, Pair], source: str, *, warn: bool
+) -> dict[str, Pair]:
+    registered = load_pairs()
+    registry = {**registered, **inline}
     unknown = [name for name in names if name not in registry]
     if unknown:
         raise ConfigError(
             f"{source}: unknown pair {', '.join(map(repr, unknown))}; registered: "
             f"{', '.join(sorted(registry))} (or define it under [pairs_inline.NAME])"
         )
+    for name in names if warn else ():
+        old, new = registered.get(name), registry[name]
+        notes = [same_checkpoint_note(new)]
+        if name in inline and old is not None and old != new:
+            differ = [k for k in vars(new) if getattr(old, k) != getattr(new, k)]
+            notes.append(
+                f"{source}: [pairs_inline.{name}] replaces the registered pair {name!r} "
+                f"(it differs in {', '.join(differ)}); name it otherwise to keep both apart"
+            )
+        for note in filter(None, notes):
+            warnings.warn(note, RLCircuitsWarning, stacklevel=4)
     return {name: registry[name] for name in names}

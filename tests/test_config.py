@@ -260,11 +260,18 @@ def test_dump_config_keeps_every_field_of_a_pair(tmp_path):
         "max_new_tokens": 17,
         "stop": ["</s>", 2],
     }
-    cfg = parse_config({**MINIMAL, "pairs_inline": {"mistral": mistral}}, "c.toml")
+    from rl_circuits.errors import RLCircuitsWarning
+
+    def replaces():
+        return pytest.warns(RLCircuitsWarning, match="replaces the registered pair 'mistral'")
+
+    with replaces():
+        cfg = parse_config({**MINIMAL, "pairs_inline": {"mistral": mistral}}, "c.toml")
     assert cfg.pairs["mistral"].revision_before == "abc123"  # not the registry's entry
     path = tmp_path / "c.toml"
     path.write_text(dump_config(cfg))
-    back = load_config(path)
+    with replaces():
+        back = load_config(path)
     assert back.pairs == cfg.pairs and back.resolved() == cfg.resolved()
 
 

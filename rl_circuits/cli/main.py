@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from rl_circuits.pipeline.registry import SHARDED_STAGES, STAGE_NAMES
@@ -349,15 +350,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(fallback):
+    """A `warnings.showwarning` that prints our own warnings as one `warning: ...` line, each
+    once (the config is read more than once), and passes any other to `fallback`."""
+    from rl_circuits.errors import RLCircuitsWarning
+
+    shown: set[str] = set()
+
+    def show(message, category, *args, **kwargs) -> None:
+        if issubclass(category, RLCircuitsWarning):
+            if str(message) not in shown:
+                shown.add(str(message))
+                print(f"warning: {message}", file=sys.stderr)
+        else:
+            fallback(message, category, *args, **kwargs)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
-    from rl_circuits.errors import RLCircuitsError
+    from rl_circuits.errors import RLCircuitsError, RLCircuitsWarning
 
     args = build_parser().parse_args(argv)
     # grading supplies its own timeout; math-verify warns about its own being off
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     try:
         _threads()
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", RLCircuitsWarning)  # shown once each by the next line
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            return args.func(args)
     except RLCircuitsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ text for every command and option (issue 22, part 5)."""
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,77 @@ def test_zoo_without_an_action_names_the_action(capsys):
     err = capsys.readouterr().err
     assert "error: zoo: name an action: `rl-circuits zoo build`" in err
     assert "args" not in err
+
+
+def _pair_config(tmp_path: Path, pair: dict, name: str = "p") -> Path:
+    """A config that runs the inline pair `name` with the fields `pair` (defaults for the rest)."""
+    import tomli_w
+
+    fields = {"algorithm": "GRPO", "template": "Q: {q}\nA:", "max_new_tokens": 4, **pair}
+    doc = {"pairs": [name], "datasets": ["d"], "pairs_inline": {name: fields}}
+    path = tmp_path / "c.toml"
+    path.write_text(tomli_w.dumps(doc))
+    return path
+
+
+def test_a_template_field_other_than_q_is_refused(tmp_path):
+    from rl_circuits.config import load_config
+    from rl_circuits.errors import ConfigError
+
+    path = _pair_config(tmp_path, {"before": "a", "after": "b", "template": "{x} Q: {q}"})
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: [pairs_inline.p]: template field {{x}} would stay in every prompt as text: {{q}} "
+        "(the question) is the only field a template fills; write the text itself"
+    )
+    # braces that are no field, such as LaTeX's \boxed{}, are text
+    path = _pair_config(tmp_path, {"before": "a", "after": "b", "template": "{q} \\boxed{}"})
+    assert load_config(path).pairs["p"].prompt("1+1") == "1+1 \\boxed{}"
+
+
+def test_an_inline_pair_named_like_a_registered_one_is_warned(tmp_path, capsys):
+    from rl_circuits.config import config_from_resolved, load_config
+    from rl_circuits.errors import RLCircuitsWarning
+    from rl_circuits.models.pairs import load_pairs
+
+    registered = load_pairs()["mistral"]
+    mine = {"before": "mine", "after": registered.after, "algorithm": registered.algorithm}
+    path = _pair_config(tmp_path, mine, "mistral")
+    with pytest.warns(RLCircuitsWarning) as record:
+        cfg = load_config(path)
+    assert cfg.pairs["mistral"].before == "mine"  # the inline pair is used, not silently
+    assert len(record) == 1 and str(record[0].message) == (
+        f"{path}: [pairs_inline.mistral] replaces the registered pair 'mistral' (it differs in "
+        "before, template, max_new_tokens, family, stop); name it otherwise to keep both apart"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a run's stored config lists every pair inline
+        config_from_resolved(cfg.resolved(), "config.json")
+        same = {k: v for k, v in vars(registered).items() if k != "name" and v is not None}
+        (tmp_path / "same").mkdir()
+        same["stop"] = list(registered.stop)
+        load_config(_pair_config(tmp_path / "same", same, "mistral"))  # identical: no warning
+    assert main(["select", str(path), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and err.count("replaces the registered pair") == 1
+
+
+@pytest.mark.parametrize("after", ["same", "same/", "./same"])
+def test_the_same_checkpoint_before_and_after_is_warned_and_generated_once(tmp_path, capsys, after):
+    from rl_circuits.config import load_config
+    from rl_circuits.errors import RLCircuitsWarning
+    from rl_circuits.models.pairs import pair_models
+
+    path = _pair_config(tmp_path, {"before": "same", "after": after})
+    with pytest.warns(RLCircuitsWarning, match="'p': before and after are the same checkpoint"):
+        cfg = load_config(path)
+    assert len(list(pair_models(cfg.pairs.values()))) == 1  # one model to generate and grade
+    assert main(["select", str(path), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (
+        "warning: pair 'p': before and after are the same checkpoint (same); its answers are "
+        "generated and graded once, and every comparison is of the model with itself. Set "
+        "after to the post-trained checkpoint."
+    )
+    assert err[1].startswith("error: the select stage needs")
