@@ -179,3 +179,26 @@ def test_the_same_checkpoint_before_and_after_is_warned_and_generated_once(tmp_p
         "after to the post-trained checkpoint."
     )
     assert err[1].startswith("error: the select stage needs")
+
+
+def test_readme_top_edges_example_runs_on_a_graph_with_fewer_cells(tiny_checkpoints):
+    """The README's circuit example, run as written on a model whose paper graph has fewer
+    than 100 cells: it keeps every edge, so its loss is the whole graph's."""
+    import torch
+
+    import rl_circuits
+
+    text = (REPO / "README.md").read_text()
+    start = text.index("# The loss with only the top 100 edges")
+    end = text.index("\n", text.index("loss = rl_circuits.evaluate_circuit(", start))
+    model = rl_circuits.load_model(tiny_checkpoints["Qwen2ForCausalLM"], device="cpu")
+    tokens = torch.arange(1, 9).reshape(2, 4)
+    loss_mask = torch.ones_like(tokens, dtype=torch.bool)
+    loss_mask[:, 0] = False  # the first token is predicted by no position
+    scores = rl_circuits.attribute(model, tokens, loss_mask)
+    assert scores.edge_mask.numel() < 100
+    namespace = {"torch": torch, "rl_circuits": rl_circuits, "model": model, "tokens": tokens}
+    namespace |= {"loss_mask": loss_mask, "scores": scores}
+    exec(text[start:end], namespace)
+    whole = rl_circuits.evaluate_circuit(model, tokens, loss_mask, scores.edge_mask)
+    assert torch.equal(namespace["loss"], whole)
