@@ -180,7 +180,8 @@ def parse_rows(
 
     Every row's format is read by one rule: `fmt` if given, the dataset's own for a dataset
     named after one (`NAMED_FORMATS`), else `detect_format` of that row; a file whose rows are
-    in different formats is refused. Ids are `NAME-ID` with each row's "id" field (else the
+    in different formats is refused, and a row in none is read in the first row's format (so
+    the field it lacks is named). Ids are `NAME-ID` with each row's "id" field (else the
     format's own id) when every row has one and they are unique, else `NAME-INDEX` (0-based
     row index).
     """
@@ -188,15 +189,15 @@ def parse_rows(
         return []
     fixed = fmt or (name if name in NAMED_FORMATS else None)
     formats = [fixed or detect_format(row) for _, row in rows]
-    for (where, row), found in zip(rows, formats, strict=True):
-        if found not in FORMATS:
-            raise DataError(
-                f"{where}: unknown dataset format with fields {sorted(row)}; expected "
-                "question+answer (GSM8K `####` or College Math), problem+answer (MATH-500) "
-                "or problem+solution (MATH); see docs/datasets.md"
-            )
     fmt = formats[0]
-    mixed = next((i for i, found in enumerate(formats) if found != fmt), None)
+    if fmt not in FORMATS:
+        raise DataError(
+            f"{rows[0][0]}: unknown dataset format with fields {sorted(rows[0][1])}; expected "
+            "question+answer (GSM8K `####` or College Math), problem+answer (MATH-500) "
+            "or problem+solution (MATH); see docs/datasets.md"
+        )
+    # a row in no format is read in the first row's, which names the field it lacks
+    mixed = next((i for i, found in enumerate(formats) if found not in ("", fmt)), None)
     if mixed is not None:
         raise DataError(
             f"{rows[mixed][0]}: this row is in the {FORMAT_WORDS[formats[mixed]]}, but "
