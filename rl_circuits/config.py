@@ -3,7 +3,8 @@
 A config names the pairs (from the registry, or defined inline under `[pairs_inline.NAME]`),
 the datasets, and the settings of each stage. Each section is a frozen dataclass whose fields
 carry the key's type, default and range; the allowed values of a choice come from the module
-that owns the concept (graphs from `engine.graph`, graders from `data.grading`, ...).
+that owns the concept (graphs from `engine.choices`, graders from `data.grading`, ...), none of
+which imports torch: validating a config takes a fraction of a second.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
+import warnings
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -18,9 +20,18 @@ from typing import Any, get_type_hints
 
 import tomli_w
 
+from rl_circuits.data import choices as data_choices
 from rl_circuits.data import grading, selection
-from rl_circuits.errors import ConfigError
-from rl_circuits.models.pairs import Pair, load_pairs, parse_pairs, registry_templates
+from rl_circuits.engine import choices as engine_choices
+from rl_circuits.errors import ConfigError, RLCircuitsWarning
+from rl_circuits.models import choices as model_choices
+from rl_circuits.models.pairs import (
+    Pair,
+    load_pairs,
+    parse_pairs,
+    registry_templates,
+    same_checkpoint_note,
+)
 
 _NUMBER = (int, float)
 _POSITIVE = ("> 0", lambda v: v > 0)
@@ -31,39 +42,6 @@ _AT_LEAST_TWO = (">= 2", lambda v: v >= 2)
 _PRESET = "preset"
 # Pair and dataset names become folders of the run directory: no '/', no leading '.'.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-
-
-# The modules that own the choices of engine and model keys import torch and TransformerLens
-# (seconds): they are imported when a choice is checked, not with the config module, so the
-# CLI and everything that only names the sections start fast.
-def _loading():
-    from rl_circuits.models import loading
-
-    return loading
-
-
-def _generation():
-    from rl_circuits.data import generation
-
-    return generation
-
-
-def _graph():
-    from rl_circuits.engine import graph
-
-    return graph
-
-
-def _attribution():
-    from rl_circuits.engine import attribution
-
-    return attribution
-
-
-def _circuits():
-    from rl_circuits.engine import circuits
-
-    return circuits
 
 
 @dataclass(frozen=True)
@@ -121,7 +99,7 @@ def rule(section: type, key: str) -> Rule:
 class RunSection:
     """[run], or the top level of the file: where the run lives and what it runs on."""
 
-    run_dir: str = _key("runs/default")
+    run_dir: str = _key("runs/default", ("a non-empty path", lambda v: bool(v.strip())))
     pairs: tuple[str, ...] = _key(())
     datasets: tuple[str, ...] = _key(())
     data_dir: str = _key("")
@@ -136,7 +114,7 @@ class RunSection:
 class ModelSection:
     """[model]: how checkpoints load."""
 
-    dtype: str = _key("bfloat16", choices=lambda: tuple(_loading().DTYPES))
+    dtype: str = _key("bfloat16", choices=lambda: model_choices.DTYPE_NAMES)
     device: str = _key("auto")
     n_devices: int = _key(1, _AT_LEAST_ONE)
     allow_pickle: bool = _key(False)
@@ -146,13 +124,13 @@ class ModelSection:
 class GenerateSection:
     """[generate]: how both models answer the questions."""
 
-    backend: str = _key("hf", choices=lambda: _generation().BACKENDS)
+    backend: str = _key("hf", choices=lambda: data_choices.BACKENDS)
     batch_size: int = _key(8, _AT_LEAST_ONE)
     temperature: float = _key(0.0, _NON_NEGATIVE)
     seed: int = _key(0)
     max_new_tokens: int = _key(0, _NON_NEGATIVE)  # 0: the pair's own limit
     chunk_size: int = _key(64, _AT_LEAST_ONE)
-    end_token: str = _key("drop", choices=lambda: _generation().END_TOKENS)
+    end_token: str = _key("drop", choices=lambda: data_choices.END_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -184,8 +162,8 @@ class SelectSection:
 class AttributeSection:
     """[attribute]: the graph and method of the edge scores."""
 
-    graph: str = _key("paper", choices=lambda: _graph().GRAPHS)
-    method: str = _key("eap", choices=lambda: _attribution().METHODS)
+    graph: str = _key("paper", choices=lambda: engine_choices.GRAPHS)
+    method: str = _key("eap", choices=lambda: engine_choices.METHODS)
     ig_steps: int = _key(8, _AT_LEAST_ONE)
     batch_size: int = _key(1, _AT_LEAST_ONE)
     efficient_attention: bool = _key(True)
@@ -199,11 +177,11 @@ class CircuitsSection:
     enabled: bool = _key(False)
     points: int = _key(20, _AT_LEAST_TWO)  # log grid of k, 1 edge to all
     thresholds: tuple[float, ...] = _key((0.8, 0.9))  # circuit size: smallest k, f(k) >= t
-    ablation: str = _key("zero", choices=lambda: _circuits().ABLATIONS)
+    ablation: str = _key("zero", choices=lambda: engine_choices.ABLATIONS)
     ranking: str = _key(
-        "abs", choices=lambda: _circuits().RANKINGS
+        "abs", choices=lambda: engine_choices.RANKINGS
     )  # top edges by |score| or score
-    rank_by: str = _key("mean", choices=lambda: _circuits().RANK_BY)
+    rank_by: str = _key("mean", choices=lambda: engine_choices.RANK_BY)
     alphas: tuple[float, ...] = _key(())  # cells to evaluate; (): every select.alphas entry
     batch_size: int = _key(8, _AT_LEAST_ONE)
 
@@ -215,7 +193,7 @@ class AnalyzeSection:
     n_resamples: int = _key(1000, _AT_LEAST_ONE)
     seed: int = _key(0)
     bins: int = _key(100, _AT_LEAST_ONE)
-    edges: str = _key("all", choices=lambda: _graph().EDGE_SETS)
+    edges: str = _key("all", choices=lambda: engine_choices.EDGE_SETS)
 
 
 @dataclass(frozen=True)
@@ -304,7 +282,7 @@ def config_from_resolved(resolved: dict[str, Any], source: str) -> RunConfig:
         name: {k: v for k, v in pair.items() if k != "name" and v is not None}
         for name, pair in (resolved.get("pairs") or {}).items()
     }
-    return parse_config(doc, source)
+    return parse_config(doc, source, stored=True)
 
 
 def dump_config(cfg: RunConfig) -> str:
@@ -343,9 +321,15 @@ def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = 
 
 
 def parse_config(
-    raw: dict[str, Any], source: str, overrides: dict[str, dict[str, Any]] | None = None
+    raw: dict[str, Any],
+    source: str,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    *,
+    stored: bool = False,
 ) -> RunConfig:
-    """Validate a config document; the top-level keys form the `[run]` section."""
+    """Validate a config document; the top-level keys form the `[run]` section. Pairs that are
+    probably not what the user meant get an `RLCircuitsWarning`, unless `stored` (a run's
+    config.json, which lists every pair inline)."""
     raw = dict(raw)
     inline = raw.pop("pairs_inline", {})
     if not isinstance(inline, dict):
@@ -375,7 +359,7 @@ def parse_config(
     for section in SECTIONS:
         values.setdefault(section, _validate_section(section, {}, source))
     _check_cross_fields(values["run"], values["select"], values["circuits"], source)
-    pairs = _pairs(values["run"].pairs, inline_pairs, source)
+    pairs = _pairs(values["run"].pairs, inline_pairs, source, warn=not stored)
     return RunConfig(**values, pairs=pairs, source=source)
 
 
@@ -473,12 +457,26 @@ def _check_cross_fields(
         raise ConfigError(f"{source}: ids lists {twice[0]!r} more than once; list each once")
 
 
-def _pairs(names: tuple[str, ...], inline: dict[str, Pair], source: str) -> dict[str, Pair]:
-    registry = {**load_pairs(), **inline}
+def _pairs(
+    names: tuple[str, ...], inline: dict[str, Pair], source: str, *, warn: bool
+) -> dict[str, Pair]:
+    registered = load_pairs()
+    registry = {**registered, **inline}
     unknown = [name for name in names if name not in registry]
     if unknown:
         raise ConfigError(
             f"{source}: unknown pair {', '.join(map(repr, unknown))}; registered: "
             f"{', '.join(sorted(registry))} (or define it under [pairs_inline.NAME])"
         )
+    for name in names if warn else ():
+        old, new = registered.get(name), registry[name]
+        notes = [same_checkpoint_note(new)]
+        if name in inline and old is not None and old != new:
+            differ = [k for k in vars(new) if getattr(old, k) != getattr(new, k)]
+            notes.append(
+                f"{source}: [pairs_inline.{name}] replaces the registered pair {name!r} "
+                f"(it differs in {', '.join(differ)}); name it otherwise to keep both apart"
+            )
+        for note in filter(None, notes):
+            warnings.warn(note, RLCircuitsWarning, stacklevel=4)
     return {name: registry[name] for name in names}

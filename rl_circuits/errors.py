@@ -31,3 +31,8 @@ class StoreError(RLCircuitsError):
 
 class LockedError(StoreError):
     """Another process (or another open store in this one) holds the run directory's lock."""
+
+
+class RLCircuitsWarning(UserWarning):
+    """Input that works but is probably not what the user meant; the CLI prints the message on
+    one line as ``warning: ...``."""

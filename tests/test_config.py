@@ -80,22 +80,22 @@ def test_defaults_fill_every_absent_key():
 
 
 def test_every_choice_comes_from_its_owning_module():
-    from rl_circuits.data import generation, grading, selection
-    from rl_circuits.engine import attribution, circuits, graph
+    from rl_circuits.data import choices, grading, selection
+    from rl_circuits.engine import choices as engine
     from rl_circuits.models import loading
 
     owned = {
         (ModelSection, "dtype"): tuple(loading.DTYPES),
-        (GenerateSection, "backend"): generation.BACKENDS,
-        (GenerateSection, "end_token"): generation.END_TOKENS,
+        (GenerateSection, "backend"): choices.BACKENDS,
+        (GenerateSection, "end_token"): choices.END_TOKENS,
         (GradeSection, "grader"): grading.GRADERS,
         (SelectSection, "rules"): selection.RULES,
         (SelectSection, "subset"): selection.SUBSETS,
-        (AttributeSection, "graph"): graph.GRAPHS,
-        (AttributeSection, "method"): attribution.METHODS,
-        (CircuitsSection, "ablation"): circuits.ABLATIONS,
-        (CircuitsSection, "ranking"): circuits.RANKINGS,
-        (CircuitsSection, "rank_by"): circuits.RANK_BY,
+        (AttributeSection, "graph"): engine.GRAPHS,
+        (AttributeSection, "method"): engine.METHODS,
+        (CircuitsSection, "ablation"): engine.ABLATIONS,
+        (CircuitsSection, "ranking"): engine.RANKINGS,
+        (CircuitsSection, "rank_by"): engine.RANK_BY,
     }
     for (section, key), values in owned.items():
         assert rule(section, key).choices == values, f"{section.__name__}.{key}"
@@ -111,7 +111,7 @@ def test_every_choice_comes_from_its_owning_module():
     }
     from rl_circuits.config import AnalyzeSection
 
-    assert rule(AnalyzeSection, "edges").choices == graph.EDGE_SETS
+    assert rule(AnalyzeSection, "edges").choices == engine.EDGE_SETS
     assert choice_keys == {*owned, (SelectSection, "reference"), (SelectSection, "window")} | {
         (AnalyzeSection, "edges")
     }
@@ -120,16 +120,15 @@ def test_every_choice_comes_from_its_owning_module():
 def test_a_value_added_to_an_owning_module_is_accepted(monkeypatch):
     """The config re-types no list of names: a graph, grader, ... added where the concept lives
     is a valid config value at once (and listed in the error for a wrong one)."""
-    import torch
+    from rl_circuits.data import choices as data_choices
+    from rl_circuits.data import grading
+    from rl_circuits.engine import choices as engine_choices
+    from rl_circuits.models import choices as model_choices
 
-    from rl_circuits.data import generation, grading
-    from rl_circuits.engine import graph
-    from rl_circuits.models import loading
-
-    monkeypatch.setattr(graph, "GRAPHS", (*graph.GRAPHS, "mlp-only"))
+    monkeypatch.setattr(engine_choices, "GRAPHS", (*engine_choices.GRAPHS, "mlp-only"))
     monkeypatch.setattr(grading, "GRADERS", (*grading.GRADERS, "sympy"))
-    monkeypatch.setattr(generation, "BACKENDS", (*generation.BACKENDS, "sglang"))
-    monkeypatch.setattr(loading, "DTYPES", {**loading.DTYPES, "float8": torch.float8_e4m3fn})
+    monkeypatch.setattr(data_choices, "BACKENDS", (*data_choices.BACKENDS, "sglang"))
+    monkeypatch.setattr(model_choices, "DTYPE_NAMES", (*model_choices.DTYPE_NAMES, "float8"))
     doc = {
         **MINIMAL,
         "attribute": {"graph": "mlp-only"},
@@ -261,19 +260,28 @@ def test_dump_config_keeps_every_field_of_a_pair(tmp_path):
         "max_new_tokens": 17,
         "stop": ["</s>", 2],
     }
-    cfg = parse_config({**MINIMAL, "pairs_inline": {"mistral": mistral}}, "c.toml")
+    from rl_circuits.errors import RLCircuitsWarning
+
+    def replaces():
+        return pytest.warns(RLCircuitsWarning, match="replaces the registered pair 'mistral'")
+
+    with replaces():
+        cfg = parse_config({**MINIMAL, "pairs_inline": {"mistral": mistral}}, "c.toml")
     assert cfg.pairs["mistral"].revision_before == "abc123"  # not the registry's entry
     path = tmp_path / "c.toml"
     path.write_text(dump_config(cfg))
-    back = load_config(path)
+    with replaces():
+        back = load_config(path)
     assert back.pairs == cfg.pairs and back.resolved() == cfg.resolved()
 
 
 def test_run_written_before_the_sections_loads_and_plans_unchanged():
     """config.json of a run written by the code before typed sections (fixture) parses back
     to the same resolved config, shows no config change, and every stage and cell keeps its
-    fingerprint: the run is neither refused nor recomputed."""
-    from rl_circuits.pipeline.integrity import plan
+    fingerprint: the run is neither refused nor recomputed. The one exception is the report's
+    own fingerprint, which no longer holds where the run and its data are (LOCATION_KEYS,
+    issue 22): the report reruns once, by itself, without --force."""
+    from rl_circuits.pipeline.integrity import LOCATION_KEYS, plan
     from rl_circuits.store.canonical import config_diff
 
     old = json.loads(FIXTURE.read_text())
@@ -282,10 +290,14 @@ def test_run_written_before_the_sections_loads_and_plans_unchanged():
     assert cfg.resolved() == stored
     assert config_diff(upgrade_resolved(stored), cfg.resolved()) == []
     got = plan(cfg, old["dataset_hashes"])
-    assert {
+    fingerprints = {
         stage: {"stage": p.fingerprint, "cells": {k: c.fingerprint for k, c in p.cells.items()}}
         for stage, p in got.items()
-    } == old["fingerprints"]
+    }
+    report = fingerprints.pop("report")
+    assert fingerprints == {k: v for k, v in old["fingerprints"].items() if k != "report"}
+    assert any(stored["run"][key.split(".")[1]] for key in LOCATION_KEYS)
+    assert report["stage"] != old["fingerprints"]["report"]["stage"]
     # keys at their defaults missing from an older config.json are no change either
     older = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}
     del older["analyze"]["bins"], older["run"]["ids"]

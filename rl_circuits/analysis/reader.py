@@ -310,11 +310,13 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run:
-    """Open a finished (or partial) run directory read-only, for notebooks and scripts."""
+    """Open a finished (or partial) run directory read-only, for notebooks and scripts.
+    `run.config.run.run_dir` is the directory opened, wherever the run was made."""
     store = RunStore.read_only(Path(path))
     cfg = config_from_resolved(
         upgrade_resolved(store.read_json(RunLayout.CONFIG)), str(store.label(RunLayout.CONFIG))
     )
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_dir=str(store.root)))
     return Run(Path(path), cfg, store)
 
 

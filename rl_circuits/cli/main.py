@@ -6,10 +6,27 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from rl_circuits.pipeline.registry import SHARDED_STAGES, STAGE_NAMES
 
+# What each stage command does, for its --help (tests/cli/test_messages.py: one per stage).
+STAGE_HELP = {
+    "datasets": "read each dataset of the config into question/gold records",
+    "generate": "let the before and after model of every pair answer the questions",
+    "grade": "grade every answer against the gold answer",
+    "select": "select the questions to score (the paper's Eqs. 10-12) and their T_cut",
+    "attribute": "score every edge on each selected question, for each model and alpha",
+    "circuits": "faithfulness of top-k circuits (when circuits.enabled)",
+    "analyze": "compare the before and after edge scores: Table 1, intervals, figures' data",
+    "report": "write report/report.html from the analysis",
+}
+RESUME_NOTE = " Finished work is kept: a stopped command resumes where it stopped."
+FORCE_HELP = (
+    "accept a changed config or data file: delete the outputs it makes stale and recompute "
+    "them (a directory that is not a run is refused even so)"
+)
 CHECK_PROMPT = "Natalia sold clips to 48 of her friends in April. 48 / 2 = 24. \\boxed{72}"
 # check-model's bound on max |logit difference| / max |logit| per dtype. Measured (CPU, the
 # prompt above): SmolLM2-135M (30 layers) 6.2e-7 in float64 (Hugging Face keeps rotary in
@@ -19,9 +36,10 @@ CHECK_TOLERANCES = {"float64": 1e-5, "float32": 1e-4, "bfloat16": 1e-1}
 
 
 def _threads() -> None:
-    """One torch thread unless the user asks otherwise: two on a busy 2-core box run 30x slower."""
-    import torch
+    """One torch thread unless the user asks otherwise: two on a busy 2-core box run 30x slower.
 
+    Without importing torch (seconds), so that a command with nothing to compute answers at
+    once: torch reads OMP_NUM_THREADS when it is first imported."""
     from rl_circuits.errors import ConfigError
 
     text = os.environ.get("RL_CIRCUITS_THREADS", "1")
@@ -30,7 +48,10 @@ def _threads() -> None:
             f"RL_CIRCUITS_THREADS={text!r} must be a whole number of torch threads >= 1 "
             "(e.g. RL_CIRCUITS_THREADS=2)"
         )
-    torch.set_num_threads(int(text))
+    if "torch" in sys.modules:  # imported already (tests, notebooks): set it directly
+        sys.modules["torch"].set_num_threads(int(text))
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(int(text))
 
 
 def cmd_check_model(args) -> int:
@@ -184,10 +205,11 @@ def cmd_tiny_models(args) -> int:
 def _prepare_tiny_models(config: str) -> None:
     """Write the config's `tiny_models` directory first when it is absent (configs/tiny.toml)."""
     from rl_circuits.config import load_config
-    from rl_circuits.models.tiny import write_tiny_models
 
     directory = load_config(config).run.tiny_models
     if directory and not Path(directory).exists():
+        from rl_circuits.models.tiny import write_tiny_models  # torch: only when writing
+
         print(f"tiny_models: {directory} is absent; writing it (rl-circuits tiny-models)")
         for path in write_tiny_models(directory):
             print(f"wrote {path}")
@@ -241,6 +263,18 @@ def _missing_modules(names: tuple[str, ...]) -> list[str]:
     return missing
 
 
+def _zoo(args) -> int:
+    """`rl-circuits zoo ACTION [options]`; the only action is build."""
+    from rl_circuits.errors import ConfigError
+
+    if args.action is None:
+        raise ConfigError(
+            "zoo: name an action: `rl-circuits zoo build` trains (or reuses) the demo's model "
+            "zoo; `rl-circuits zoo build --help` lists its options"
+        )
+    return _zoo_main(args.args)
+
+
 def _zoo_main(argv: list[str]) -> int:
     from rl_circuits.errors import ConfigError
 
@@ -278,19 +312,39 @@ def build_parser() -> argparse.ArgumentParser:
         "post-training. Stages: " + " -> ".join(STAGE_NAMES) + "; `run` chains them.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, what: str, more: str = "") -> argparse.ArgumentParser:
+        description = f"{what[0].upper()}{what[1:]}.{more}"
+        return sub.add_parser(name, help=what, description=description)
+
     for name in ("run", *STAGE_NAMES):
-        p = sub.add_parser(name, help="run every stage" if name == "run" else f"the {name} stage")
+        if name == "run":
+            p = command(name, "run every stage that is not done, in order", RESUME_NOTE)
+        else:
+            p = command(name, STAGE_HELP[name], f" A stale earlier stage runs first.{RESUME_NOTE}")
         p.add_argument("config", help="TOML run config, e.g. configs/paper.toml")
-        p.add_argument("--run-dir", help="run directory (default: the config's run_dir)")
-        p.add_argument("--force", action="store_true", help="accept a changed config")
+        p.add_argument(
+            "--run-dir",
+            help="run directory: absent, empty or an earlier run (default: the config's run_dir)",
+        )
+        p.add_argument("--force", action="store_true", help=FORCE_HELP)
         if name in SHARDED_STAGES:
             _add_parallel_flags(p)
         p.set_defaults(func=cmd_stage)
-    p = sub.add_parser("check-model", help="load a checkpoint both ways and compare logits")
+    p = command(
+        "check-model",
+        "load a checkpoint into TransformerLens and Hugging Face, compare their logits and "
+        "print the size of each graph",
+    )
     p.add_argument("path", help="checkpoint directory or hub id")
-    p.add_argument("--revision")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit; default: main)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float64", "bfloat16"],
+        help="dtype of both models (default float32)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument(
         "--tolerance",
         type=float,
@@ -299,28 +353,54 @@ def build_parser() -> argparse.ArgumentParser:
         + ")",
     )
     p.set_defaults(func=cmd_check_model)
-    p = sub.add_parser("zoo", help="the demo's SFT/GRPO/DPO model zoo: `zoo build --help`")
-    p.add_argument("action", choices=["build"])
+    p = command("zoo", "the demo's SFT/GRPO/DPO model zoo: `rl-circuits zoo build --help`")
+    p.add_argument("action", nargs="?", choices=["build"], help="build: train (or reuse) the zoo")
     p.add_argument("args", nargs=argparse.REMAINDER, help="options of `zoo build`")
-    p.set_defaults(func=lambda args: _zoo_main(args.args))
-    p = sub.add_parser("demo", help="build the zoo if absent and run the whole study on it")
-    p.add_argument("--run-dir", default="runs/demo")
+    p.set_defaults(func=_zoo)
+    p = command("demo", "build the model zoo if absent and run the whole study on it")
+    p.add_argument("--run-dir", default="runs/demo", help="run directory (default runs/demo)")
     p.set_defaults(func=lambda args: _demo(args.run_dir))
-    p = sub.add_parser("tiny-models", help="write the tiny before/after checkpoints of tiny.toml")
-    p.add_argument("directory")
+    p = command(
+        "tiny-models",
+        "write the tiny before/after checkpoints and the dataset configs/tiny.toml runs on",
+    )
+    p.add_argument(
+        "directory", help="where to write before/, after/ and data/ (nothing there is replaced)"
+    )
     p.set_defaults(func=cmd_tiny_models)
     return parser
 
 
+def _one_line_warnings(fallback):
+    """A `warnings.showwarning` that prints our own warnings as one `warning: ...` line, each
+    once (the config is read more than once), and passes any other to `fallback`."""
+    from rl_circuits.errors import RLCircuitsWarning
+
+    shown: set[str] = set()
+
+    def show(message, category, *args, **kwargs) -> None:
+        if issubclass(category, RLCircuitsWarning):
+            if str(message) not in shown:
+                shown.add(str(message))
+                print(f"warning: {message}", file=sys.stderr)
+        else:
+            fallback(message, category, *args, **kwargs)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
-    from rl_circuits.errors import RLCircuitsError
+    from rl_circuits.errors import RLCircuitsError, RLCircuitsWarning
 
     args = build_parser().parse_args(argv)
     # grading supplies its own timeout; math-verify warns about its own being off
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     try:
         _threads()
-        return args.func(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", RLCircuitsWarning)  # shown once each by the next line
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            return args.func(args)
     except RLCircuitsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

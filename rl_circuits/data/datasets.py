@@ -104,10 +104,18 @@ FORMATS: dict[str, _Format] = {
     "amc23": _Format("amc23", "question", "answer", str.strip, lambda row: row.get("id")),
 }
 NAMED_FORMATS = ("minerva_math", "olympiadbench", "aime24", "amc23")
+# How messages describe the formats `detect_format` tells apart (docs/datasets.md).
+FORMAT_WORDS = {
+    "gsm8k": "GSM8K format (question, and an answer ending in a '#### GOLD' line)",
+    "college_math": "College Math format (question, and the gold answer as answer, no '####')",
+    "math500": "MATH-500 format (problem, and the gold answer as answer)",
+    "math": "MATH format (problem, and a solution with the gold answer in its last \\boxed{})",
+}
 
 
 def detect_format(row: Mapping[str, Any]) -> str:
-    """Name of the source format of one raw row (keys of `FORMATS`), or "" if unknown."""
+    """Name of the source format of one raw row (keys of `FORMATS`), or "" if unknown: the
+    rule docs/datasets.md states, applied to every row of a file."""
     if "problem" in row:
         return "math500" if "answer" in row else "math" if "solution" in row else ""
     if "question" in row and "answer" in row:
@@ -170,18 +178,31 @@ def parse_rows(
 ) -> list[Record]:
     """Records from raw rows given as (location for messages, row) pairs.
 
-    The format is detected from the first row unless `fmt` is given. Ids are `NAME-OWNID`
-    when the dataset's own ids are present and unique, else `NAME-INDEX` (0-based row index).
+    Every row's format is read by one rule: `fmt` if given, the dataset's own for a dataset
+    named after one (`NAMED_FORMATS`), else `detect_format` of that row; a file whose rows are
+    in different formats is refused, and a row in none is read in the first row's format (so
+    the field it lacks is named). Ids are `NAME-ID` with each row's "id" field (else the
+    format's own id) when every row has one and they are unique, else `NAME-INDEX` (0-based
+    row index).
     """
     if not rows:
         return []
-    first_where, first = rows[0]
-    fmt = fmt or (name if name in NAMED_FORMATS else detect_format(first))
+    fixed = fmt or (name if name in NAMED_FORMATS else None)
+    formats = [fixed or detect_format(row) for _, row in rows]
+    fmt = formats[0]
     if fmt not in FORMATS:
         raise DataError(
-            f"{first_where}: unknown dataset format with fields {sorted(first)}; expected "
+            f"{rows[0][0]}: unknown dataset format with fields {sorted(rows[0][1])}; expected "
             "question+answer (GSM8K `####` or College Math), problem+answer (MATH-500) "
-            "or problem+solution (MATH)"
+            "or problem+solution (MATH); see docs/datasets.md"
+        )
+    # a row in no format is read in the first row's, which names the field it lacks
+    mixed = next((i for i, found in enumerate(formats) if found not in ("", fmt)), None)
+    if mixed is not None:
+        raise DataError(
+            f"{rows[mixed][0]}: this row is in the {FORMAT_WORDS[formats[mixed]]}, but "
+            f"{rows[0][0]} is in the {FORMAT_WORDS[fmt]}; a dataset file holds one format "
+            "(docs/datasets.md): fix the row or split the file"
         )
     spec = FORMATS[fmt]
     parsed: list[tuple[str, str]] = []
@@ -196,7 +217,7 @@ def parse_rows(
                 f"{where}: record has no gold answer in field {spec.answer!r}{_HINT.get(fmt, '')}"
             )
         parsed.append((question, gold))
-    own = [spec.own_id(row) for _, row in rows]
+    own = [row["id"] if "id" in row else spec.own_id(row) for _, row in rows]
     own_ids = [_safe_id(value) for value in own if value is not None]
     if len(own_ids) != len(rows) or len(set(own_ids)) != len(own_ids) or "" in own_ids:
         own_ids = [str(index) for index in range(len(rows))]

@@ -21,11 +21,6 @@ import torch
 from rl_circuits.errors import CheckpointError, ConfigError
 from rl_circuits.models.checkpoints import load_tokenizer, resolve, weight_files
 
-BACKENDS: tuple[str, ...] = ("hf", "vllm")  # Hugging Face generate, or vLLM (optional extra)
-# What happens to the token that ended an answer: "keep" leaves it in the answer's ids and its
-# length (vLLM's token_ids, as the authors stored them); "drop" removes it.
-END_TOKENS: tuple[str, ...] = ("drop", "keep")
-
 
 @dataclass(frozen=True)
 class GenerationSettings:

@@ -20,12 +20,12 @@ from jaxtyping import Bool, Float, Int
 from transformer_lens import HookedTransformer
 
 from rl_circuits.engine import efficient, heads, tl_compat
+from rl_circuits.engine.choices import METHODS
 from rl_circuits.engine.graph import Graph, build_graph
 from rl_circuits.engine.scores import EdgeScores
 from rl_circuits.errors import NumericalError
 
 Method = Literal["eap", "eap-ig", "exact"]
-METHODS: tuple[str, ...] = ("eap", "eap-ig", "exact")
 Metric = Callable[
     [Float[torch.Tensor, "batch pos vocab"], Int[torch.Tensor, "batch pos"], torch.Tensor],
     Float[torch.Tensor, " batch"],

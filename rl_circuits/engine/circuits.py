@@ -30,15 +30,11 @@ from rl_circuits.engine.attribution import (
     checked_metric,
     masked_nll,
 )
+from rl_circuits.engine.choices import ABLATIONS, RANKINGS
 from rl_circuits.engine.graph import build_graph
 
 Ablation = Literal["zero", "mean"]
-ABLATIONS: tuple[str, ...] = ("zero", "mean")
 Ranking = Literal["abs", "signed"]
-RANKINGS: tuple[str, ...] = ("abs", "signed")
-# Which scores rank the edges of a question's circuits: their mean over the questions (one
-# ranking for all), or that question's own ("sample").
-RANK_BY: tuple[str, ...] = ("mean", "sample")
 
 
 def evaluate_circuit(

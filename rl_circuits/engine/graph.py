@@ -25,14 +25,10 @@ from typing import Literal
 import torch
 from jaxtyping import Bool
 
+from rl_circuits.engine.choices import GRAPHS
 from rl_circuits.engine.tl_compat import LN1_CALLS
 
 GraphName = Literal["paper", "block", "residual", "heads"]
-GRAPHS: tuple[str, ...] = ("paper", "block", "residual", "heads")
-# Which entries of an [n_upstream, n_downstream] score matrix a statistic reads: every one,
-# zeros of non-edges included, as the paper's equations read ("all"), or the graph's edges
-# (`Graph.edge_mask`, "valid").
-EDGE_SETS: tuple[str, ...] = ("all", "valid")
 _HEAD_NAME = re.compile(r"^(?P<hook>[A-Za-z0-9_.]+)\[(?P<head>[0-9]+)\]$")
 
 

@@ -26,6 +26,7 @@ from rl_circuits.models.checkpoints import (
     resolve,
     weight_files,
 )
+from rl_circuits.models.choices import DTYPE_NAMES
 from rl_circuits.resources import resource_dir
 
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -308,12 +309,7 @@ def load_model(
 
 
 # The dtypes a model loads in, by the name configs write (`model.dtype`).
-DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -30,6 +30,8 @@ PAIR_FIELDS = {
     "stop": list,
 }
 REQUIRED = ("before", "after", "algorithm", "template", "max_new_tokens")
+# A template's fields: `{name}`; `{q}` (the question) is the only one a prompt fills.
+_TEMPLATE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 ROLES = ("before", "after")  # a pair's two models: before and after post-training
 
 
@@ -72,13 +74,27 @@ class PairModel:
 
     @property
     def key(self) -> str:
-        """Shared by pairs that use the same model, revision, template and token limit."""
-        parts = [self.path, self.revision, self.pair.template, self.pair.max_new_tokens]
+        """Shared by pairs that use the same model, revision, template and token limit (one
+        path spelled two ways, `dir` and `dir/`, is one model)."""
+        path = os.path.normpath(self.path)
+        parts = [path, self.revision, self.pair.template, self.pair.max_new_tokens]
         if self.pair.stop:  # pairs without their own end tokens keep their old keys
             parts.append(list(self.pair.stop))
         ident = json.dumps(parts)
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", self.path.rstrip("/").split("/")[-1])[-40:]
         return f"{slug}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
+
+
+def same_checkpoint_note(pair: Pair) -> str:
+    """A warning when the pair's before and after model are one checkpoint ("" otherwise)."""
+    before, after = PairModel(pair, "before"), PairModel(pair, "after")
+    if before.key != after.key:
+        return ""
+    return (
+        f"pair {pair.name!r}: before and after are the same checkpoint ({pair.before}); its "
+        "answers are generated and graded once, and every comparison is of the model with "
+        "itself. Set after to the post-trained checkpoint."
+    )
 
 
 def pair_models(pairs: Iterable[Pair]) -> Iterator[PairModel]:
@@ -143,6 +159,12 @@ def parse_pairs(raw: dict, source: str, table: str = "pairs") -> dict[str, Pair]
             raise ConfigError(
                 f"{where}: template {entry['template']!r} has no {{q}} placeholder and names "
                 f"no entry of [templates] ({', '.join(templates) or 'none'})"
+            )
+        other = sorted({f"{{{f}}}" for f in _TEMPLATE_FIELD.findall(template)} - {"{q}"})
+        if other:
+            raise ConfigError(
+                f"{where}: template field {', '.join(other)} would stay in every prompt as text: "
+                "{q} (the question) is the only field a template fills; write the text itself"
             )
         pairs[name] = Pair(name=name, **{**entry, "template": template, "stop": tuple(stop)})
     return pairs

@@ -172,12 +172,21 @@ def write_tiny_models(directory: str | Path) -> list[Path]:
     Two tiny Qwen2 checkpoints trained to answer 7 in different words, so that a run on them has
     correct answers of different lengths. Returns the paths written.
     """
+    from rl_circuits.errors import ConfigError
+
     out = Path(directory)
     if out.exists() and not out.is_dir():
-        from rl_circuits.errors import ConfigError
-
         raise ConfigError(
             f"tiny-models: {str(out)!r} is a file; name a directory (it is created if absent)"
+        )
+    data = out / "data" / "sevens"
+    targets = (out / "before", out / "after", data / "test.jsonl")
+    taken = [p for p in targets if p.exists() and not (p.is_dir() and not any(p.iterdir()))]
+    if taken:  # never replace files this call did not write
+        raise ConfigError(
+            f"tiny-models: {', '.join(map(str, taken))} already exist"
+            f"{'s' if len(taken) == 1 else ''} in {out}; nothing was written: remove "
+            f"{'it' if len(taken) == 1 else 'them'} or name another directory"
         )
     written = []
     for role, seed, answer in (
@@ -187,7 +196,6 @@ def write_tiny_models(directory: str | Path) -> list[Path]:
         written.append(
             make_tiny_checkpoint(out / role, "Qwen2ForCausalLM", seed=seed, answer=answer)
         )
-    data = out / "data" / "sevens"
     data.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"question": q, "answer": f"#### {a}"}) for q, a in TINY_QUESTIONS]
     (data / "test.jsonl").write_text("\n".join(lines) + "\n")

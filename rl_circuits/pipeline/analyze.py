@@ -14,7 +14,7 @@ from rl_circuits.analysis.stats import METRICS, compare, table1_from_rows
 from rl_circuits.config import RunConfig
 from rl_circuits.errors import RLCircuitsError
 from rl_circuits.models.pairs import ROLES
-from rl_circuits.pipeline.circuits import circuit_alphas
+from rl_circuits.pipeline.common import circuit_alphas
 from rl_circuits.store.layout import RunLayout
 from rl_circuits.store.run import RunStore
 

@@ -17,14 +17,9 @@ from tqdm.auto import tqdm
 from rl_circuits.config import RunConfig
 from rl_circuits.engine.circuits import evaluate_circuit, log_grid, top_k_circuits
 from rl_circuits.models.pairs import ROLES, PairModel
-from rl_circuits.pipeline.common import by_id, load_for_scoring
+from rl_circuits.pipeline.common import by_id, circuit_alphas, load_for_scoring
 from rl_circuits.store.layout import RunLayout
 from rl_circuits.store.run import RunStore
-
-
-def circuit_alphas(cfg: RunConfig) -> list[float]:
-    """The alphas whose cells get circuits: `circuits.alphas`, or every selection alpha."""
-    return [float(a) for a in cfg.circuits.alphas] or cfg.alphas
 
 
 def stage_circuits(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:

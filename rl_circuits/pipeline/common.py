@@ -3,6 +3,9 @@ and loading one model of a pair for the scoring stages (attribute, circuits)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from rl_circuits.config import RunConfig
 from rl_circuits.errors import ConfigError
 from rl_circuits.models.pairs import PairModel
@@ -18,6 +21,24 @@ def device_of(cfg: RunConfig) -> str:
         return str(check_device(cfg.model.device))
     except ConfigError as exc:
         raise ConfigError(f"{cfg.source}: model.{exc}") from None
+
+
+def run_root(cfg: RunConfig, run_dir: str | os.PathLike[str] | None) -> Path:
+    """The run directory: `run_dir` (--run-dir) if given, else the config's run.run_dir; an
+    empty `run_dir` is refused rather than read as "not given"."""
+    if run_dir is None:
+        return Path(cfg.run.run_dir).expanduser()
+    if not os.fspath(run_dir).strip():
+        raise ConfigError(
+            f"run directory {os.fspath(run_dir)!r} (--run-dir) names no directory: give one, "
+            f"or leave --run-dir out to use the config's run_dir ({cfg.run.run_dir})"
+        )
+    return Path(run_dir).expanduser()
+
+
+def circuit_alphas(cfg: RunConfig) -> list[float]:
+    """The alphas whose cells get circuits: `circuits.alphas`, or every selection alpha."""
+    return [float(a) for a in cfg.circuits.alphas] or cfg.alphas
 
 
 def questions(store: RunStore, dataset: str) -> list[dict]:

@@ -68,7 +68,9 @@ def _sharded(stage: str) -> Stage:
 
 
 def _run_dir(cfg: RunConfig, run_dir: str | os.PathLike[str] | None) -> Path:
-    return Path(run_dir or cfg.run.run_dir).expanduser().absolute()
+    from rl_circuits.pipeline.common import run_root
+
+    return run_root(cfg, run_dir).absolute()
 
 
 def run_shard(

@@ -36,7 +36,12 @@ from rl_circuits.models.pairs import ROLES, PairModel, pair_models
 from rl_circuits.pipeline.registry import STAGE_NAMES, STAGES
 from rl_circuits.store.canonical import config_diff
 from rl_circuits.store.layout import RunLayout
+from rl_circuits.store.paths import check_run_root
 from rl_circuits.store.run import RunStore
+
+# Keys that say where a run, its data and its models are, not what they hold: moving a run or
+# its data (same bytes: `data_hashes`) changes no result, so no fingerprint includes them.
+LOCATION_KEYS = ("run.run_dir", "run.data_dir", "run.tiny_models")
 
 
 def _hash(obj: Any) -> str:
@@ -94,13 +99,13 @@ def data_hashes(cfg: RunConfig) -> dict[str, str]:
 
 def plan(cfg: RunConfig, hashes: dict[str, str]) -> dict[str, StagePlan]:
     """The cells and fingerprints of every stage under `cfg` (`hashes`: dataset file hashes)."""
-    from rl_circuits.pipeline.circuits import circuit_alphas
+    from rl_circuits.pipeline.common import circuit_alphas
 
     plans = {name: StagePlan() for name in STAGE_NAMES}
 
     def values(stage: str) -> dict:
         spec = STAGES[stage]
-        return key_values(cfg, spec.keys, spec.per_cell)
+        return key_values(cfg, spec.keys, spec.per_cell + LOCATION_KEYS)
 
     datasets = cfg.run.datasets
     for name in datasets:
@@ -245,13 +250,16 @@ def open_run(
 ) -> tuple[RunStore, Changes]:
     """Open a run for writing under `cfg`, keeping its results true to the config.
 
-    A change of config or of a dataset file that makes stored results stale is refused unless
-    `force`, naming the differing keys and the stages and cells that would be recomputed; with
-    `force` those cells' outputs are deleted and the stages' markers cleared (returned as
-    `Changes`). Other keyword arguments go to `RunStore.open` (`shard=` opens a shard worker,
+    `run_dir` must be absent, empty or a run (`check_run_root`). A change of config or of a
+    dataset file that makes stored results stale is refused unless `force`, naming the
+    differing keys and the stages and cells that would be recomputed; with `force` those cells'
+    outputs are deleted and the stages' markers cleared (returned as `Changes`). A change of
+    LOCATION_KEYS alone (a moved run, or data moved with the same bytes) is accepted without
+    `force`. Other keyword arguments go to `RunStore.open` (`shard=` opens a shard worker,
     which never changes a run).
     """
     root = Path(run_dir).expanduser()
+    check_run_root(root)  # before its files are read as a run's: a checkpoint is not a run
     resolved = cfg.resolved()
     if kwargs.get("shard") is not None:
         store = RunStore.open(root, resolved, **kwargs)
@@ -259,6 +267,7 @@ def open_run(
     hashes = data_hashes(cfg)
     new_plan = plan(cfg, hashes)
     stored, manifest = _read_stored(root) if root.is_dir() else (None, {})
+    moved = False  # only LOCATION_KEYS differ: accepted without force, recorded in the manifest
     if stored is not None and not force:
         upgraded = upgrade_resolved(stored)
         diff = config_diff(upgraded, resolved)
@@ -269,7 +278,8 @@ def open_run(
                 changes = (
                     compare_plans(old_plan, new_plan, reader) if old_plan is not None else None
                 )
-            if changes is None or changes.stages or diff:
+            content = [line for line in diff if line.split(":", 1)[0] not in LOCATION_KEYS]
+            if changes is None or changes.stages or content:
                 listing = "\n".join(f"  {line}" for line in [*diff, *data])
                 affected = (
                     changes.describe()
@@ -282,7 +292,8 @@ def open_run(
                     f"and these stages recompute:\n{affected or '  none'}\nOr use a new run "
                     "directory."
                 )
-    store = RunStore.open(root, resolved, force=force, upgrade=upgrade_resolved, **kwargs)
+            moved = bool(diff)
+    store = RunStore.open(root, resolved, force=force or moved, upgrade=upgrade_resolved, **kwargs)
     changes = Changes()
     try:
         previous = store.previous_config

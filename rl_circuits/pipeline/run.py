@@ -29,14 +29,13 @@ def run_pipeline(
     Returns the run directory. `run_dir` overrides the config's; `force` accepts a changed
     config (`rl_circuits.pipeline.integrity.open_run`)."""
     from rl_circuits.config import load_config
-    from rl_circuits.pipeline.common import device_of
+    from rl_circuits.pipeline.common import device_of, run_root
     from rl_circuits.pipeline.integrity import iter_missing, open_run, stage_current
 
     if stage is not None:
         get_stage(stage)
     cfg = load_config(config)
-    device_of(cfg)  # an unusable device fails before any work
-    store, changes = open_run(Path(run_dir or cfg.run.run_dir), cfg, force=force)
+    store, changes = open_run(run_root(cfg, run_dir), cfg, force=force)
     if changes.stages:
         print(f"config or data changed; these stages recompute:\n{changes.describe()}")
     with store:
@@ -60,6 +59,7 @@ def run_pipeline(
             if stage is None and stage_current(store, name):
                 print(f"{name}: done")
                 continue
+            device_of(cfg)  # an unusable device fails before any stage runs (imports torch)
             get_stage(name).run(cfg, store, progress=progress)
             print(f"{name}: done")
         if "analyze" in stages:
@@ -70,9 +70,10 @@ def run_pipeline(
 
 def _warn_empty_cells(store) -> None:
     """Cells configured but left without results are said at the end, not only in files."""
-    from rl_circuits.analysis.reader import empty_note
+    skipped = (
+        store.read_json(RunLayout.SKIPPED_CELLS) if store.exists(RunLayout.SKIPPED_CELLS) else {}
+    )
+    if skipped:
+        from rl_circuits.analysis.reader import empty_note  # plots: only when there is a note
 
-    if store.exists(RunLayout.SKIPPED_CELLS):
-        note = empty_note(store.read_json(RunLayout.SKIPPED_CELLS))
-        if note:
-            print(f"warning: {note}", file=sys.stderr)
+        print(f"warning: {empty_note(skipped)}", file=sys.stderr)

@@ -24,6 +24,11 @@ _WRITE_BLOCK = 1 << 20
 Pieces = Iterable[bytes | bytearray | memoryview]
 
 
+def is_temp_name(name: str) -> bool:
+    """Whether `name` is one of `write_atomic`'s hidden temp files."""
+    return bool(_TEMP_RE.match(name))
+
+
 def os_reason(exc: OSError) -> str:
     """Human wording of an OSError, spelling out the disk-full cases."""
     if exc.errno == errno.ENOSPC:
@@ -80,7 +85,7 @@ def remove_temp_files(root: Path) -> None:
     process can be writing there (under an exclusive lock)."""
     for directory, _dirs, files in os.walk(root):
         for name in files:
-            if _TEMP_RE.match(name):
+            if is_temp_name(name):
                 with suppress(OSError):
                     os.unlink(os.path.join(directory, name))
 

@@ -33,6 +33,12 @@ PACKAGES = ("rl-circuits", "torch", "transformers", "transformer-lens", "numpy",
 Upgrade = Callable[[dict[str, Any]], dict[str, Any]]
 
 
+def is_run_manifest(manifest: Any) -> bool:
+    """Whether `manifest` (a parsed manifest.json) is a run's: its format tag is ours."""
+    tag = manifest.get("format") if isinstance(manifest, dict) else None
+    return isinstance(tag, str) and tag.startswith(MANIFEST_FORMAT.split("/")[0] + "/")
+
+
 def now() -> str:
     """The current UTC time in ISO format, to the second (manifest and marker times)."""
     return datetime.now(UTC).isoformat(timespec="seconds")

@@ -36,7 +36,7 @@ from rl_circuits.store.atomic import os_reason, remove_temp_files, write_atomic
 from rl_circuits.store.canonical import jsonl_line, parse_jsonl, pretty_json, sha256
 from rl_circuits.store.layout import RunLayout, check_shard
 from rl_circuits.store.lock import MERGE_PURPOSE, acquire_lock, release_lock
-from rl_circuits.store.paths import confine, prepare_root
+from rl_circuits.store.paths import check_run_root, confine, prepare_root
 from rl_circuits.store.records import RecordStage, check_stage_name
 
 PathArg = str | os.PathLike[str]
@@ -85,6 +85,9 @@ class RunStore:
     ) -> RunStore:
         """Create or re-open `run_dir` for writing; holds its lock until `close()`.
 
+        `run_dir` must be absent, empty or a run (`check_run_root`): a directory of other files
+        is refused, with or without `force`.
+
         A different config than the stored one raises `ConfigError` naming each differing key,
         unless `force` (the stored config is then replaced, the change recorded in the manifest
         history; existing results are kept, and whether they are stale is the caller's call —
@@ -106,11 +109,15 @@ class RunStore:
             return cls._open_shard(run_dir, config, shard, wait)
         new_bytes = mf.config_bytes(config)
         extra = mf.check_extra(manifest_extra)
+        check_run_root(run_dir)  # a directory of other files is never written into
         root = prepare_root(run_dir)
         purpose = MERGE_PURPOSE if merging else "stage"
         store = cls(root, lock_fd=acquire_lock(root, purpose=purpose), config_bytes=new_bytes)
         try:
             remove_temp_files(root)  # left by a killed writer: we hold the lock, none is live
+            if not (root / mf.MANIFEST_NAME).is_file():  # a new run: its marker comes first
+                first = mf.updated_manifest({}, extra, [], store.config_hash)
+                store._write_own(mf.MANIFEST_NAME, pretty_json(first, what="the manifest"))
             events, store.previous_config = mf.install_config(
                 root, new_bytes, force=force, upgrade=upgrade
             )
@@ -136,6 +143,7 @@ class RunStore:
         index, count = check_shard(shard)
         new_bytes = mf.config_bytes(config)
         root = Path(run_dir).expanduser()
+        check_run_root(root)
         stored_path = root / mf.CONFIG_NAME
         if not stored_path.is_file():
             raise StoreError(

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from rl_circuits.errors import StoreError
 from rl_circuits.models.pairs import home_dir
 from rl_circuits.store.atomic import write_atomic
 from rl_circuits.zoo import dpo as dpo_stage
@@ -197,8 +198,9 @@ def _build(config: ZooConfig, root: Path, *, progress: bool, device) -> dict:
     started = time.perf_counter()
     if root.exists() and any(root.iterdir()):
         if not ((root / DONE_FILE).exists() or (root / STARTED_FILE).exists()):
-            raise FileExistsError(
-                f"{root} is not empty and holds no zoo; give build_zoo a new or empty folder"
+            raise StoreError(
+                f"zoo folder {root} is not empty and holds no zoo; nothing there is changed: "
+                "give a new or empty folder (--root, or build_zoo's root)"
             )
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)

@@ -258,3 +258,36 @@ def test_harness_format_benchmarks(tmp_path, name, row, expected_id, gold):
 def test_harness_format_benchmarks_need_a_local_copy(name):
     with pytest.raises(DataError, match=f"holds {name}/test.jsonl"):
         load_dataset(name)
+
+
+def test_every_row_is_read_by_one_rule_and_a_mixed_file_is_refused(tmp_path):
+    """A first row without `####` used to make later GSM8K rows' gold "#### 7" (issue 22)."""
+    rows = [{"question": "a", "answer": "7"}, {"question": "b", "answer": "so\n#### 8"}]
+    path = write(tmp_path, "mix", [json.dumps(r) for r in rows])
+    with pytest.raises(DataError) as err:
+        load_dataset("mix", data_dir=tmp_path)
+    assert str(err.value) == (
+        f"{path}:2: this row is in the GSM8K format (question, and an answer ending in a "
+        f"'#### GOLD' line), but {path}:1 is in the College Math format (question, and the gold "
+        "answer as answer, no '####'); a dataset file holds one format (docs/datasets.md): fix "
+        "the row or split the file"
+    )
+    rows = [{"problem": "p", "answer": "1"}, {"problem": "q", "solution": "\\boxed{2}"}]
+    write(tmp_path, "mix2", [json.dumps(r) for r in rows])
+    with pytest.raises(DataError, match=r"test.jsonl:2: this row is in the MATH format"):
+        load_dataset("mix2", data_dir=tmp_path)
+    rows = [{"question": "a", "answer": "#### 7"}, {"question": "b", "answer": "so\n#### 8"}]
+    write(tmp_path, "same", [json.dumps(r) for r in rows])
+    assert [r.gold for r in load_dataset("same", data_dir=tmp_path)] == ["7", "8"]
+
+
+def test_a_rows_own_id_field_names_the_question(tmp_path):
+    rows = [
+        {"id": "q/7", "question": "a", "answer": "#### 7", "idx": 0},
+        {"id": 12, "question": "b", "answer": "#### 8", "idx": 1},
+    ]
+    write(tmp_path, "ids", [json.dumps(r) for r in rows])
+    assert [r.id for r in load_dataset("ids", data_dir=tmp_path)] == ["ids-q_7", "ids-12"]
+    rows = [{"id": "x", "problem": "p", "answer": "1"}, {"id": "x", "problem": "q", "answer": "2"}]
+    write(tmp_path, "twice", [json.dumps(r) for r in rows])  # not unique: row indices
+    assert [r.id for r in load_dataset("twice", data_dir=tmp_path)] == ["twice-0", "twice-1"]

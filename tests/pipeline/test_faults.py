@@ -125,8 +125,10 @@ STAGE_DIRS = {
 
 
 def _copy_run(world: World, dst: Path, upto: str) -> Path:
-    """A new run directory holding the reference run's outputs and markers up to `upto`."""
+    """A new run directory holding the reference run's outputs and markers up to `upto`, and
+    its manifest (what makes a directory a run)."""
     (dst / "stages").mkdir(parents=True)
+    shutil.copy2(world.ref / "manifest.json", dst / "manifest.json")
     for stage in STAGE_DIRS[upto]:
         shutil.copytree(world.ref / stage, dst / stage)
         shutil.copy2(world.ref / "stages" / f"{stage}.json", dst / "stages" / f"{stage}.json")

@@ -24,13 +24,34 @@ def _copy(tiny_run, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _moved(tiny_run, tmp_path, capsys) -> tuple[Path, Path]:
-    """The copy, after accepting its moved data directory (same file: only the report reruns)."""
+    """The copy, after running it once where it now is (moved run and data: nothing reruns)."""
     run, config = _copy(tiny_run, tmp_path)
-    assert main(["run", str(config), "--force"]) == 0
+    assert main(["run", str(config)]) == 0
     out = capsys.readouterr().out
-    assert "  report: rerun" in out and "datasets: done" in out
-    assert "attribute: recomput" not in out
+    assert out.splitlines()[: len(STAGE_NAMES)] == [f"{s}: done" for s in STAGE_NAMES]
     return run, config
+
+
+def test_moving_a_run_and_its_data_needs_no_force_and_recomputes_nothing(
+    tiny_run, tmp_path, capsys
+):
+    from rl_circuits import load_run
+
+    run, config = _copy(tiny_run, tmp_path)
+    results = {k: v for k, v in _bytes(run, ".").items() if k not in ("config.json", ".lock")}
+    results.pop("manifest.json")
+    assert main(["run", str(config)]) == 0  # run_dir and data_dir changed, the data did not
+    out = capsys.readouterr().out  # every stage current: nothing recomputed
+    assert out.splitlines()[: len(STAGE_NAMES)] == [f"{s}: done" for s in STAGE_NAMES]
+    assert {k: (run / k).read_bytes() for k in results} == results
+    assert json.loads((run / "config.json").read_text())["run"]["run_dir"] == str(run)
+    event = json.loads((run / "manifest.json").read_text())["history"][-1]
+    assert event["event"] == "config_changed"
+    assert {line.split(":")[0] for line in event["changes"]} == {"run.run_dir", "run.data_dir"}
+    # moved again by hand: the loaded config names the directory it was read from
+    shutil.move(run, tmp_path / "elsewhere")
+    loaded = load_run(tmp_path / "elsewhere")
+    assert loaded.config.run.run_dir == str((tmp_path / "elsewhere").resolve())
 
 
 def _bytes(run: Path, under: str) -> dict[str, bytes]:

@@ -8,7 +8,7 @@ import pytest
 from rl_circuits.config import load_config
 from rl_circuits.errors import ConfigError, StoreError
 from rl_circuits.models.pairs import ROLES, Pair, PairModel, pair_models
-from rl_circuits.pipeline.circuits import circuit_alphas
+from rl_circuits.pipeline.common import circuit_alphas
 from rl_circuits.pipeline.distributed import parse_shard
 from rl_circuits.pipeline.registry import STAGE_NAMES, STAGES, get_stage
 from rl_circuits.store.layout import RunLayout, check_shard

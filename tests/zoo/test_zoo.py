@@ -100,11 +100,18 @@ def test_config_file_holds_the_defaults():
     assert ZooConfig.from_dict(raw["zoo"]) == ZooConfig()
 
 
-def test_build_refuses_a_folder_that_holds_no_zoo(tmp_path):
+def test_build_refuses_a_folder_that_holds_no_zoo(tmp_path, capsys):
+    from rl_circuits.cli.main import main
+    from rl_circuits.errors import StoreError
+
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="holds no zoo"):
+    with pytest.raises(StoreError, match="holds no zoo; nothing there is changed"):
         build_zoo(ZooConfig().reduced(), root=tmp_path, progress=False, register=False)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    args = ["zoo", "build", "--reduced", "--no-register", "--quiet", "--root", str(tmp_path)]
+    assert main(args) == 2  # one line, no traceback (issue 22)
+    assert capsys.readouterr().err.startswith(f"error: zoo folder {tmp_path} is not empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_tokenizer_is_one_token_per_character_and_round_trips(tmp_path):
