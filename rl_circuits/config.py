@@ -20,7 +20,13 @@ import tomli_w
 
 from rl_circuits.data import grading, selection
 from rl_circuits.errors import ConfigError
-from rl_circuits.models.pairs import Pair, load_pairs, parse_pairs, registry_templates
+from rl_circuits.models.pairs import (
+    DIRECTIONS,
+    Pair,
+    load_pairs,
+    parse_pairs,
+    registry_templates,
+)
 
 _NUMBER = (int, float)
 _POSITIVE = ("> 0", lambda v: v > 0)
@@ -209,6 +215,18 @@ class CircuitsSection:
 
 
 @dataclass(frozen=True)
+class DiffSection:
+    """[diff]: the optional cross-model patching stage (`rl_circuits.pipeline.diff`)."""
+
+    enabled: bool = _key(False)
+    method: str = _key("eap", choices=lambda: _attribution().METHODS)
+    graph: str = _key("paper", choices=lambda: _graph().GRAPHS)
+    alphas: tuple[float, ...] = _key(())  # cells to patch; (): every select.alphas entry
+    directions: tuple[str, ...] = _key(DIRECTIONS)  # entries from models.pairs.DIRECTIONS
+    points: int = _key(20, _AT_LEAST_TWO)  # log grid of k for the diff circuit curve
+
+
+@dataclass(frozen=True)
 class AnalyzeSection:
     """[analyze]: the statistics of Table 1 and the report."""
 
@@ -230,6 +248,7 @@ class RunConfig:
     select: SelectSection
     attribute: AttributeSection
     circuits: CircuitsSection
+    diff: DiffSection
     analyze: AnalyzeSection
     pairs: dict[str, Pair]
     source: str
@@ -375,6 +394,7 @@ def parse_config(
     for section in SECTIONS:
         values.setdefault(section, _validate_section(section, {}, source))
     _check_cross_fields(values["run"], values["select"], values["circuits"], source)
+    _check_diff(values["diff"], values["select"], source)
     pairs = _pairs(values["run"].pairs, inline_pairs, source)
     return RunConfig(**values, pairs=pairs, source=source)
 
@@ -471,6 +491,28 @@ def _check_cross_fields(
     twice = sorted({i for i in run.ids if run.ids.count(i) > 1})
     if twice:
         raise ConfigError(f"{source}: ids lists {twice[0]!r} more than once; list each once")
+
+
+def _check_diff(diff: DiffSection, select: SelectSection, source: str) -> None:
+    """diff.alphas among select.alphas; diff.directions a non-empty list of known directions."""
+    alphas = [float(a) for a in select.alphas]
+    entries = list(diff.alphas)
+    if not all(
+        not isinstance(v, bool) and isinstance(v, int | float) and float(v) in alphas
+        for v in entries
+    ):
+        raise ConfigError(
+            f"{source}: diff.alphas = {entries!r} is out of range: each entry must be a number "
+            f"among select.alphas ({', '.join(f'{a:g}' for a in alphas)}); [] for all of them"
+        )
+    directions = list(diff.directions)
+    if not directions or any(d not in DIRECTIONS for d in directions):
+        raise ConfigError(
+            f"{source}: diff.directions = {directions!r} is out of range: a non-empty list "
+            f"of {', '.join(map(repr, DIRECTIONS))}"
+        )
+    if len(set(directions)) != len(directions):
+        raise ConfigError(f"{source}: diff.directions = {directions!r} lists one twice")
 
 
 def _pairs(names: tuple[str, ...], inline: dict[str, Pair], source: str) -> dict[str, Pair]:
