@@ -19,6 +19,7 @@ from typing import Any, get_type_hints
 import tomli_w
 
 from rl_circuits.data import grading, selection
+from rl_circuits.engine import methods
 from rl_circuits.errors import ConfigError
 from rl_circuits.models.pairs import (
     DIRECTIONS,
@@ -58,12 +59,6 @@ def _graph():
     from rl_circuits.engine import graph
 
     return graph
-
-
-def _attribution():
-    from rl_circuits.engine import attribution
-
-    return attribution
 
 
 def _circuits():
@@ -191,7 +186,7 @@ class AttributeSection:
     """[attribute]: the graph and method of the edge scores."""
 
     graph: str = _key("paper", choices=lambda: _graph().GRAPHS)
-    method: str = _key("eap", choices=lambda: _attribution().METHODS)
+    method: str = _key("eap", choices=lambda: methods.methods_for("zero"))
     ig_steps: int = _key(8, _AT_LEAST_ONE)
     batch_size: int = _key(1, _AT_LEAST_ONE)
     efficient_attention: bool = _key(True)
@@ -205,7 +200,7 @@ class CircuitsSection:
     enabled: bool = _key(False)
     points: int = _key(20, _AT_LEAST_TWO)  # log grid of k, 1 edge to all
     thresholds: tuple[float, ...] = _key((0.8, 0.9))  # circuit size: smallest k, f(k) >= t
-    ablation: str = _key("zero", choices=lambda: _circuits().ABLATIONS)
+    ablation: str = _key("zero", choices=lambda: methods.PLAIN_ABLATIONS)
     ranking: str = _key(
         "abs", choices=lambda: _circuits().RANKINGS
     )  # top edges by |score| or score

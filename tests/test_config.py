@@ -83,7 +83,7 @@ def test_defaults_fill_every_absent_key():
 
 def test_every_choice_comes_from_its_owning_module():
     from rl_circuits.data import generation, grading, selection
-    from rl_circuits.engine import attribution, circuits, graph
+    from rl_circuits.engine import circuits, graph, methods
     from rl_circuits.models import loading
 
     owned = {
@@ -94,8 +94,8 @@ def test_every_choice_comes_from_its_owning_module():
         (SelectSection, "rules"): selection.RULES,
         (SelectSection, "subset"): selection.SUBSETS,
         (AttributeSection, "graph"): graph.GRAPHS,
-        (AttributeSection, "method"): attribution.METHODS,
-        (CircuitsSection, "ablation"): circuits.ABLATIONS,
+        (AttributeSection, "method"): methods.methods_for("zero"),
+        (CircuitsSection, "ablation"): methods.PLAIN_ABLATIONS,
         (CircuitsSection, "ranking"): circuits.RANKINGS,
         (CircuitsSection, "rank_by"): circuits.RANK_BY,
         (DiffSection, "method"): attribution.METHODS,

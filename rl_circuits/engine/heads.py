@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from transformer_lens import HookedTransformer
 
-from rl_circuits.engine import tl_compat
+from rl_circuits.engine import counterfactual, methods, tl_compat
 from rl_circuits.engine.graph import Graph
 
 CHUNK = 4  # heads per transient [batch, CHUNK, pos, d_model] tensor
@@ -115,6 +115,8 @@ class _State:
         self.grads = torch.zeros(batch, n_layers + 1, pos, d_model, **zeros)  # mlp_in, logits
         self.seen: set[tuple] = set()
         self.embed_scale = 1.0
+        self.add = False  # record adds O to the buffers' -O' (`_fill`) instead of copying
+        self.interpolate: tuple[str, float] | None = None  # (output, t): see `methods.Pass`
 
     def once(self, *key) -> bool:
         """True the first time `key` is seen in this pass (checkpointed blocks run twice)."""
@@ -140,31 +142,71 @@ def gradient_scores(
     loss_mask: torch.Tensor,
     graph: Graph,
     metric: Callable,
-    scales: list[float],
+    passes: list[methods.Pass],
+    cf: counterfactual.Counterfactual,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EAP (one scale) or EAP-IG scores [batch, n_upstream, n_downstream] and the clean loss."""
+    """Scores [batch, n_upstream, n_downstream] from the gradients averaged over `passes`
+    (`rl_circuits.engine.methods`), and the clean loss."""
     cfg = model.cfg
     layout, state = _prepare(model, tokens)
     batch, device, acc = tokens.shape[0], state.device, state.dtype
     scores = torch.zeros(batch, len(graph.upstream), len(graph.downstream), dtype=acc)
     scores = scores.to(device)
-    weight = 1.0 / len(scales)
+    weight = 1.0 / len(passes)
     full_rows = torch.tensor(
         [0] + [layout.up_mlp(layer) for layer in range(cfg.n_layers)], device=device
     )
     engine = _Engine(model, state, scores, layout, full_rows, weight)
+    _fill(model, state, cf)
     clean_loss = None
-    for scale in scales:
+    if passes[0] != methods.CLEAN:
+        with torch.no_grad(), _gradient_hooks(model, state, _NoEngine(), record=True):
+            clean_loss = metric(model(tokens), tokens, loss_mask)
+    for step in passes:
         record = clean_loss is None
         state.seen = set()
-        state.embed_scale = scale
+        state.embed_scale = step.t if step.node is None else 1.0
+        state.interpolate = None if step.node is None else (step.node, step.t)
         with _gradient_hooks(model, state, engine, record):
-            loss = metric(model(tokens), tokens, loss_mask)
+            loss = metric(model(cf.tokens if step.corrupted else tokens), tokens, loss_mask)
             loss.sum().backward()
         engine.finish()
         if record:
             clean_loss = loss.detach()
     return scores, clean_loss
+
+
+def _fill(model: HookedTransformer, state: _State, cf: counterfactual.Counterfactual) -> None:
+    """Write -O' into the output buffers (z of each head, the embedding and MLP outputs), so that
+    the clean pass's record leaves O - O' there; zero ablation leaves them empty."""
+    if cf.ablation == "zero":
+        return
+    state.add = True
+    n_layers = model.cfg.n_layers
+    names = ["hook_embed"] + [f"blocks.{i}.hook_mlp_out" for i in range(n_layers)]
+    names += [f"blocks.{i}.attn.hook_z" for i in range(n_layers)]
+
+    def slot(i: int) -> torch.Tensor:
+        return state.full[:, i] if i <= n_layers else state.z[:, i - n_layers - 1]
+
+    def as_slot(i: int, act: torch.Tensor) -> torch.Tensor:
+        """An output in its buffer's layout: z [.., pos, head, d_head] -> [.., width, pos]."""
+        return act if i <= n_layers else act.flatten(-2).transpose(-1, -2)
+
+    if cf.ablation == "patch":
+
+        def on_output(i: int, act: torch.Tensor) -> None:
+            slot(i).sub_(as_slot(i, act).to(state.device, state.dtype))
+
+        counterfactual.run_outputs(cf, names, on_output)
+        return
+    pos = state.full.shape[2]
+    for i, mean in enumerate(counterfactual.means(cf, names, state.dtype)):
+        if cf.ablation == "mean-positional":
+            mean = mean[:pos]
+        elif i > n_layers:
+            mean = mean.unsqueeze(0)  # one z for every position: [1, head, d_head]
+        slot(i).copy_(-as_slot(i, mean).to(state.device))
 
 
 class _Engine:
@@ -275,11 +317,39 @@ def _gradient_hooks(
     handles = []
     n_layers = model.cfg.n_layers
 
+    def store(into: torch.Tensor, value: torch.Tensor) -> None:
+        if state.add:
+            into.add_(value.to(into.device, into.dtype))
+        else:
+            into.copy_(value)
+
+    def interpolated(name: str, out: torch.Tensor, delta) -> torch.Tensor | None:
+        """O' + t (O - O') = O - (1 - t) (O - O') where `name` is the interpolated output."""
+        if state.interpolate is None or state.interpolate[0] != name:
+            return None
+        t = state.interpolate[1]
+        return out.detach() - (1 - t) * delta().to(out.device, out.dtype)
+
     def on_embed(mod, args, out):
         if record and state.once("embed"):
-            state.full[:, 0].copy_(out.detach())
+            store(state.full[:, 0], out.detach())
+        value = interpolated("hook_embed", out, lambda: state.full[:, 0])
+        if value is not None:
+            return value.requires_grad_(torch.is_grad_enabled())
         out = out.detach().requires_grad_(torch.is_grad_enabled())
-        return out * state.embed_scale if state.embed_scale != 1.0 else out
+        if state.embed_scale == 1.0:
+            return out
+        if not state.add:
+            return out * state.embed_scale
+        return out - (1 - state.embed_scale) * state.full[:, 0].to(out.device, out.dtype)
+
+    def on_attn_out(layer, mod, args, out):
+        def delta():
+            z = state.z[:, layer]  # [batch, width, pos]
+            w_o = _w_out(model, layer, state.device, state.dtype).flatten(0, 1)
+            return torch.einsum("bwp,wm->bpm", z, w_o)
+
+        return interpolated(f"blocks.{layer}.hook_attn_out", out, delta)
 
     def on_ln1(layer, mod, args):
         if state.norms[layer] != "none" and state.once("ln1", layer):
@@ -291,7 +361,7 @@ def _gradient_hooks(
     def on_z(layer, mod, args, out):
         if record and state.once("z", layer):
             z = out.detach().flatten(2).transpose(1, 2)  # [batch, n_heads * d_head, pos]
-            state.z[:, layer].copy_(z)
+            store(state.z[:, layer], z)
 
     def on_part(layer, part, mod, args, out):
         if not out.requires_grad or not state.once("qkv", layer, part):
@@ -309,7 +379,8 @@ def _gradient_hooks(
 
     def on_mlp(layer, mod, args, out):
         if record and state.once("mlp", layer):
-            state.full[:, layer + 1].copy_(out.detach())
+            store(state.full[:, layer + 1], out.detach())
+        return interpolated(f"blocks.{layer}.hook_mlp_out", out, lambda: state.full[:, layer + 1])
 
     def on_post(mod, args, out):
         if not out.requires_grad or not state.once("post"):
@@ -334,6 +405,7 @@ def _gradient_hooks(
                 )
             add(block.ln2, lambda m, a, layer=layer: on_ln2(layer, m, a), pre=True)
             add(block.hook_mlp_out, lambda m, a, o, layer=layer: on_mlp(layer, m, a, o))
+            add(block.hook_attn_out, lambda m, a, o, layer=layer: on_attn_out(layer, m, a, o))
         add(model.blocks[n_layers - 1].hook_resid_post, on_post)
         yield
     finally:
@@ -350,11 +422,13 @@ def exact_scores(
     loss_mask: torch.Tensor,
     graph: Graph,
     metric: Callable,
+    cf: counterfactual.Counterfactual,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """loss(O_u really removed from the input of node d) - clean loss, for every edge."""
+    """loss(O_u replaced by O'_u in the input of node d) - clean loss, for every edge."""
     layout, state = _prepare(model, tokens)
     batch, acc = tokens.shape[0], state.dtype
     with torch.no_grad():
+        _fill(model, state, cf)
         with _gradient_hooks(model, state, _NoEngine(), record=True):
             clean = metric(model(tokens), tokens, loss_mask)
         outputs = _Outputs(model, state, layout)
@@ -377,7 +451,7 @@ class _NoEngine:
 
 
 class _Outputs:
-    """Upstream node u's clean output [batch, pos, d_model], from the recorded buffers."""
+    """Upstream node u's O_u - O'_u [batch, pos, d_model] (zero ablation: O_u), from the buffers."""
 
     def __init__(self, model, state: _State, layout: _Layout):
         self.model, self.state, self.layout = model, state, layout
