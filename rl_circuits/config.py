@@ -214,7 +214,7 @@ class DiffSection:
     """[diff]: the optional cross-model patching stage (`rl_circuits.pipeline.diff`)."""
 
     enabled: bool = _key(False)
-    method: str = _key("eap", choices=lambda: _attribution().METHODS)
+    method: str = _key("eap", choices=lambda: methods.methods_for("patch", cross_model=True))
     graph: str = _key("paper", choices=lambda: _graph().GRAPHS)
     alphas: tuple[float, ...] = _key(())  # cells to patch; (): every select.alphas entry
     directions: tuple[str, ...] = _key(DIRECTIONS)  # entries from models.pairs.DIRECTIONS

@@ -98,7 +98,7 @@ def test_every_choice_comes_from_its_owning_module():
         (CircuitsSection, "ablation"): methods.PLAIN_ABLATIONS,
         (CircuitsSection, "ranking"): circuits.RANKINGS,
         (CircuitsSection, "rank_by"): circuits.RANK_BY,
-        (DiffSection, "method"): attribution.METHODS,
+        (DiffSection, "method"): methods.methods_for("patch", cross_model=True),
         (DiffSection, "graph"): graph.GRAPHS,
     }
     for (section, key), values in owned.items():
