@@ -56,4 +56,12 @@ def _notes(cfg: RunConfig) -> str:
         f"{cfg.select.window}, subset {cfg.select.subset}), end token "
         f"{cfg.generate.end_token}. "
         "↑/↓/→ direction of the change after post-training (→: none), * interval excludes 0."
+        + (
+            f" Diff: cross-model patching scores (method {cfg.diff.method}, graph "
+            f"{cfg.diff.graph}), the first-order loss change when an edge takes the other "
+            "model's output; the gap is the running model's loss minus the other's on the "
+            "other's answer."
+            if cfg.diff.enabled
+            else ""
+        )
     )
