@@ -116,12 +116,6 @@ def attribute(
     per_head = g.name == "heads"
     if per_head:
         heads.check_supported(model)
-        if cf.cross_model:
-            raise ValueError(
-                "graph='heads' cannot patch from another model (corrupted_model) yet: use "
-                "graph='paper', 'block' or 'residual' with corrupted_model, or corrupted_tokens "
-                "on the heads graph"
-            )
     attention = efficient.efficient_attention(model) if efficient_attention else nullcontext()
     blocks = efficient.checkpoint_blocks(model) if checkpoint else nullcontext()
     ungrouped = tl_compat.ungrouped_kv(model) if per_head else nullcontext()

@@ -116,7 +116,19 @@ class _State:
         self.seen: set[tuple] = set()
         self.embed_scale = 1.0
         self.add = False  # record adds O to the buffers' -O' (`_fill`) instead of copying
+        # Patching from another model: its z' [b, L, H d_head, pos] and W_O' per layer, since
+        # z W_O - z' W_O' is no product of one W_O (the buffer z then holds the clean z alone).
+        self.z_cf: torch.Tensor | None = None
+        self.w_o_cf: list[torch.Tensor] | None = None
         self.interpolate: tuple[str, float] | None = None  # (output, t): see `methods.Pass`
+
+    def writers(self, model, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(z [b, H d_head, pos], W_O [H, d_head, d_model]) whose products give a layer's head
+        outputs O - O': one pair, or the clean and the other model's (subtract the second)."""
+        pairs = [(self.z[:, layer], _w_out(model, layer, self.device, self.dtype))]
+        if self.z_cf is not None:
+            pairs.append((self.z_cf[:, layer], self.w_o_cf[layer]))
+        return pairs
 
     def once(self, *key) -> bool:
         """True the first time `key` is seen in this pass (checkpointed blocks run twice)."""
@@ -167,6 +179,10 @@ def gradient_scores(
         state.seen = set()
         state.embed_scale = step.t if step.node is None else 1.0
         state.interpolate = None if step.node is None else (step.node, step.t)
+        if step.node is not None:  # a constant output: sites before it may get no gradient
+            state.grads.zero_()
+            if state.has_norm:
+                state.t.zero_()
         with _gradient_hooks(model, state, engine, record):
             loss = metric(model(cf.tokens if step.corrupted else tokens), tokens, loss_mask)
             loss.sum().backward()
@@ -186,8 +202,15 @@ def _fill(model: HookedTransformer, state: _State, cf: counterfactual.Counterfac
     names = ["hook_embed"] + [f"blocks.{i}.hook_mlp_out" for i in range(n_layers)]
     names += [f"blocks.{i}.attn.hook_z" for i in range(n_layers)]
 
+    if cf.cross_model:
+        state.z_cf = torch.zeros_like(state.z)
+        state.w_o_cf = [_w_out(cf.model, i, state.device, state.dtype) for i in range(n_layers)]
+
     def slot(i: int) -> torch.Tensor:
-        return state.full[:, i] if i <= n_layers else state.z[:, i - n_layers - 1]
+        if i <= n_layers:
+            return state.full[:, i]
+        # -z' into z_cf, kept apart from z (subtracted there by `writers`)
+        return (state.z if state.z_cf is None else state.z_cf)[:, i - n_layers - 1]
 
     def as_slot(i: int, act: torch.Tensor) -> torch.Tensor:
         """An output in its buffer's layout: z [.., pos, head, d_head] -> [.., width, pos]."""
@@ -196,7 +219,11 @@ def _fill(model: HookedTransformer, state: _State, cf: counterfactual.Counterfac
     if cf.ablation == "patch":
 
         def on_output(i: int, act: torch.Tensor) -> None:
-            slot(i).sub_(as_slot(i, act).to(state.device, state.dtype))
+            value = as_slot(i, act).to(state.device, state.dtype)
+            if state.z_cf is not None and i > n_layers:
+                slot(i).copy_(value)
+            else:
+                slot(i).sub_(value)
 
         counterfactual.run_outputs(cf, names, on_output)
         return
@@ -255,14 +282,16 @@ class _Engine:
         w_in = w_x if w_norm is None else w_x * w_norm[None, :, None]
         w_in = w_in.permute(1, 0, 2).reshape(self.d_model, n_w * d_head)
         for source in range(layer):
-            c = torch.bmm(st.z[:, source], dxn)  # [batch, (h' i), (h j)]
-            w_o = _w_out(self.model, source, st.device, st.dtype)
-            k = w_o.reshape(n_heads * d_head, self.d_model) @ w_in  # [(h' i), (g j)]
-            diag = torch.einsum(
-                "bhixgj,hixj->bhxg",
-                c.view(batch, n_heads, d_head, n_w, group, d_head),
-                k.view(n_heads, d_head, n_w, d_head),
-            ).reshape(batch, n_heads, n_heads)
+            diag = None
+            for z, w_o in st.writers(self.model, source):  # O = z W_O (minus z' W_O')
+                c = torch.bmm(z, dxn)  # [batch, (h' i), (h j)]
+                k = w_o.reshape(n_heads * d_head, self.d_model) @ w_in  # [(h' i), (g j)]
+                term = torch.einsum(
+                    "bhixgj,hixj->bhxg",
+                    c.view(batch, n_heads, d_head, n_w, group, d_head),
+                    k.view(n_heads, d_head, n_w, d_head),
+                ).reshape(batch, n_heads, n_heads)
+                diag = term if diag is None else diag - term
             up = lay.up_head(source)
             self.scores[:, up : up + n_heads, first : first + n_heads] -= self.weight * diag
 
@@ -283,8 +312,10 @@ class _Engine:
         n_layers = lay.n_layers
         batch, pos = st.full.shape[0], st.full.shape[2]
         for source in range(n_layers):
-            w_o = _w_out(self.model, source, st.device, st.dtype)
-            z = st.z[:, source].view(batch, n_heads, d_head, pos)
+            writers = [
+                (z.view(batch, n_heads, d_head, pos), w_o)
+                for z, w_o in st.writers(self.model, source)
+            ]
             grads = st.grads[:, source:].flatten(2)  # [batch, n_g, pos * d_model]
             cols = torch.tensor(
                 [lay.down_full(i) for i in range(source, n_layers + 1)], device=st.device
@@ -294,7 +325,10 @@ class _Engine:
                 stop = min(start + CHUNK, n_heads)
                 low, high = lay.up_head(source) + start, lay.up_head(source) + stop
                 rows = torch.arange(low, high, device=st.device)
-                out = torch.einsum("bcjp,cjm->bcpm", z[:, start:stop], w_o[start:stop])
+                out = None
+                for z, w_o in writers:  # O = z W_O (minus z' W_O')
+                    term = torch.einsum("bcjp,cjm->bcpm", z[:, start:stop], w_o[start:stop])
+                    out = term if out is None else out - term
                 part = torch.bmm(out.flatten(2), grads.transpose(1, 2))  # [batch, c, n_g]
                 self.scores[:, rows[:, None], cols[None, :]] -= self.weight * part
                 if not st.has_norm or later == 0:
@@ -345,9 +379,11 @@ def _gradient_hooks(
 
     def on_attn_out(layer, mod, args, out):
         def delta():
-            z = state.z[:, layer]  # [batch, width, pos]
-            w_o = _w_out(model, layer, state.device, state.dtype).flatten(0, 1)
-            return torch.einsum("bwp,wm->bpm", z, w_o)
+            out = None
+            for z, w_o in state.writers(model, layer):  # z [batch, width, pos]
+                term = torch.einsum("bwp,wm->bpm", z, w_o.flatten(0, 1))
+                out = term if out is None else out - term
+            return out
 
         return interpolated(f"blocks.{layer}.hook_attn_out", out, delta)
 
@@ -464,9 +500,12 @@ class _Outputs:
         if offset == n_heads:
             return st.full[:, layer + 1]
         d_head = self.model.cfg.d_head
-        z = st.z[:, layer, offset * d_head : (offset + 1) * d_head]  # [batch, d_head, pos]
-        w_o = _w_out(self.model, layer, st.device, st.dtype)[offset]
-        return torch.einsum("bjp,jm->bpm", z, w_o)
+        out = None
+        for z, w_o in st.writers(self.model, layer):
+            z = z[:, offset * d_head : (offset + 1) * d_head]  # [batch, d_head, pos]
+            term = torch.einsum("bjp,jm->bpm", z, w_o[offset])
+            out = term if out is None else out - term
+        return out
 
 
 @contextmanager
