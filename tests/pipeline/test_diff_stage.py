@@ -1,6 +1,7 @@
 """The diff stage through the CLI on the tiny run: files, identities, resume, reader, Table 1,
 report; and a pair of identical models, which has no gap."""
 
+import json
 import math
 
 import numpy as np
@@ -162,6 +163,43 @@ def test_diff_stage_resumes_at_the_first_missing_question(diff_run):
     assert after["ids"] == before["ids"] and after["ks"] == before["ks"]
     assert np.allclose(after["losses"], before["losses"], rtol=1e-6)
     assert np.allclose(after["source"], before["source"], rtol=1e-6)
+
+
+def test_diff_settings_choose_the_graph_method_and_cells(tiny_run, tmp_path):
+    from rl_circuits import load_run
+    from rl_circuits.engine.graph import build_graph
+
+    _, config = tiny_run
+    settings = {
+        "enabled": True,
+        "points": 3,
+        "graph": "heads",
+        "method": "eap-ig-activations",
+        "alphas": [1.0],
+        "directions": ["before_into_after"],
+    }
+    config = write_config(
+        tmp_path / "heads.toml",
+        {"run": {"run_dir": str(tmp_path / "run")}, "diff": settings},
+        base=config,
+    )
+    assert main(["run", str(config)]) == 0
+    run = load_run(tmp_path / "run")
+    assert list(run.diff()) == ["tiny|before_into_after|sevens|1"]
+    scores = run.diff_scores("tiny", "before_into_after", "sevens", 1.0)
+    assert (scores.graph, scores.method) == ("heads", "eap-ig-activations")
+    base, _ = tiny_run
+    shape = json.loads((base / "models" / "before" / "config.json").read_text())
+    heads = build_graph("heads", shape["num_hidden_layers"], shape["num_attention_heads"])
+    assert scores.upstream == tuple(heads.upstream)
+    cell = run.diff_losses("tiny", "before_into_after", "sevens", 1.0)
+    assert cell["ks"][-1] == int(heads.edge_mask.sum()) and len(cell["ks"]) <= 3
+    assert not (
+        tmp_path / "run" / RunLayout.diff("tiny", "after_into_before", "sevens", 1.0)
+    ).exists()
+    assert not (
+        tmp_path / "run" / RunLayout.diff("tiny", "before_into_after", "sevens", 0.3)
+    ).exists()
 
 
 def test_identical_models_have_no_gap(tiny_run, tmp_path):
