@@ -219,6 +219,7 @@ class DiffSection:
     alphas: tuple[float, ...] = _key(())  # cells to patch; (): every select.alphas entry
     directions: tuple[str, ...] = _key(DIRECTIONS)  # entries from models.pairs.DIRECTIONS
     points: int = _key(20, _AT_LEAST_TWO)  # log grid of k for the diff circuit curve
+    batch_size: int = _key(8, _AT_LEAST_ONE)  # questions per forward (fixed batches)
 
 
 @dataclass(frozen=True)

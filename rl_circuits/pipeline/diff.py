@@ -5,9 +5,11 @@ For each pair, direction (`models.pairs.DIRECTIONS`), dataset and alpha in `diff
 stage used for A) and every edge is scored for taking A's upstream output
 (`attribute(..., ablation="patch", corrupted_model=A)`); then, with edges ranked by mean |score|
 over the cell, B runs with its top-k edges on a log grid carrying A's outputs
-(`evaluate_circuit`), and A runs alone for L_A(x). Each question's scores and losses are files of
-their own (a killed stage resumes at the next question); a cell's merged `curve.json` is
-written last. `rl_circuits.analysis.diff` turns the losses into the diff circuit curve.
+(`evaluate_circuit`), and A runs alone for L_A(x). Questions run in fixed batches of
+`diff.batch_size` (sorted by length, as the attribute stage), and each question's scores and
+losses are files of their own, so a killed stage resumes at the first batch with a file
+missing; a cell's merged `curve.json` is written last. `rl_circuits.analysis.diff` turns the
+losses into the diff circuit curve.
 """
 
 from __future__ import annotations
@@ -89,50 +91,77 @@ def _items(cfg: RunConfig, store: RunStore, pair: Pair, direction: str, dataset:
     return items
 
 
-def _inputs(tokens: list[int], n_loss: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One question as a batch of one: its tokens and the mask of its last `n_loss` tokens."""
-    ids = torch.tensor([tokens])
-    mask = torch.zeros_like(ids, dtype=torch.bool)
-    mask[0, len(tokens) - n_loss :] = True
-    return ids, mask
+def _batches(items: list, size: int) -> list[list]:
+    """A cell's questions sorted by length in fixed batches of `size`: every run groups them
+    alike, so a resumed question gets the numbers it would have had (as the attribute stage)."""
+    ordered = sorted(items, key=lambda item: len(item[1]))  # stable: ties keep selection order
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
+def _padded(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded tokens of a batch and the mask of each question's loss tokens."""
+    width = max(len(t) for _, t, _ in batch)
+    tokens = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.bool)
+    for row, (_, toks, n_loss) in enumerate(batch):
+        tokens[row, : len(toks)] = torch.tensor(toks)
+        mask[row, len(toks) - n_loss : len(toks)] = True
+    return tokens, mask
+
+
+def _todo(store: RunStore, batches: list[list], where) -> list[list]:
+    """The batches with a question whose file `where(qid)` is missing (computed whole)."""
+    return [b for b in batches if not all(store.exists(where(qid)) for qid, _, _ in b)]
 
 
 def _score(cfg: RunConfig, store: RunStore, cell, model, source, items, desc, progress) -> None:
     """Each question's cross-model scores, then the cell's merged scores file."""
     d = cfg.diff
     pair, direction, dataset, alpha = cell
-    files = [RunLayout.diff_question_scores(*cell, qid) for qid, _, _ in items]
     merged = RunLayout.diff_scores(*cell)
     if store.exists(merged):
         return
-    todo = [(item, rel) for item, rel in zip(items, files, strict=True) if not store.exists(rel)]
+
+    def where(qid: str) -> str:
+        return RunLayout.diff_question_scores(*cell, qid)
+
+    todo = _todo(store, _batches(items, d.batch_size), where)
+    left = sum(map(len, todo))
     with tqdm(
-        total=len(items),
-        initial=len(items) - len(todo),
-        desc=f"{desc} scores",
-        disable=not progress,
+        total=len(items), initial=len(items) - left, desc=f"{desc} scores", disable=not progress
     ) as bar:
-        for (qid, tokens, n_loss), rel in todo:
-            ids, mask = _inputs(tokens, n_loss)
+        for batch in todo:
+            tokens, mask = _padded(batch)
             try:
                 scores = attribute(
                     model,
-                    ids,
+                    tokens,
                     mask,
                     graph=d.graph,
                     method=d.method,
                     ablation="patch",
                     corrupted_model=source,
                     ig_steps=cfg.attribute.ig_steps,
-                    sample_ids=[f"question {qid} of {dataset}"],
+                    sample_ids=[f"question {qid} of {dataset}" for qid, _, _ in batch],
                     efficient_attention=cfg.attribute.efficient_attention,
                 )
             except NumericalError as exc:
                 raise NumericalError(f"diff stage ({direction}): {exc}") from exc
-            store.write_scores(rel, replace(scores, ids=[qid], meta={"t_cut": n_loss}))
-            bar.update(1)
+            for row, (qid, _, n_loss) in enumerate(batch):
+                if not store.exists(where(qid)):  # same batch as before: the same bytes
+                    one = slice(row, row + 1)
+                    part = replace(
+                        scores,
+                        values=scores.values[one],
+                        loss=scores.loss[one],
+                        ids=[qid],
+                        meta={"t_cut": n_loss},
+                    )
+                    store.write_scores(where(qid), part)
+            bar.update(len(batch))
     cut = Selection.from_dict(store.read_json(RunLayout.selection(pair, dataset))).t_cut[alpha]
     order = [qid for qid, _, _ in items]
+    files = [where(qid) for qid in order]
     store.merge_scores(files, merged, order, meta={"t_cut": cut, "direction": direction})
 
 
@@ -149,35 +178,42 @@ def _curve(cfg: RunConfig, store: RunStore, cell, model, source, items, desc, pr
     top = top_k_circuits(scores.values.double().abs().mean(0).numpy(), mask, ks, "abs")
     every = torch.ones((1, *mask.shape), dtype=torch.bool)
     circuits = torch.cat([every, torch.from_numpy(~top)])
-    files = [RunLayout.diff_question_losses(*cell, qid) for qid, _, _ in items]
-    todo = [(item, rel) for item, rel in zip(items, files, strict=True) if not store.exists(rel)]
+
+    def where(qid: str) -> str:
+        return RunLayout.diff_question_losses(*cell, qid)
+
+    todo = _todo(store, _batches(items, d.batch_size), where)
+    left = sum(map(len, todo))
     with tqdm(
-        total=len(items), initial=len(items) - len(todo), desc=f"{desc} curve", disable=not progress
+        total=len(items), initial=len(items) - left, desc=f"{desc} curve", disable=not progress
     ) as bar:
-        for (_, tokens, n_loss), rel in todo:
-            ids, loss_mask = _inputs(tokens, n_loss)
+        for batch in todo:
+            tokens, loss_mask = _padded(batch)
             out = evaluate_circuit(
                 model,
-                ids,
+                tokens,
                 loss_mask,
                 circuits,
                 graph=d.graph,
                 ablation="patch",
                 corrupted_model=source,
                 efficient_attention=cfg.attribute.efficient_attention,
-            )[:, 0].double()
+            ).double()  # [k + 1, batch]
             own = evaluate_circuit(
                 source,
-                ids,
+                tokens,
                 loss_mask,
                 every[0],
                 graph=d.graph,
                 efficient_attention=cfg.attribute.efficient_attention,
-            )[0].double()
-            record = {"clean": out[0].item(), "losses": out[1:].tolist(), "source": own.item()}
-            store.write_json(rel, record)
-            bar.update(1)
-    per_question = [store.read_json(rel) for rel in files]
+            ).double()  # [batch]
+            for row, (qid, _, _) in enumerate(batch):
+                if not store.exists(where(qid)):
+                    losses = out[:, row].tolist()
+                    record = {"clean": losses[0], "losses": losses[1:], "source": own[row].item()}
+                    store.write_json(where(qid), record)
+            bar.update(len(batch))
+    per_question = [store.read_json(where(qid)) for qid, _, _ in items]
     losses = np.array([q["losses"] for q in per_question]).T  # [k, n]
     store.write_json(
         RunLayout.diff_curve(*cell),

@@ -17,7 +17,8 @@ ALPHAS = (0.3, 1.0)
 
 def _diff_config(tmp_path, config, name="diff", **extra):
     run_dir = tmp_path / name
-    overrides = {"run": {"run_dir": str(run_dir)}, "diff": {"enabled": True, "points": 6}}
+    diff = {"enabled": True, "points": 6, "batch_size": 3}  # two batches of the 4 questions
+    overrides = {"run": {"run_dir": str(run_dir)}, "diff": diff}
     return write_config(tmp_path / f"{name}.toml", overrides, base=config, **extra), run_dir
 
 
@@ -218,7 +219,8 @@ def test_identical_models_have_no_gap(tiny_run, tmp_path):
         assert len(cell["ids"]) >= 2
         assert scores.values.abs().max() == 0  # O'_u - O_u is exactly 0
         assert cell["source"] == cell["clean"]
-        assert np.allclose(cell["patched"], cell["clean"], rtol=1e-6, atol=0)
+        # float32 rounding of H_d - O_u + O'_u: measured <= 6e-9 nats on losses of ~3e-3
+        assert np.allclose(cell["patched"], cell["clean"], rtol=0, atol=1e-7)
         summary = run.diff()[f"tiny|{direction}|sevens|1"]
         assert summary["gap"] == 0 and summary["curve"] == [None] * len(cell["ks"])
         assert all(edges[0] is None for edges in summary["edges"].values())
