@@ -308,7 +308,9 @@ def test_identical_models_give_zero_scores_and_the_clean_loss(models64, graph):
         )
         assert (scores.values == 0).all(), method
     none = torch.zeros_like(g.edge_mask)
-    patched = evaluate_circuit(model, tokens, mask, none, graph, "patch", corrupted_model=twin)
+    patched = evaluate_circuit(
+        model, tokens, mask, none, graph, ablation="patch", corrupted_model=twin
+    )
     clean = evaluate_circuit(model, tokens, mask, g.edge_mask, graph)
     assert torch.equal(patched, clean)
 
@@ -333,27 +335,31 @@ def test_circuits_with_patching_span_the_clean_and_the_fully_patched_loss(pairs6
         clean = masked_nll(before(tokens), tokens, mask)
         corrupted_run = masked_nll(before(corrupted), tokens, mask)
     within = evaluate_circuit(
-        before, tokens, mask, ends, graph, "patch", corrupted_tokens=corrupted
+        before, tokens, mask, ends, graph, ablation="patch", corrupted_tokens=corrupted
     )
     torch.testing.assert_close(within[0], clean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(within[1], corrupted_run, rtol=1e-9, atol=1e-9)
-    across = evaluate_circuit(before, tokens, mask, ends, graph, "patch", corrupted_model=after)
+    across = evaluate_circuit(
+        before, tokens, mask, ends, graph, ablation="patch", corrupted_model=after
+    )
     fully = _fully_patched_by_hand(before, after, tokens, mask)
     torch.testing.assert_close(across[0], clean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(across[1], fully, rtol=1e-9, atol=1e-9)
     assert (across[1] - clean).abs().min() > 1e-4  # the perturbation matters
 
 
-def test_patched_circuit_equals_hand_written_replacement(pairs64):
-    """A random paper-graph circuit across models: each norm input outside the circuit reads
-    O'_u from the after model in place of O_u of this same pass."""
+@pytest.mark.parametrize("ablation", ["mean", "mean-positional", "patch"])
+def test_circuit_equals_hand_written_replacement(pairs64, ablation):
+    """A random paper-graph circuit: each norm input outside the circuit reads O'_u (patch: from
+    the after model) in place of O_u of this same pass."""
     before, after = pairs64["Qwen2ForCausalLM"]
     tokens, _, mask = _batch(seed=11)
     g = build_graph("paper", before.cfg.n_layers)
     keep = torch.rand(g.edge_mask.shape, generator=torch.Generator().manual_seed(3)) < 0.5
     keep &= g.edge_mask
-    got = evaluate_circuit(before, tokens, mask, keep, "paper", "patch", corrupted_model=after)
-    theirs = _outputs(after, tokens, g.upstream)
+    kw = {"corrupted_model": after} if ablation == "patch" else {}
+    got = evaluate_circuit(before, tokens, mask, keep, "paper", ablation=ablation, **kw)
+    theirs = _counterfactuals(before, tokens, None, mask, g.upstream, ablation, other=after)
     written: dict[str, torch.Tensor] = {}
     names = {name: u for u, name in enumerate(g.upstream)}
 
@@ -375,7 +381,9 @@ def test_patched_circuit_equals_hand_written_replacement(pairs64):
     hooks += [(name, replace(d)) for d, name in enumerate(g.downstream)]
     with _TL(before), torch.no_grad():
         want = masked_nll(before.run_with_hooks(tokens, fwd_hooks=hooks), tokens, mask)
+        clean = masked_nll(before(tokens), tokens, mask)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert (got - clean).abs().min() > 1e-4  # the replacements matter
 
 
 def test_bad_combinations_name_what_works(models64, pairs64):
