@@ -12,6 +12,7 @@ average taken over all n (1 + 2L) passes; clean-corrupted the clean and the corr
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ import torch
 from rl_circuits.engine.attribution import attribute, masked_nll
 from rl_circuits.engine.circuits import evaluate_circuit
 from rl_circuits.engine.graph import build_graph, parse_node
-from rl_circuits.engine.methods import METHODS, methods_for
+from rl_circuits.engine.methods import ABLATIONS, METHODS, methods_for
 from rl_circuits.models.tiny import ARCHITECTURES
 
 STEPS = 3
@@ -408,3 +409,18 @@ def test_bad_combinations_name_what_works(models64, pairs64):
         )
     with pytest.raises(ValueError, match="unknown ig_rule 'middle'"):
         attribute(model, tokens, mask, method="eap-ig", ig_rule="middle")
+
+
+def test_docs_table_is_the_registry():
+    """docs/metrics.md's method x ablation table says what `engine.methods` declares."""
+    text = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
+    header = "| method | " + " | ".join(ABLATIONS) + " | across models |"
+    assert header in text
+    rows = text.split(header)[1].split("\n\n")[0].strip().splitlines()[1:]
+    table = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in rows}
+    want = {
+        name: ["yes" if a in m.ablations else "no" for a in ABLATIONS]
+        + ["yes" if m.cross_model else "no"]
+        for name, m in METHODS.items()
+    }
+    assert table == want
