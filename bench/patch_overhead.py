@@ -3,7 +3,8 @@
 The model and the measurement are eap_overhead.py's: a Qwen2-shaped random model (4 layers,
 d_model 256, 8 heads, 2 key/value heads), one sample, one thread; each (method, length) point's
 extra peak RSS measured in a fresh forked process after every model it uses is loaded (so the
-second model's weights are left out), times from interleaved rounds (min per method).
+second model's weights are left out), times from interleaved rounds (min per method): wall
+time, and the process's CPU time, which other load on a shared machine disturbs far less.
 
 Methods (paper graph, efficient attention, the defaults):
   zero          attribute(model, tokens, mask)
@@ -111,12 +112,17 @@ def timing_worker(methods: list[str], ckpts, length: int, rounds: int, max_seq_l
         runs[method], vocab = _load(method, ckpts, max_seq_len)
     tokens, mask = base._inputs(length, vocab)
     times: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(rounds + 1):
         for method in methods:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             runs[method](tokens, mask)
             times[method].append(time.perf_counter() - start)
-    return {m: dict(time_s=min(t[1:]), times_s=t[1:]) for m, t in times.items()}
+            cpu[method].append(time.process_time() - start_cpu)
+    return {
+        m: dict(time_s=min(t[1:]), times_s=t[1:], cpu_s=min(cpu[m][1:]), cpu_times_s=cpu[m][1:])
+        for m, t in times.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,16 +150,18 @@ def main(argv: list[str] | None = None) -> None:
             for method in METHODS:
                 rows[method, length].update(timed.get(method, {"error": timed.get("error")}))
     nan = float("nan")
-    lines = [f"{'len':>5} " + " ".join(f"{m:>20}" for m in METHODS) + "   ratio patch_model/zero"]
+    lines = [f"{'len':>5} " + " ".join(f"{m:>20}" for m in METHODS) + "   patch_model/zero"]
+    lines.append("(CPU s, extra peak MB)")
     for length in args.lengths:
         cells = []
         for m in METHODS:
-            time_s, peak = rows[m, length].get("time_s", nan), rows[m, length].get("peak_mb", nan)
+            time_s, peak = rows[m, length].get("cpu_s", nan), rows[m, length].get("peak_mb", nan)
             cells.append(f"{time_s:7.3f} s {peak:7.1f} MB")
         z, p = rows["zero", length], rows["patch_model", length]
         ratio = (
-            f"time {p['time_s'] / z['time_s']:.2f}x, memory {p['peak_mb'] / z['peak_mb']:.2f}x"
-            if "time_s" in p and "time_s" in z
+            f"cpu {p['cpu_s'] / z['cpu_s']:.2f}x, wall {p['time_s'] / z['time_s']:.2f}x, "
+            f"memory {p['peak_mb'] / z['peak_mb']:.2f}x"
+            if "cpu_s" in p and "cpu_s" in z
             else "-"
         )
         lines.append(f"{length:>5} " + " ".join(f"{c:>20}" for c in cells) + f"   {ratio}")
