@@ -71,7 +71,7 @@ def evaluate_circuit(
     mask are ignored. Forward passes only, under `no_grad`; `efficient_attention` uses the fused
     kernels as `attribute` does (the heads graph needs TransformerLens attention).
     """
-    methods.check("exact", ablation, corrupted_model is not None)  # every ablation, any model
+    methods.check_ablation(ablation)
     g = build_graph(graph, model.cfg.n_layers, model.cfg.n_heads)
     shape = (len(g.upstream), len(g.downstream))
     stacked = circuit.ndim == 3

@@ -424,3 +424,38 @@ def test_docs_table_is_the_registry():
         for name, m in METHODS.items()
     }
     assert table == want
+
+
+def test_mean_over_given_data_and_mask(models64):
+    """mean_tokens / mean_mask choose the data of O'_u = mean(O_u): eap against the definition."""
+    model = models64["MistralForCausalLM"]
+    tokens, other, mask = _batch(seed=12)
+    keep = torch.rand(other.shape, generator=torch.Generator().manual_seed(1)) < 0.6
+    g = build_graph("paper", model.cfg.n_layers)
+    got = attribute(model, tokens, mask, ablation="mean", mean_tokens=other, mean_mask=keep)
+    w = keep.double()
+    means = [torch.einsum("bpm,bp->m", o, w) / w.sum() for o in _outputs(model, other, g.upstream)]
+    clean = _outputs(model, tokens, g.upstream)
+    want = _scores(
+        g,
+        [m - o for m, o in zip(means, clean, strict=True)],
+        [_gradients(model, tokens, tokens, mask)],
+    )
+    assert (got.values.double() - want).abs().max() <= 1e-6 * want.abs().max()
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_checkpointing_keeps_patched_scores(pairs64, graph):
+    """Blocks recomputed in the backward pass record and interpolate once: the same scores."""
+    before, after = pairs64["Qwen2ForCausalLM"]
+    tokens, corrupted, mask = _batch(seed=13)
+    for method, kw in (
+        ("eap", {"corrupted_model": after}),
+        ("eap-ig-activations", {"corrupted_model": after}),
+        ("eap-ig", {"corrupted_tokens": corrupted}),
+    ):
+        plain = attribute(before, tokens, mask, graph, method, ablation="patch", ig_steps=2, **kw)
+        ckpt = attribute(
+            before, tokens, mask, graph, method, ablation="patch", ig_steps=2, checkpoint=True, **kw
+        )
+        torch.testing.assert_close(ckpt.values, plain.values, rtol=1e-6, atol=1e-9)
