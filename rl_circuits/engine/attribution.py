@@ -72,7 +72,8 @@ def attribute(
     the sample's loss when O_u's contribution to H_d is replaced by its counterfactual O'_u
     (`ablation`, see `rl_circuits.engine.methods`): `zero` (O'_u = 0, paper Eq. 9), `mean` /
     `mean-positional` (O_u averaged over `mean_tokens`' positions where `mean_mask` is True,
-    overall or per position; default: `tokens` up to each sample's last loss position),
+    by default all of them, overall or per position; without `mean_tokens`: over `tokens` up
+    to each sample's last loss position),
     `patch` (O_u of `corrupted_model or model` run on `corrupted_tokens or tokens`; the
     corrupted model must have `model`'s shapes and may sit on another device).
 

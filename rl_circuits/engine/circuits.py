@@ -45,8 +45,8 @@ def evaluate_circuit(
     loss_mask: Bool[torch.Tensor, "batch pos"],
     circuit: Bool[torch.Tensor, "*k n_upstream n_downstream"],
     graph: str = "paper",
-    ablation: str = "zero",
     *,
+    ablation: str = "zero",
     corrupted_tokens: Int[torch.Tensor, "batch pos"] | None = None,
     corrupted_model: HookedTransformer | None = None,
     mean_tokens: Int[torch.Tensor, "mean_batch mean_pos"] | None = None,
@@ -71,7 +71,7 @@ def evaluate_circuit(
     mask are ignored. Forward passes only, under `no_grad`; `efficient_attention` uses the fused
     kernels as `attribute` does (the heads graph needs TransformerLens attention).
     """
-    methods.check("exact", ablation, corrupted_model is not None)  # every ablation, any model
+    methods.check_ablation(ablation)
     g = build_graph(graph, model.cfg.n_layers, model.cfg.n_heads)
     shape = (len(g.upstream), len(g.downstream))
     stacked = circuit.ndim == 3

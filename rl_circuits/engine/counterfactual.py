@@ -214,7 +214,7 @@ def run_outputs(
     fused = efficient.efficient_attention(model) if efficient_attention else nullcontext()
     attention = fused if cf.cross_model else nullcontext()  # `model` runs in the caller's context
     with torch.no_grad(), attention, _output_hooks(model, names, on_output):
-        model(cf.tokens)
+        model(cf.tokens, stop_at_layer=model.cfg.n_layers)  # every output; no logits needed
 
 
 def means(

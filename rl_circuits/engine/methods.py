@@ -139,12 +139,17 @@ def methods_for(ablation: str, cross_model: bool = False) -> tuple[str, ...]:
     )
 
 
+def check_ablation(ablation: str) -> None:
+    """Refuse an unknown ablation, naming the known ones."""
+    if ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
+
+
 def check(method: str, ablation: str, cross_model: bool) -> Method:
     """The method's entry, or a ValueError naming the combinations that work."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
-    if ablation not in ABLATIONS:
-        raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
+    check_ablation(ablation)
     entry = METHODS[method]
     if ablation not in entry.ablations:
         raise ValueError(

@@ -12,6 +12,7 @@ average taken over all n (1 + 2L) passes; clean-corrupted the clean and the corr
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ import torch
 from rl_circuits.engine.attribution import attribute, masked_nll
 from rl_circuits.engine.circuits import evaluate_circuit
 from rl_circuits.engine.graph import build_graph, parse_node
-from rl_circuits.engine.methods import METHODS, methods_for
+from rl_circuits.engine.methods import ABLATIONS, METHODS, methods_for
 from rl_circuits.models.tiny import ARCHITECTURES
 
 STEPS = 3
@@ -308,7 +309,9 @@ def test_identical_models_give_zero_scores_and_the_clean_loss(models64, graph):
         )
         assert (scores.values == 0).all(), method
     none = torch.zeros_like(g.edge_mask)
-    patched = evaluate_circuit(model, tokens, mask, none, graph, "patch", corrupted_model=twin)
+    patched = evaluate_circuit(
+        model, tokens, mask, none, graph, ablation="patch", corrupted_model=twin
+    )
     clean = evaluate_circuit(model, tokens, mask, g.edge_mask, graph)
     assert torch.equal(patched, clean)
 
@@ -333,27 +336,31 @@ def test_circuits_with_patching_span_the_clean_and_the_fully_patched_loss(pairs6
         clean = masked_nll(before(tokens), tokens, mask)
         corrupted_run = masked_nll(before(corrupted), tokens, mask)
     within = evaluate_circuit(
-        before, tokens, mask, ends, graph, "patch", corrupted_tokens=corrupted
+        before, tokens, mask, ends, graph, ablation="patch", corrupted_tokens=corrupted
     )
     torch.testing.assert_close(within[0], clean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(within[1], corrupted_run, rtol=1e-9, atol=1e-9)
-    across = evaluate_circuit(before, tokens, mask, ends, graph, "patch", corrupted_model=after)
+    across = evaluate_circuit(
+        before, tokens, mask, ends, graph, ablation="patch", corrupted_model=after
+    )
     fully = _fully_patched_by_hand(before, after, tokens, mask)
     torch.testing.assert_close(across[0], clean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(across[1], fully, rtol=1e-9, atol=1e-9)
     assert (across[1] - clean).abs().min() > 1e-4  # the perturbation matters
 
 
-def test_patched_circuit_equals_hand_written_replacement(pairs64):
-    """A random paper-graph circuit across models: each norm input outside the circuit reads
-    O'_u from the after model in place of O_u of this same pass."""
+@pytest.mark.parametrize("ablation", ["mean", "mean-positional", "patch"])
+def test_circuit_equals_hand_written_replacement(pairs64, ablation):
+    """A random paper-graph circuit: each norm input outside the circuit reads O'_u (patch: from
+    the after model) in place of O_u of this same pass."""
     before, after = pairs64["Qwen2ForCausalLM"]
     tokens, _, mask = _batch(seed=11)
     g = build_graph("paper", before.cfg.n_layers)
     keep = torch.rand(g.edge_mask.shape, generator=torch.Generator().manual_seed(3)) < 0.5
     keep &= g.edge_mask
-    got = evaluate_circuit(before, tokens, mask, keep, "paper", "patch", corrupted_model=after)
-    theirs = _outputs(after, tokens, g.upstream)
+    kw = {"corrupted_model": after} if ablation == "patch" else {}
+    got = evaluate_circuit(before, tokens, mask, keep, "paper", ablation=ablation, **kw)
+    theirs = _counterfactuals(before, tokens, None, mask, g.upstream, ablation, other=after)
     written: dict[str, torch.Tensor] = {}
     names = {name: u for u, name in enumerate(g.upstream)}
 
@@ -375,7 +382,9 @@ def test_patched_circuit_equals_hand_written_replacement(pairs64):
     hooks += [(name, replace(d)) for d, name in enumerate(g.downstream)]
     with _TL(before), torch.no_grad():
         want = masked_nll(before.run_with_hooks(tokens, fwd_hooks=hooks), tokens, mask)
+        clean = masked_nll(before(tokens), tokens, mask)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert (got - clean).abs().min() > 1e-4  # the replacements matter
 
 
 def test_bad_combinations_name_what_works(models64, pairs64):
@@ -400,3 +409,53 @@ def test_bad_combinations_name_what_works(models64, pairs64):
         )
     with pytest.raises(ValueError, match="unknown ig_rule 'middle'"):
         attribute(model, tokens, mask, method="eap-ig", ig_rule="middle")
+
+
+def test_docs_table_is_the_registry():
+    """docs/metrics.md's method x ablation table says what `engine.methods` declares."""
+    text = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
+    header = "| method | " + " | ".join(ABLATIONS) + " | across models |"
+    assert header in text
+    rows = text.split(header)[1].split("\n\n")[0].strip().splitlines()[1:]
+    table = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in rows}
+    want = {
+        name: ["yes" if a in m.ablations else "no" for a in ABLATIONS]
+        + ["yes" if m.cross_model else "no"]
+        for name, m in METHODS.items()
+    }
+    assert table == want
+
+
+def test_mean_over_given_data_and_mask(models64):
+    """mean_tokens / mean_mask choose the data of O'_u = mean(O_u): eap against the definition."""
+    model = models64["MistralForCausalLM"]
+    tokens, other, mask = _batch(seed=12)
+    keep = torch.rand(other.shape, generator=torch.Generator().manual_seed(1)) < 0.6
+    g = build_graph("paper", model.cfg.n_layers)
+    got = attribute(model, tokens, mask, ablation="mean", mean_tokens=other, mean_mask=keep)
+    w = keep.double()
+    means = [torch.einsum("bpm,bp->m", o, w) / w.sum() for o in _outputs(model, other, g.upstream)]
+    clean = _outputs(model, tokens, g.upstream)
+    want = _scores(
+        g,
+        [m - o for m, o in zip(means, clean, strict=True)],
+        [_gradients(model, tokens, tokens, mask)],
+    )
+    assert (got.values.double() - want).abs().max() <= 1e-6 * want.abs().max()
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_checkpointing_keeps_patched_scores(pairs64, graph):
+    """Blocks recomputed in the backward pass record and interpolate once: the same scores."""
+    before, after = pairs64["Qwen2ForCausalLM"]
+    tokens, corrupted, mask = _batch(seed=13)
+    for method, kw in (
+        ("eap", {"corrupted_model": after}),
+        ("eap-ig-activations", {"corrupted_model": after}),
+        ("eap-ig", {"corrupted_tokens": corrupted}),
+    ):
+        plain = attribute(before, tokens, mask, graph, method, ablation="patch", ig_steps=2, **kw)
+        ckpt = attribute(
+            before, tokens, mask, graph, method, ablation="patch", ig_steps=2, checkpoint=True, **kw
+        )
+        torch.testing.assert_close(ckpt.values, plain.values, rtol=1e-6, atol=1e-9)
