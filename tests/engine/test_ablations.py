@@ -459,3 +459,24 @@ def test_checkpointing_keeps_patched_scores(pairs64, graph):
             before, tokens, mask, graph, method, ablation="patch", ig_steps=2, checkpoint=True, **kw
         )
         torch.testing.assert_close(ckpt.values, plain.values, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("graph", ["paper", "block", "residual", "heads"])
+@pytest.mark.parametrize("ablation", ["mean", "mean-positional", "patch"])
+def test_one_replaced_edge_equals_exact(pairs64, graph, ablation):
+    """A circuit missing one edge loses exactly that edge's `exact` score (patch: from the
+    after model), on every graph: circuits and attribution agree on O'_u."""
+    before, after = pairs64["LlamaForCausalLM"]
+    tokens, _, mask = _batch(seed=14, pos=8, start=4)
+    kw = {"corrupted_model": after} if ablation == "patch" else {}
+    exact = attribute(before, tokens, mask, graph, "exact", ablation=ablation, **kw)
+    edges = exact.edge_mask.nonzero()
+    picked = edges[torch.randperm(len(edges), generator=torch.Generator().manual_seed(2))[:8]]
+    circuits = exact.edge_mask.repeat(len(picked), 1, 1)
+    for i, (u, d) in enumerate(picked.tolist()):
+        circuits[i, u, d] = False
+    losses = evaluate_circuit(before, tokens, mask, circuits, graph, ablation=ablation, **kw)
+    clean = evaluate_circuit(before, tokens, mask, exact.edge_mask, graph)
+    want = torch.stack([exact.values[:, u, d] for u, d in picked.tolist()]).double()
+    assert want.abs().max() > 1e-4
+    torch.testing.assert_close(losses - clean, want, rtol=1e-5, atol=1e-7)
