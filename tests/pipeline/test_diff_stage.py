@@ -170,7 +170,7 @@ def test_diff_settings_choose_the_graph_method_and_cells(tiny_run, tmp_path):
     from rl_circuits import load_run
     from rl_circuits.engine.graph import build_graph
 
-    _, config = tiny_run
+    base, config = tiny_run
     settings = {
         "enabled": True,
         "points": 3,
@@ -189,7 +189,6 @@ def test_diff_settings_choose_the_graph_method_and_cells(tiny_run, tmp_path):
     assert list(run.diff()) == ["tiny|before_into_after|sevens|1"]
     scores = run.diff_scores("tiny", "before_into_after", "sevens", 1.0)
     assert (scores.graph, scores.method) == ("heads", "eap-ig-activations")
-    base, _ = tiny_run
     shape = json.loads((base / "models" / "before" / "config.json").read_text())
     heads = build_graph("heads", shape["num_hidden_layers"], shape["num_attention_heads"])
     assert scores.upstream == tuple(heads.upstream)
