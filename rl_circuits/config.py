@@ -23,9 +23,11 @@ import tomli_w
 from rl_circuits.data import choices as data_choices
 from rl_circuits.data import grading, selection
 from rl_circuits.engine import choices as engine_choices
+from rl_circuits.engine import methods
 from rl_circuits.errors import ConfigError, RLCircuitsWarning
 from rl_circuits.models import choices as model_choices
 from rl_circuits.models.pairs import (
+    DIRECTIONS,
     Pair,
     load_pairs,
     parse_pairs,
@@ -163,7 +165,7 @@ class AttributeSection:
     """[attribute]: the graph and method of the edge scores."""
 
     graph: str = _key("paper", choices=lambda: engine_choices.GRAPHS)
-    method: str = _key("eap", choices=lambda: engine_choices.METHODS)
+    method: str = _key("eap", choices=lambda: methods.methods_for("zero"))
     ig_steps: int = _key(8, _AT_LEAST_ONE)
     batch_size: int = _key(1, _AT_LEAST_ONE)
     efficient_attention: bool = _key(True)
@@ -177,13 +179,26 @@ class CircuitsSection:
     enabled: bool = _key(False)
     points: int = _key(20, _AT_LEAST_TWO)  # log grid of k, 1 edge to all
     thresholds: tuple[float, ...] = _key((0.8, 0.9))  # circuit size: smallest k, f(k) >= t
-    ablation: str = _key("zero", choices=lambda: engine_choices.ABLATIONS)
+    ablation: str = _key("zero", choices=lambda: methods.PLAIN_ABLATIONS)
     ranking: str = _key(
         "abs", choices=lambda: engine_choices.RANKINGS
     )  # top edges by |score| or score
     rank_by: str = _key("mean", choices=lambda: engine_choices.RANK_BY)
     alphas: tuple[float, ...] = _key(())  # cells to evaluate; (): every select.alphas entry
     batch_size: int = _key(8, _AT_LEAST_ONE)
+
+
+@dataclass(frozen=True)
+class DiffSection:
+    """[diff]: the optional cross-model patching stage (`rl_circuits.pipeline.diff`)."""
+
+    enabled: bool = _key(False)
+    method: str = _key("eap", choices=lambda: methods.methods_for("patch", cross_model=True))
+    graph: str = _key("paper", choices=lambda: engine_choices.GRAPHS)
+    alphas: tuple[float, ...] = _key(())  # cells to patch; (): every select.alphas entry
+    directions: tuple[str, ...] = _key(DIRECTIONS)  # entries from models.pairs.DIRECTIONS
+    points: int = _key(20, _AT_LEAST_TWO)  # log grid of k for the diff circuit curve
+    batch_size: int = _key(8, _AT_LEAST_ONE)  # questions per forward (fixed batches)
 
 
 @dataclass(frozen=True)
@@ -208,6 +223,7 @@ class RunConfig:
     select: SelectSection
     attribute: AttributeSection
     circuits: CircuitsSection
+    diff: DiffSection
     analyze: AnalyzeSection
     pairs: dict[str, Pair]
     source: str
@@ -359,6 +375,7 @@ def parse_config(
     for section in SECTIONS:
         values.setdefault(section, _validate_section(section, {}, source))
     _check_cross_fields(values["run"], values["select"], values["circuits"], source)
+    _check_diff(values["diff"], values["select"], source)
     pairs = _pairs(values["run"].pairs, inline_pairs, source, warn=not stored)
     return RunConfig(**values, pairs=pairs, source=source)
 
@@ -455,6 +472,28 @@ def _check_cross_fields(
     twice = sorted({i for i in run.ids if run.ids.count(i) > 1})
     if twice:
         raise ConfigError(f"{source}: ids lists {twice[0]!r} more than once; list each once")
+
+
+def _check_diff(diff: DiffSection, select: SelectSection, source: str) -> None:
+    """diff.alphas among select.alphas; diff.directions a non-empty list of known directions."""
+    alphas = [float(a) for a in select.alphas]
+    entries = list(diff.alphas)
+    if not all(
+        not isinstance(v, bool) and isinstance(v, int | float) and float(v) in alphas
+        for v in entries
+    ):
+        raise ConfigError(
+            f"{source}: diff.alphas = {entries!r} is out of range: each entry must be a number "
+            f"among select.alphas ({', '.join(f'{a:g}' for a in alphas)}); [] for all of them"
+        )
+    directions = list(diff.directions)
+    if not directions or any(d not in DIRECTIONS for d in directions):
+        raise ConfigError(
+            f"{source}: diff.directions = {directions!r} is out of range: a non-empty list "
+            f"of {', '.join(map(repr, DIRECTIONS))}"
+        )
+    if len(set(directions)) != len(directions):
+        raise ConfigError(f"{source}: diff.directions = {directions!r} lists one twice")
 
 
 def _pairs(

@@ -17,6 +17,7 @@ from rl_circuits.config import (
     SECTIONS,
     AttributeSection,
     CircuitsSection,
+    DiffSection,
     GenerateSection,
     GradeSection,
     ModelSection,
@@ -49,6 +50,7 @@ def test_one_frozen_section_per_table():
         "select",
         "attribute",
         "circuits",
+        "diff",
         "analyze",
     ]
     cfg = parse_config(MINIMAL, "c.toml")
@@ -82,6 +84,7 @@ def test_defaults_fill_every_absent_key():
 def test_every_choice_comes_from_its_owning_module():
     from rl_circuits.data import choices, grading, selection
     from rl_circuits.engine import choices as engine
+    from rl_circuits.engine import methods
     from rl_circuits.models import loading
 
     owned = {
@@ -92,10 +95,12 @@ def test_every_choice_comes_from_its_owning_module():
         (SelectSection, "rules"): selection.RULES,
         (SelectSection, "subset"): selection.SUBSETS,
         (AttributeSection, "graph"): engine.GRAPHS,
-        (AttributeSection, "method"): engine.METHODS,
-        (CircuitsSection, "ablation"): engine.ABLATIONS,
+        (AttributeSection, "method"): methods.methods_for("zero"),
+        (CircuitsSection, "ablation"): methods.PLAIN_ABLATIONS,
         (CircuitsSection, "ranking"): engine.RANKINGS,
         (CircuitsSection, "rank_by"): engine.RANK_BY,
+        (DiffSection, "method"): methods.methods_for("patch", cross_model=True),
+        (DiffSection, "graph"): engine.GRAPHS,
     }
     for (section, key), values in owned.items():
         assert rule(section, key).choices == values, f"{section.__name__}.{key}"
@@ -194,8 +199,20 @@ def test_config_imports_no_model_code():
         (
             {"colour": {"x": 1}},
             "c.toml: unknown section [colour]; allowed: run, model, generate, grade, select, "
-            "attribute, circuits, analyze",
+            "attribute, circuits, diff, analyze",
         ),
+        (
+            {"diff": {"directions": ["sideways"]}},
+            "c.toml: diff.directions = ['sideways'] is out of range: a non-empty list of "
+            "'after_into_before', 'before_into_after'",
+        ),
+        (
+            {"diff": {"alphas": [0.7]}},
+            "c.toml: diff.alphas = [0.7] is out of range: each entry must be a number among "
+            "select.alphas (0.03, 0.1, 0.3, 0.5); [] for all of them",
+        ),
+        ({"diff": {"method": "magic"}}, "c.toml: diff.method = 'magic' is out of range"),
+        ({"diff": {"points": 1}}, "c.toml: diff.points = 1 is out of range: must be >= 2"),
         (
             {"select": {"alphas": [0.5, 0.5000001]}},
             "c.toml: select.alphas = [0.5, 0.5000001] lists alpha 0.5 more than once",
@@ -287,18 +304,24 @@ def test_run_written_before_the_sections_loads_and_plans_unchanged():
     old = json.loads(FIXTURE.read_text())
     stored = old["config"]
     cfg = config_from_resolved(upgrade_resolved(stored), "config.json")
-    assert cfg.resolved() == stored
+    # sections added since (diff) come at their defaults; all else is as stored
+    added = sorted(set(cfg.resolved()) - set(stored))
+    assert added == ["diff"] and all(cfg.resolved()[k] == defaults()[k] for k in added)
+    assert {k: v for k, v in cfg.resolved().items() if k not in added} == stored
     assert config_diff(upgrade_resolved(stored), cfg.resolved()) == []
     got = plan(cfg, old["dataset_hashes"])
     fingerprints = {
         stage: {"stage": p.fingerprint, "cells": {k: c.fingerprint for k, c in p.cells.items()}}
         for stage, p in got.items()
+        if stage != "diff"  # a stage added since: off, no cells
     }
     report = fingerprints.pop("report")
     assert fingerprints == {k: v for k, v in old["fingerprints"].items() if k != "report"}
     assert any(stored["run"][key.split(".")[1]] for key in LOCATION_KEYS)
     assert report["stage"] != old["fingerprints"]["report"]["stage"]
+    assert got["diff"].cells == {}
     # keys at their defaults missing from an older config.json are no change either
     older = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}
     del older["analyze"]["bins"], older["run"]["ids"]
-    assert config_from_resolved(upgrade_resolved(older), "c").resolved() == stored
+    back = config_from_resolved(upgrade_resolved(older), "c").resolved()
+    assert {k: v for k, v in back.items() if k not in added} == stored

@@ -20,6 +20,8 @@ from rl_circuits.analysis.stats import METRIC_LABELS
 from rl_circuits.engine.graph import parse_node
 
 __all__ = [
+    "diff_curves",
+    "diff_heatmap",
     "diversity_bars",
     "faithfulness_curves",
     "group_by_hook",
@@ -477,5 +479,69 @@ def faithfulness_curves(curves: dict, title: str = "Faithfulness of the top-k ed
         )
     figure.update_xaxes(type="log", title_text="k (top edges kept)")
     figure.update_yaxes(title_text="faithfulness f(k)")
+    figure.update_layout(title=title, height=420)
+    return figure
+
+
+def diff_heatmap(
+    values: ScoreArray,
+    upstream: Sequence[str],
+    downstream: Sequence[str],
+    edge_mask: Mask,
+    title: str | None = None,
+) -> go.Figure:
+    """Mean cross-model patching score per edge on Figure 2's axes (upstream rows x downstream
+    columns; head-level nodes summed per hook): blue where taking the other model's output
+    lowers the loss, red where it raises it, grey for non-edges. The colour range is the 99th
+    percentile of |mean score| so that one edge does not wash out the others."""
+    scores = check_scores(values)
+    mask = check_mask(edge_mask, scores)
+    mean = scores.mean(axis=0) * (1.0 if mask is None else mask)
+    up, up_onehot = group_by_hook(upstream)
+    down, down_onehot = group_by_hook(downstream)
+    summed = up_onehot @ mean @ down_onehot.T
+    exists = (up_onehot @ (np.ones_like(mean) if mask is None else mask) @ down_onehot.T) > 0
+    z = np.where(exists, summed, np.nan)
+    finite = np.abs(z[np.isfinite(z)])
+    limit = float(np.quantile(finite, 0.99)) if finite.size and finite.max() > 0 else 1.0
+    figure = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=down,
+            y=up,
+            colorscale="RdBu_r",
+            zmin=-limit,
+            zmax=limit,
+            zmid=0,
+            colorbar={"title": {"text": "mean score<br>(loss change)"}},
+            hoverongaps=False,
+            hovertemplate="upstream %{y}<br>downstream %{x}<br>mean score %{z:.3e}<extra></extra>",
+        )
+    )
+    _layout_heatmap(figure, title, [(len(up), len(down))], up, down)
+    return figure
+
+
+def diff_curves(summaries: dict, title: str = "Diff circuit curves") -> go.Figure:
+    """The share of the loss gap recovered against k (log axis), one line with its bootstrap
+    band per direction; `summaries` maps a direction to `analysis.diff.diff_summary`'s dict."""
+    figure = go.Figure()
+    colours = (AFTER_COLOUR, BEFORE_COLOUR)
+    for (direction, summary), colour in zip(summaries.items(), colours, strict=False):
+        x = np.asarray(summary["ks"], float)
+        low = np.asarray(summary["curve_low"], float)
+        high = np.asarray(summary["curve_high"], float)
+        figure.add_trace(_band(x, low, high, colour, direction))
+        figure.add_scatter(
+            x=x,
+            y=np.asarray(summary["curve"], float),
+            mode="lines+markers",
+            name=direction.replace("_", " "),
+            line_color=colour,
+            legendgroup=direction,
+            hovertemplate="k = %{x}<br>share of gap %{y:.3f}<extra>" + direction + "</extra>",
+        )
+    figure.update_xaxes(type="log", title_text="k (top edges carrying the other model's outputs)")
+    figure.update_yaxes(title_text="share of the loss gap recovered")
     figure.update_layout(title=title, height=420)
     return figure

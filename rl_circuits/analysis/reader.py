@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from rl_circuits.analysis.diff import top_edges
 from rl_circuits.analysis.plots import (
+    diff_curves,
+    diff_heatmap,
     diversity_bars,
     faithfulness_curves,
     metric_vs_alpha,
@@ -28,7 +31,7 @@ from rl_circuits.config import RunConfig, config_from_resolved, upgrade_resolved
 from rl_circuits.data.selection import Selection
 from rl_circuits.engine.scores import EdgeScores
 from rl_circuits.errors import RLCircuitsError
-from rl_circuits.models.pairs import ROLES, PairModel
+from rl_circuits.models.pairs import DIRECTIONS, ROLES, PairModel
 from rl_circuits.store.layout import RunLayout
 from rl_circuits.store.run import RunStore
 
@@ -293,7 +296,87 @@ class Run:
                     title=f"Faithfulness of the top-k edges ({pair}, {dataset}, alpha={alpha}; "
                     f"{sizes})",
                 )
+        figures.update(self._diff_figures())
         return figures
+
+    def _diff_figures(self) -> dict:
+        """Per pair, dataset and alpha the diff circuit curves of both directions; per cell the
+        heatmap of mean diff scores."""
+        if not self.store.exists(RunLayout.DIFF_CURVES):
+            return {}
+        figures, groups = {}, {}
+        for key, summary in self.diff().items():
+            pair, direction, dataset, alpha = key.split("|")
+            groups.setdefault((pair, dataset, alpha), {})[direction] = summary
+        for (pair, dataset, alpha), summaries in groups.items():
+            edges = "; ".join(
+                f"{d.replace('_', ' ')}: 80% at k = {s['edges']['80'][0]} of {s['n_edges']}"
+                for d, s in summaries.items()
+            )
+            figures[f"Diff circuit: {pair}, {dataset}, alpha={alpha}"] = diff_curves(
+                summaries,
+                title=f"Share of the loss gap the top-k edges carry ({pair}, {dataset}, "
+                f"alpha={alpha}; {edges})",
+            )
+            for direction in summaries:
+                scores = self.diff_scores(pair, direction, dataset, float(alpha))
+                figures[f"Diff scores: {pair}, {direction}, {dataset}, alpha={alpha}"] = (
+                    diff_heatmap(
+                        scores.values.numpy(),
+                        scores.upstream,
+                        scores.downstream,
+                        scores.edge_mask.numpy(),
+                        title=f"Mean cross-model patching score, {direction.replace('_', ' ')}"
+                        f" ({pair}, {dataset}, alpha={alpha})",
+                    )
+                )
+        return figures
+
+    def diff(self) -> dict:
+        """The diff stage's summaries per "pair|direction|dataset|alpha": the diff circuit curve
+        (`ks`, `curve` and its bootstrap band), the mean loss `gap`, the fully `patched` loss
+        and its `patched_share`, and `edges` {"50"|"80"|"90": [k, low, high, fraction]}."""
+        if not self.store.exists(RunLayout.DIFF_CURVES):
+            raise RLCircuitsError(
+                f"run {self.root} has no diff results: set `[diff] enabled = true` in the "
+                "config and run `rl-circuits run CONFIG` (the diff and analyze stages)"
+            )
+        return self.store.read_json(RunLayout.DIFF_CURVES)
+
+    def _diff_file(self, rel: str, what: str, pair, direction, dataset, alpha) -> str:
+        self._check(pair, None, dataset, float(alpha))
+        if direction not in DIRECTIONS:
+            raise RLCircuitsError(
+                f"direction {direction!r} is not one of {', '.join(map(repr, DIRECTIONS))}"
+            )
+        if not self.store.exists(rel):
+            raise RLCircuitsError(
+                f"run {self.root} has no diff {what} for {pair}, {direction}, {dataset}, "
+                f"alpha={alpha:g}: run `rl-circuits diff CONFIG` with this cell among "
+                "diff.directions and diff.alphas"
+            )
+        return rel
+
+    def diff_scores(self, pair: str, direction: str, dataset: str, alpha: float) -> EdgeScores:
+        """Cross-model patching scores [n, n_upstream, n_downstream] of one diff cell."""
+        rel = RunLayout.diff_scores(pair, direction, dataset, alpha)
+        return self.store.read_scores(
+            self._diff_file(rel, "scores", pair, direction, dataset, alpha)
+        )
+
+    def diff_losses(self, pair: str, direction: str, dataset: str, alpha: float) -> dict:
+        """One diff cell's per-question losses: ids, ks, losses [k][n], clean, source, patched."""
+        rel = RunLayout.diff_curve(pair, direction, dataset, alpha)
+        return self.store.read_json(self._diff_file(rel, "losses", pair, direction, dataset, alpha))
+
+    def diff_edges(
+        self, pair: str, direction: str, dataset: str, alpha: float, count: int = 20
+    ) -> pd.DataFrame:
+        """The `count` edges that carry the change most (largest mean |score|) in one cell."""
+        s = self.diff_scores(pair, direction, dataset, alpha)
+        return top_edges(
+            s.values.numpy(), s.upstream, s.downstream, s.edge_mask.numpy(), count=count
+        )
 
     def circuits(self, pair: str, role: str, dataset: str, alpha: float) -> dict:
         """The circuits stage's per-question losses of one cell: ids, ks, losses, clean, none."""

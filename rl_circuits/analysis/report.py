@@ -24,7 +24,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from rl_circuits.analysis.stats import Table1
+from rl_circuits.analysis.stats import Table1, format_value
 from rl_circuits.store.atomic import write_atomic
 
 __all__ = ["png_images", "render_report", "write_report"]
@@ -89,9 +89,11 @@ def render_report(
     accuracy: pd.DataFrame | None = None,
     funnel: pd.DataFrame | None = None,
     skipped: Mapping[str, str] | None = None,
+    tables: Mapping[str, pd.DataFrame] | None = None,
 ) -> str:
     """The report's HTML text: title, notes, Table 1 and its statistics in full, the cells
-    without results, the selection funnel, the accuracy table, then each figure."""
+    without results, the selection funnel, the accuracy table, further `tables` (heading ->
+    table), then each figure."""
     e = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -125,6 +127,11 @@ def render_report(
             "<h2>Accuracy per model and dataset</h2>",
             accuracy.to_html(index=False, classes="table1", float_format=lambda x: f"{x:.1f}"),
         ]
+    for name, frame in (tables or {}).items():
+        parts += [
+            f"<h2>{e(name)}</h2>",
+            frame.to_html(index=False, classes="table1", float_format=format_value),
+        ]
     for i, (name, figure) in enumerate(figures.items()):
         target = f"figure-{i}-{_slug(name)}"
         parts += [
@@ -148,7 +155,7 @@ def write_report(
     **sections,
 ) -> Path:
     """Write the self-contained report to `path` atomically (`store.atomic.write_atomic`);
-    `sections` are render_report's optional tables (accuracy, funnel, skipped)."""
+    `sections` are render_report's optional tables (accuracy, funnel, skipped, tables)."""
     text = render_report(title=title, table=table, figures=figures, notes=notes, **sections)
     return write_atomic(path, text)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import html
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -57,6 +58,9 @@ def metric_label(metric: str) -> str:
     """A metric's row label: the paper's abbreviation, "Circuit size (f≥0.8)", or its name."""
     if metric.startswith("circuit_size_") and metric[13:].isdigit():
         return f"Circuit size (f≥{int(metric[13:]) / 100:g})"
+    gap = re.fullmatch(r"gap_edges_(\d+)_(\w+)_into_(\w+)", metric)
+    if gap:  # `analysis.diff.gap_metric`: one count per pair, in the after column
+        return f"Edges for {gap[1]}% of the gap ({gap[2]}→{gap[3]})"
     return METRIC_LABELS.get(metric, metric)
 
 
@@ -545,7 +549,10 @@ def table1_from_rows(
         row = (record["dataset"], metric_label(metric), float(record["alpha"]))
         value[row, (pair, "before")] = float(record["before"])
         value[row, (pair, "after")] = float(record["after"])
-        text[row, (pair, before_label)] = format_value(float(record["before"]))
+        one_value = metric.startswith("gap_edges_")  # no before value: shown as MISSING
+        text[row, (pair, before_label)] = (
+            MISSING if one_value else format_value(float(record["before"]))
+        )
         text[row, (pair, f"+{algorithms[pair]}")] = _after_cell(record)
     frame = pd.DataFrame(
         [[text.get((row, col), MISSING) for col in shown] for row in index_rows],

@@ -19,13 +19,13 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens import HookedTransformer
 
-from rl_circuits.engine import efficient, heads, tl_compat
-from rl_circuits.engine.choices import METHODS
+from rl_circuits.engine import counterfactual, efficient, heads, methods, tl_compat
 from rl_circuits.engine.graph import Graph, build_graph
 from rl_circuits.engine.scores import EdgeScores
 from rl_circuits.errors import NumericalError
 
-Method = Literal["eap", "eap-ig", "exact"]
+Method = Literal["eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "exact"]
+METHODS: tuple[str, ...] = methods.METHOD_NAMES
 Metric = Callable[
     [Float[torch.Tensor, "batch pos vocab"], Int[torch.Tensor, "batch pos"], torch.Tensor],
     Float[torch.Tensor, " batch"],
@@ -55,7 +55,13 @@ def attribute(
     graph: str = "paper",
     method: str = "eap",
     *,
+    ablation: str = "zero",
+    corrupted_tokens: Int[torch.Tensor, "batch pos"] | None = None,
+    corrupted_model: HookedTransformer | None = None,
+    mean_tokens: Int[torch.Tensor, "mean_batch mean_pos"] | None = None,
+    mean_mask: Bool[torch.Tensor, "mean_batch mean_pos"] | None = None,
     ig_steps: int = 8,
+    ig_rule: str = "right",
     metric: Metric = masked_nll,
     sample_ids: Sequence[str] | None = None,
     efficient_attention: bool = True,
@@ -63,12 +69,23 @@ def attribute(
 ) -> EdgeScores:
     """Score every edge of `graph` for each sample of the batch.
 
+    score(u, d) = <dL/dH_d, O'_u - O_u> over positions and d_model: the first-order change of
+    the sample's loss when O_u's contribution to H_d is replaced by its counterfactual O'_u
+    (`ablation`, see `rl_circuits.engine.methods`): `zero` (O'_u = 0, paper Eq. 9), `mean` /
+    `mean-positional` (O_u averaged over `mean_tokens`' positions where `mean_mask` is True,
+    by default all of them, overall or per position; without `mean_tokens`: over `tokens` up
+    to each sample's last loss position),
+    `patch` (O_u of `corrupted_model or model` run on `corrupted_tokens or tokens`; the
+    corrupted model must have `model`'s shapes and may sit on another device).
+
     `loss_mask[b, t]` is True where token t is predicted (from position t-1) in sample b's
     loss. Pad on the right: with causal attention padding never reaches a sample's loss, so
-    each sample's matrix is the one it would get alone. Methods: `eap` (one forward and one
-    backward), `eap-ig` (gradients averaged over `ig_steps` inputs on the path from a zero
-    embedding to the real one, Hanna et al. 2024), `exact` (one forward per edge with O_u
-    really removed from H_d; for validation on small models).
+    each sample's matrix is the one it would get alone. Methods (`methods.METHODS`): `eap`
+    (one forward and one backward), `eap-ig` (gradients averaged over `ig_steps` inputs on the
+    path from the counterfactual embedding to the real one, EAP-IG-inputs; `ig_rule` "right":
+    t = 1, ..., 1/n, "left": t = 0, ..., (n-1)/n as EAP-IG), `eap-ig-activations` and
+    `clean-corrupted` (as EAP-IG defines them), `exact` (one forward per edge with O_u really
+    replaced by O'_u in H_d; for validation on small models).
 
     `graph="heads"` scores every attention head as a node (`rl_circuits.engine.heads`: no per-head
     copy of the residual stream is ever made; keys and values per query head).
@@ -80,10 +97,10 @@ def attribute(
     add per-head copies of inputs or outputs (`use_split_qkv_input`, ...) are off during the
     call and restored after it: they do not change the model's function.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    entry = methods.check(method, ablation, corrupted_model is not None)
     if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
         raise ValueError(f"ig_steps must be an integer >= 1, got {ig_steps!r}")
+    methods.ig_points(1, ig_rule)  # refuses an unknown rule
     unsupported = [k for k in ("parallel_attn_mlp", "attn_only") if getattr(model.cfg, k, False)]
     if unsupported:
         raise ValueError(
@@ -94,6 +111,16 @@ def attribute(
     tokens, loss_mask = _check_inputs(model, tokens, loss_mask)
     ids = _check_sample_ids(sample_ids, tokens.shape[0])
     metric = checked_metric(metric, tokens.shape[0])
+    cf = counterfactual.prepare(
+        model,
+        tokens,
+        loss_mask,
+        ablation,
+        corrupted_tokens,
+        corrupted_model,
+        mean_tokens,
+        mean_mask,
+    )
     per_head = g.name == "heads"
     if per_head:
         heads.check_supported(model)
@@ -102,14 +129,13 @@ def attribute(
     attention = efficient.efficient_attention(model) if efficient_attention else nullcontext()
     blocks = efficient.checkpoint_blocks(model) if checkpoint else nullcontext()
     with _frozen(model), torch.enable_grad(), flags, attention, blocks:
-        if method == "exact":
+        if entry.passes is None:
             exact = heads.exact_scores if per_head else _exact_scores
-            values, loss = exact(model, tokens, loss_mask, g, metric)
+            values, loss = exact(model, tokens, loss_mask, g, metric, cf)
         else:
-            steps = 1 if method == "eap" else ig_steps
-            scales = [k / steps for k in range(steps, 0, -1)]  # the real input first
+            passes = entry.passes(model.cfg.n_layers, ig_steps, ig_rule)
             gradient = heads.gradient_scores if per_head else _gradient_scores
-            values, loss = gradient(model, tokens, loss_mask, g, metric, scales)
+            values, loss = gradient(model, tokens, loss_mask, g, metric, passes, cf)
     _check_finite(loss, values, ids, method)
     return EdgeScores(
         values=values.float().cpu(),
@@ -123,13 +149,24 @@ def attribute(
     )
 
 
-def _gradient_scores(model, tokens, loss_mask, graph: Graph, metric: Metric, scales):
+def _gradient_scores(
+    model, tokens, loss_mask, graph: Graph, metric: Metric, passes: list, cf
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """<mean gradient over `passes` at each H_d, O'_u - O_u> for every edge, and the clean loss.
+
+    The buffer slot of u holds O_u - O'_u: -O'_u written before the clean pass, O_u added by
+    it. When the first pass is not the clean one, a forward without gradients records first.
+    """
     batch, pos = tokens.shape
     acc = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
     chunks = _buffers(model, batch, pos, acc)
     scores = torch.zeros(batch, len(graph.upstream), len(graph.downstream), dtype=acc)
     scores = scores.to(tokens.device)
-    weight = 1.0 / len(scales)
+    weight = 1.0 / len(passes)
+    slots = [buf[:, i] for _, buf in chunks for i in range(buf.shape[1])]
+    counterfactual.fill(cf, graph.upstream, slots)
+    add = cf.ablation != "zero"  # zero: copy O_u into the empty slot, as before
+    node_of = {name: u for u, name in enumerate(graph.upstream)}
 
     def on_grad(d: int, grad: torch.Tensor) -> None:
         n = graph.n_before[d]
@@ -146,33 +183,42 @@ def _gradient_scores(model, tokens, loss_mask, graph: Graph, metric: Metric, sca
         x.register_hook(lambda grad, d=d: on_grad(d, grad))
         return x
 
-    slots = [buf[:, i] for _, buf in chunks for i in range(buf.shape[1])]
     clean_loss = None
-    for scale in scales:
+    if passes[0] != methods.CLEAN:
+        with torch.no_grad(), _hooks(model, graph, record=slots, add=add):
+            clean_loss = metric(model(tokens), tokens, loss_mask)
+    for step in passes:
         record = clean_loss is None
-        with _hooks(model, graph, transform=capture, record=slots if record else None) as hooks:
-            hooks.embed_scale = scale
-            loss = metric(model(tokens), tokens, loss_mask)
+        with _hooks(
+            model, graph, transform=capture, record=slots if record else None, add=add
+        ) as hooks:
+            hooks.embed_scale = step.t if step.node is None else 1.0
+            if step.node is not None:
+                hooks.interpolate = (node_of[step.node], step.t, slots)
+            hooks.counterfactual = slots[0] if add else None
+            inputs = cf.tokens if step.corrupted else tokens
+            loss = metric(model(inputs), tokens, loss_mask)
             loss.sum().backward()  # samples are independent: each gets its own gradient
         if record:
             clean_loss = loss.detach()
     return scores, clean_loss
 
 
-def _exact_scores(model, tokens, loss_mask, graph: Graph, metric: Metric):
+def _exact_scores(model, tokens, loss_mask, graph: Graph, metric: Metric, cf):
     batch, pos = tokens.shape
     acc = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
     chunks = _buffers(model, batch, pos, acc)
     slots = [buf[:, i] for _, buf in chunks for i in range(buf.shape[1])]
     with torch.no_grad():
-        with _hooks(model, graph, record=slots):
+        counterfactual.fill(cf, graph.upstream, slots)
+        with _hooks(model, graph, record=slots, add=cf.ablation != "zero"):
             clean = metric(model(tokens), tokens, loss_mask)
         scores = torch.zeros(batch, len(graph.upstream), len(graph.downstream), dtype=acc)
         for d in range(len(graph.downstream)):
             for u in range(graph.n_before[d]):
 
                 def ablate(node: int, x: torch.Tensor, u: int = u) -> torch.Tensor:
-                    return x - slots[u].to(x.device, x.dtype)
+                    return x - slots[u].to(x.device, x.dtype)  # O_u - O'_u
 
                 with _hooks(model, graph, transform=ablate, nodes=[d]):
                     loss = metric(model(tokens), tokens, loss_mask)
@@ -201,6 +247,11 @@ class _Hooks:
     def __init__(self):
         self.calls: dict[str, int] = {}
         self.embed_scale = 1.0
+        # The embedding's counterfactual offset O_0 - O'_0: the input is then E - (1 - t) that
+        # (E' + t (E - E')); None: zero ablation, the input is t E.
+        self.counterfactual: torch.Tensor | None = None
+        # (u, t, slots): upstream output u replaced by O_u - (1 - t) slots[u], a constant.
+        self.interpolate: tuple[int, float, list[torch.Tensor]] | None = None
         self.recorded: set[int] = set()  # upstream outputs already copied in this pass
 
 
@@ -212,12 +263,13 @@ def _hooks(
     transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     record: list[torch.Tensor] | None = None,
     nodes: Sequence[int] | None = None,
+    add: bool = False,
 ) -> Iterator[_Hooks]:
     """Add the hooks for one forward pass; every hook added is removed on exit, even on error.
 
     `transform(d, x)` replaces the input of downstream node d (all nodes, or `nodes`);
-    `record[u]` receives a copy of upstream output u. The embedding output is made the leaf
-    that gradients flow back to.
+    `record[u]` receives a copy of upstream output u (`add`: the output is added to it). The
+    embedding output is made the leaf that gradients flow back to.
     """
     state = _Hooks()
     handles = []
@@ -253,11 +305,23 @@ def _hooks(
             # First write wins: a checkpointed block's recomputation in the backward pass
             # calls this again (and the downstream sites' counters are past their calls then).
             if record is not None and u not in state.recorded:
-                record[u].copy_(out.detach())
+                if add:
+                    record[u].add_(out.detach().to(record[u].device))
+                else:
+                    record[u].copy_(out.detach())
                 state.recorded.add(u)
+            if state.interpolate is not None and state.interpolate[0] == u:
+                _, t, slots = state.interpolate
+                out = out.detach() - (1 - t) * slots[u].to(out.device, out.dtype)
+                return out.requires_grad_(torch.is_grad_enabled()) if u == 0 else out
             if u == 0:
                 out = out.detach().requires_grad_(torch.is_grad_enabled())
-                return out * state.embed_scale if state.embed_scale != 1.0 else out
+                if state.embed_scale == 1.0:
+                    return out
+                if state.counterfactual is None:
+                    return out * state.embed_scale
+                offset = state.counterfactual.to(out.device, out.dtype)
+                return out - (1 - state.embed_scale) * offset
             return None
 
         for u, name in enumerate(graph.upstream):

@@ -1,4 +1,4 @@
-"""The names of the engine's options (graphs, methods, ablations, rankings, edge sets).
+"""The names of the engine's options (graphs, rankings, edge sets; methods and ablations: `methods`).
 
 Why here and not beside their code: run configs check these names when they are validated,
 and validation must not import torch or TransformerLens (seconds) for a typo's message. The
@@ -12,8 +12,6 @@ GRAPHS: tuple[str, ...] = ("paper", "block", "residual", "heads")
 # zeros of non-edges included, as the paper's equations read ("all"), or the graph's edges
 # (`Graph.edge_mask`, "valid").
 EDGE_SETS: tuple[str, ...] = ("all", "valid")
-METHODS: tuple[str, ...] = ("eap", "eap-ig", "exact")
-ABLATIONS: tuple[str, ...] = ("zero", "mean")
 RANKINGS: tuple[str, ...] = ("abs", "signed")
 # Which scores rank the edges of a question's circuits: their mean over the questions (one
 # ranking for all), or that question's own ("sample").

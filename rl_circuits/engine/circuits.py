@@ -1,8 +1,9 @@
 """Circuits: run a model with only some edges of a graph, and how much of its behaviour survives.
 
-`evaluate_circuit` keeps the edges of a boolean mask and removes every other edge (u, d) by
-subtracting O_u from d's input, all in one forward pass. O_u is what u writes in that same pass
-(as EAP-IG's `evaluate_graph` does), so the removals compose exactly as the circuit runs.
+`evaluate_circuit` keeps the edges of a boolean mask and replaces every other edge (u, d) by its
+counterfactual: O_u - O'_u is subtracted from d's input (`methods.ABLATIONS`; zero ablation
+removes O_u), all in one forward pass. O_u is what u writes in that same pass (as EAP-IG's
+`evaluate_graph` does), so the replacements compose exactly as the circuit runs.
 `top_k_circuits` on a `log_grid` of k gives the circuits whose losses make a faithfulness curve
 (`rl_circuits.analysis.faithfulness`).
 """
@@ -19,7 +20,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens import HookedTransformer
 
-from rl_circuits.engine import efficient, heads, tl_compat
+from rl_circuits.engine import counterfactual, efficient, heads, methods, tl_compat
 from rl_circuits.engine.attribution import (
     Metric,
     _as_tensor,
@@ -30,10 +31,10 @@ from rl_circuits.engine.attribution import (
     checked_metric,
     masked_nll,
 )
-from rl_circuits.engine.choices import ABLATIONS, RANKINGS
+from rl_circuits.engine.choices import RANKINGS
 from rl_circuits.engine.graph import build_graph
 
-Ablation = Literal["zero", "mean"]
+Ablation = Literal["zero", "mean", "mean-positional", "patch"]
 Ranking = Literal["abs", "signed"]
 
 
@@ -43,28 +44,34 @@ def evaluate_circuit(
     loss_mask: Bool[torch.Tensor, "batch pos"],
     circuit: Bool[torch.Tensor, "*k n_upstream n_downstream"],
     graph: str = "paper",
-    ablation: str = "zero",
     *,
+    ablation: str = "zero",
+    corrupted_tokens: Int[torch.Tensor, "batch pos"] | None = None,
+    corrupted_model: HookedTransformer | None = None,
+    mean_tokens: Int[torch.Tensor, "mean_batch mean_pos"] | None = None,
+    mean_mask: Bool[torch.Tensor, "mean_batch mean_pos"] | None = None,
     metric: Metric = masked_nll,
     efficient_attention: bool = True,
 ) -> Float[torch.Tensor, "*k batch"]:
-    """Each sample's loss when only the edges in `circuit` are present.
+    """Each sample's loss when only the edges in `circuit` carry O_u; the others carry O'_u.
 
-    Every removed edge (u, d) of the graph subtracts O_u from d's input, O_u taken in the same
-    forward pass (a residual-state node of the `residual` graph is rebuilt as the sum of its kept
-    inputs, the same thing on a stream no earlier ablation has changed). `ablation="mean"`
-    subtracts O_u - mean(O_u) instead, the mean being the clean run's O_u averaged over the
-    batch's positions up to each sample's last loss position (right padding is left out): the
-    removed edge then carries its average message. `circuit` is a bool tensor, numpy array or
-    nested list; a stack of k circuits [k, n_up, n_down] gives [k, batch], one forward each
-    (an empty stack, k = 0, gives [0, batch]). Entries of `circuit` outside the graph's edge
-    mask are ignored. Forward passes only, under `no_grad`: nothing is kept for a backward pass,
-    so there is no activation memory for `attribute`'s `checkpoint` to save;
-    `efficient_attention` uses the fused kernels as `attribute` does (the heads graph needs
-    TransformerLens attention).
+    Every edge (u, d) of the graph outside the circuit gets O'_u in place of O_u in d's input,
+    O_u taken in the same forward pass (a residual-state node of the `residual` graph is
+    rebuilt as the sum of its kept inputs and the others' O'_u, the same thing on a stream no
+    earlier replacement has changed). O'_u as in `attribute` (`ablation`): `zero` removes O_u;
+    `mean` / `mean-positional` put in the mean of O_u over `mean_tokens` (default: the batch's
+    positions up to each sample's last loss position, right padding left out), overall or per
+    position; `patch` puts in O_u of `corrupted_model or model` run on `corrupted_tokens or
+    tokens`. All edges in: the clean loss. No edge in: the fully patched loss, every node
+    reading only counterfactual outputs: for `patch` within one model, the corrupted run's
+    loss on the clean targets; across models, the after model's final residual stream read by
+    `model`'s final norm and unembedding (docs/metrics.md). A stack of k circuits [k, n_up,
+    n_down] gives [k, batch], one forward each (an empty stack gives [0, batch]); `circuit` may
+    be a bool tensor, numpy array or nested list. Entries of `circuit` outside the graph's edge
+    mask are ignored. Forward passes only, under `no_grad`; `efficient_attention` uses the fused
+    kernels as `attribute` does (the heads graph needs TransformerLens attention).
     """
-    if ablation not in ABLATIONS:
-        raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
+    methods.check_ablation(ablation)
     g = build_graph(graph, model.cfg.n_layers, model.cfg.n_heads)
     shape = (len(g.upstream), len(g.downstream))
     circuit = _as_tensor(circuit, "circuit")
@@ -82,9 +89,19 @@ def evaluate_circuit(
     acc = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
     if len(circuits) == 0:  # an empty stack: no forward pass
         return torch.zeros(0, batch, dtype=acc)
+    cf = counterfactual.prepare(
+        model,
+        tokens,
+        loss_mask,
+        ablation,
+        corrupted_tokens,
+        corrupted_model,
+        mean_tokens,
+        mean_mask,
+    )
     if g.name == "heads":
         with _frozen(model), torch.no_grad():
-            out = _heads_losses(model, tokens, loss_mask, g, circuits, ablation, metric)
+            out = _heads_losses(model, tokens, loss_mask, g, circuits, cf, metric)
         return out if stacked else out[0]
     chunks = _buffers(model, batch, pos, acc)
     slots = [buf[:, i] for _, buf in chunks for i in range(buf.shape[1])]
@@ -92,11 +109,7 @@ def evaluate_circuit(
     flags = tl_compat.single_stream_inputs(model)  # before attention, which checks them
     losses = []
     with _frozen(model), torch.no_grad(), flags, attention:
-        mean = None
-        if ablation == "mean":
-            with _hooks(model, g, record=slots):
-                model(tokens)
-            mean = _position_means(chunks, loss_mask)
+        replaced = _counterfactual_sum(model, g, cf, batch, pos, acc, efficient_attention)
         for keep in circuits:
             removed = (g.edge_mask & ~keep.cpu()).to(acc)  # [n_up, n_down]
 
@@ -104,9 +117,9 @@ def evaluate_circuit(
                 n = g.n_before[d]
                 if not removed[:n, d].any():
                     return x
-                # A residual-state node (kind "output") also carries what earlier ablations
+                # A residual-state node (kind "output") also carries what earlier replacements
                 # did to the stream, so it is rebuilt from its inputs; a norm input is read
-                # off an untouched stream, so the removed messages are subtracted.
+                # off an untouched stream, so the replaced messages are subtracted.
                 rebuild = g.sites[d].kind == "output"
                 weights = (1.0 - removed[:n, d]) if rebuild else removed[:n, d]
                 total = torch.zeros_like(x, dtype=acc)
@@ -116,12 +129,8 @@ def evaluate_circuit(
                         break
                     w = weights[start : start + k].to(buf.device)
                     total += torch.einsum("bupm,u->bpm", buf[:, :k], w).to(x.device)
-                    if mean is not None:
-                        dropped = removed[start : start + k, d].to(buf.device)
-                        kept_mean = torch.einsum(
-                            "um,u->m", mean[start : start + k].to(buf.device), dropped
-                        )
-                        total += (1 if rebuild else -1) * kept_mean.to(x.device)
+                if replaced is not None:
+                    total += (1 if rebuild else -1) * replaced(removed[:n, d]).to(x.device)
                 return total.to(x.dtype) if rebuild else x - total.to(x.dtype)
 
             with _hooks(model, g, transform=ablate, record=slots):
@@ -130,38 +139,88 @@ def evaluate_circuit(
     return out if stacked else out[0]
 
 
-def _heads_losses(model, tokens, loss_mask, g, circuits, ablation: str, metric) -> torch.Tensor:
+def _counterfactual_sum(model, g, cf, batch: int, pos: int, acc, efficient_attention: bool):
+    """A function: weights [n] over the first n upstream nodes -> sum_u w_u O'_u, broadcastable
+    to [batch, pos, d_model]; None for zero ablation (O'_u = 0)."""
+    if cf.ablation == "zero":
+        return None
+    if cf.ablation == "patch":
+        chunks = _buffers(model, batch, pos, acc)  # the one extra activation buffer
+        slots = [buf[:, i] for _, buf in chunks for i in range(buf.shape[1])]
+        counterfactual.fill(cf, g.upstream, slots, efficient_attention)  # -O'_u
+
+        def patched(w: torch.Tensor) -> torch.Tensor:
+            total = 0
+            for start, buf in chunks:
+                k = min(len(w) - start, buf.shape[1])
+                if k <= 0:
+                    break
+                part = torch.einsum("bupm,u->bpm", buf[:, :k], w[start : start + k].to(buf.device))
+                total = total - part.to(chunks[0][1].device)
+            return total
+
+        return patched
+    device = model.embed.W_E.device
+    means = counterfactual.means(cf, g.upstream, acc, efficient_attention)
+    stacked = torch.stack([m.to(device) for m in means])  # [n_up, (pos,) d_model]
+    if cf.ablation == "mean-positional":
+        stacked = stacked[:, :pos]
+    return lambda w: torch.einsum("u...,u->...", stacked[: len(w)], w.to(device))
+
+
+def _heads_losses(model, tokens, loss_mask, g, circuits, cf, metric) -> torch.Tensor:
     """The heads graph's circuits through TransformerLens's per-head input hooks.
 
     With split q/k/v inputs and one key/value per query head (`tl_compat.ungrouped_kv`),
-    `hook_{q,k,v}_input` holds each head's own input [batch, pos, head, d_model]; a removed head
-    writer is z_h W_O[h] from `hook_z` of this pass (mean ablation: z_h minus its clean mean,
-    which is linear in W_O). TransformerLens attention is used (the fused kernels read no
-    per-head inputs).
+    `hook_{q,k,v}_input` holds each head's own input [batch, pos, head, d_model]; a replaced head
+    writer is z_h W_O[h] - z'_h W_O'[h], z_h from `hook_z` of this pass and z'_h, W_O' from the
+    counterfactual (the same W_O within one model: (z_h - z'_h) W_O[h]). TransformerLens
+    attention is used (the fused kernels read no per-head inputs).
     """
     heads.check_supported(model)
     acc = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
+    n_layers = model.cfg.n_layers
+    names = ["hook_embed"] + [f"blocks.{i}.hook_mlp_out" for i in range(n_layers)]
+    names += [f"blocks.{i}.attn.hook_z" for i in range(n_layers)]
     with tl_compat.ungrouped_kv(model, per_head_inputs=True):
-        means = None
-        if ablation == "mean":
-            clean = _HeadsPass(model, g, None, None, acc)
-            model.run_with_hooks(tokens, fwd_hooks=clean.record_hooks())
-            means = clean.means(_valid_positions(loss_mask).to(acc))
+        values = None
+        if cf.ablation == "patch":
+            values = [None] * len(names)
+
+            def on_output(i: int, act: torch.Tensor) -> None:
+                values[i] = act.to(tokens.device, acc)
+
+            counterfactual.run_outputs(cf, names, on_output, efficient_attention=False)
+        elif cf.ablation != "zero":
+            values = counterfactual.means(cf, names, acc, efficient_attention=False)
+            if cf.ablation == "mean-positional":
+                values = [v[: tokens.shape[1]] for v in values]
+        replaced = None
+        if values is not None:
+            w_o = None
+            if cf.cross_model:
+                w_o = [b.attn.W_O.detach().to(tokens.device, acc) for b in cf.model.blocks]
+            replaced = (
+                dict(enumerate(values[: n_layers + 1])),
+                dict(enumerate(values[n_layers + 1 :])),
+                w_o,
+            )
         losses = []
         for keep in circuits:
-            run = _HeadsPass(model, g, (g.edge_mask & ~keep.cpu()).to(acc), means, acc)
+            run = _HeadsPass(model, g, (g.edge_mask & ~keep.cpu()).to(acc), replaced, acc)
             logits = model.run_with_hooks(tokens, fwd_hooks=run.hooks())
             losses.append(metric(logits, tokens, loss_mask).to(acc))
     return torch.stack(losses).cpu()
 
 
 class _HeadsPass:
-    """The hooks of one heads-graph forward: record writers, subtract the removed ones."""
+    """The hooks of one heads-graph forward: record writers, replace the removed ones."""
 
-    def __init__(self, model, g, removed, means, acc):
+    def __init__(self, model, g, removed, replaced, acc):
         self.model, self.g, self.removed, self.acc = model, g, removed, acc
         self.n_heads, self.n_layers = model.cfg.n_heads, model.cfg.n_layers
-        self.mean_full, self.mean_z = means if means is not None else (None, None)
+        # O' of the embedding / MLPs, z' of each layer, and W_O' when from another model.
+        self.cf_full, self.cf_z, self.cf_w_o = replaced if replaced is not None else (None,) * 3
         self.full: dict[int, torch.Tensor] = {}  # 0: embedding, l + 1: MLP of layer l
         self.z: dict[int, torch.Tensor] = {}  # layer -> [b, p, head, d_head]
         self.node = {name: d for d, name in enumerate(g.downstream)}
@@ -181,13 +240,6 @@ class _HeadsPass:
     def _store(self, into: dict, i: int, act: torch.Tensor, hook) -> None:
         into[i] = act.to(self.acc)
 
-    def means(self, valid: torch.Tensor) -> tuple[dict, dict]:
-        """Each writer's clean mean over the valid positions: [d_model] or z's [head, d_head]."""
-        total = valid.sum()
-        full = {i: torch.einsum("bpm,bp->m", a, valid) / total for i, a in self.full.items()}
-        z = {i: torch.einsum("bphj,bp->hj", a, valid) / total for i, a in self.z.items()}
-        return full, z
-
     def hooks(self) -> list:
         hooks = self.record_hooks()
         for layer in range(self.n_layers):
@@ -197,14 +249,14 @@ class _HeadsPass:
         return hooks
 
     def _correction(self, columns: list[int], device) -> torch.Tensor | None:
-        """The removed writers' outputs summed for each of `columns`: [b, p, c, d_model]."""
+        """O_u - O'_u of the removed writers, summed for each of `columns`: [b, p, c, d_model]."""
         n = self.g.n_before[columns[0]]
         w = self.removed[:n, columns].to(device)  # [n, c]
         total = None
         for i, act in self.full.items():
             u = self._full_upstream(i)
             if u < n and w[u].any():
-                part = act if self.mean_full is None else act - self.mean_full[i]
+                part = act if self.cf_full is None else act - self.cf_full[i]
                 term = part.unsqueeze(2) * w[u].view(1, 1, -1, 1)
                 total = term if total is None else total + term
         for layer, z in self.z.items():
@@ -212,10 +264,13 @@ class _HeadsPass:
             weights = w[first : first + self.n_heads]  # [head, c]
             if first >= n or not weights.any():
                 continue
-            if self.mean_z is not None:
-                z = z - self.mean_z[layer]
             w_o = self.model.blocks[layer].attn.W_O.to(device, self.acc)  # [head, d_head, m]
+            if self.cf_z is not None and self.cf_w_o is None:
+                z = z - self.cf_z[layer]  # one W_O: (z - z') W_O
             term = torch.einsum("bpgj,gc,gjm->bpcm", z, weights, w_o)
+            if self.cf_w_o is not None:
+                theirs = self.cf_w_o[layer]
+                term = term - torch.einsum("bpgj,gc,gjm->bpcm", self.cf_z[layer], weights, theirs)
             total = term if total is None else total + term
         return total
 
@@ -228,24 +283,6 @@ class _HeadsPass:
     def _single(self, act: torch.Tensor, hook) -> torch.Tensor:
         fix = self._correction([self.node[hook.name]], act.device)
         return act if fix is None else act - fix[:, :, 0].to(act.dtype)
-
-
-def _valid_positions(loss_mask: torch.Tensor) -> torch.Tensor:
-    """[batch, pos] True up to each sample's last loss position (right padding excluded)."""
-    pos = loss_mask.shape[1]
-    last = pos - 1 - loss_mask.flip(1).int().argmax(1)
-    return torch.arange(pos, device=loss_mask.device).unsqueeze(0) <= last.unsqueeze(1)
-
-
-def _position_means(chunks, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Each upstream output [n_up, d_model] averaged over the batch and the positions up to each
-    sample's last loss position."""
-    valid = _valid_positions(loss_mask)
-    means = []
-    for _, buf in chunks:
-        weight = valid.to(buf.device, buf.dtype)  # [b, p]
-        means.append(torch.einsum("bupm,bp->um", buf, weight) / weight.sum())
-    return torch.cat([m.to(chunks[0][1].device) for m in means])
 
 
 def log_grid(n_edges: int, points: int) -> list[int]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from transformer_lens import HookedTransformer
 
-from rl_circuits.engine import tl_compat
+from rl_circuits.engine import counterfactual, methods, tl_compat
 from rl_circuits.engine.graph import Graph
 
 CHUNK = 4  # heads per transient [batch, CHUNK, pos, d_model] tensor
@@ -125,6 +125,20 @@ class _State:
         self.grads = torch.zeros(batch, n_layers + 1, pos, d_model, **zeros)  # mlp_in, logits
         self.seen: set[tuple] = set()
         self.embed_scale = 1.0
+        self.add = False  # record adds O to the buffers' -O' (`_fill`) instead of copying
+        # Patching from another model: its z' [b, L, H d_head, pos] and W_O' per layer, since
+        # z W_O - z' W_O' is no product of one W_O (the buffer z then holds the clean z alone).
+        self.z_cf: torch.Tensor | None = None
+        self.w_o_cf: list[torch.Tensor] | None = None
+        self.interpolate: tuple[str, float] | None = None  # (output, t): see `methods.Pass`
+
+    def writers(self, model, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(z [b, H d_head, pos], W_O [H, d_head, d_model]) whose products give a layer's head
+        outputs O - O': one pair, or the clean and the other model's (subtract the second)."""
+        pairs = [(self.z[:, layer], _w_out(model, layer, self.device, self.dtype))]
+        if self.z_cf is not None:
+            pairs.append((self.z_cf[:, layer], self.w_o_cf[layer]))
+        return pairs
 
     def once(self, *key) -> bool:
         """True the first time `key` is seen in this pass (checkpointed blocks run twice)."""
@@ -150,31 +164,86 @@ def gradient_scores(
     loss_mask: torch.Tensor,
     graph: Graph,
     metric: Callable,
-    scales: list[float],
+    passes: list[methods.Pass],
+    cf: counterfactual.Counterfactual,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """EAP (one scale) or EAP-IG scores [batch, n_upstream, n_downstream] and the clean loss."""
+    """Scores [batch, n_upstream, n_downstream] from the gradients averaged over `passes`
+    (`rl_circuits.engine.methods`), and the clean loss."""
     cfg = model.cfg
     layout, state = _prepare(model, tokens)
     batch, device, acc = tokens.shape[0], state.device, state.dtype
     scores = torch.zeros(batch, len(graph.upstream), len(graph.downstream), dtype=acc)
     scores = scores.to(device)
-    weight = 1.0 / len(scales)
+    weight = 1.0 / len(passes)
     full_rows = torch.tensor(
         [0] + [layout.up_mlp(layer) for layer in range(cfg.n_layers)], device=device
     )
     engine = _Engine(model, state, scores, layout, full_rows, weight)
+    _fill(model, state, cf)
     clean_loss = None
-    for scale in scales:
+    if passes[0] != methods.CLEAN:
+        with torch.no_grad(), _gradient_hooks(model, state, _NoEngine(), record=True):
+            clean_loss = metric(model(tokens), tokens, loss_mask)
+    for step in passes:
         record = clean_loss is None
         state.seen = set()
-        state.embed_scale = scale
+        state.embed_scale = step.t if step.node is None else 1.0
+        state.interpolate = None if step.node is None else (step.node, step.t)
+        if step.node is not None:  # a constant output: sites before it may get no gradient
+            state.grads.zero_()
+            if state.has_norm:
+                state.t.zero_()
         with _gradient_hooks(model, state, engine, record):
-            loss = metric(model(tokens), tokens, loss_mask)
+            loss = metric(model(cf.tokens if step.corrupted else tokens), tokens, loss_mask)
             loss.sum().backward()
         engine.finish()
         if record:
             clean_loss = loss.detach()
     return scores, clean_loss
+
+
+def _fill(model: HookedTransformer, state: _State, cf: counterfactual.Counterfactual) -> None:
+    """Write -O' into the output buffers (z of each head, the embedding and MLP outputs), so that
+    the clean pass's record leaves O - O' there; zero ablation leaves them empty."""
+    if cf.ablation == "zero":
+        return
+    state.add = True
+    n_layers = model.cfg.n_layers
+    names = ["hook_embed"] + [f"blocks.{i}.hook_mlp_out" for i in range(n_layers)]
+    names += [f"blocks.{i}.attn.hook_z" for i in range(n_layers)]
+
+    if cf.cross_model:
+        state.z_cf = torch.zeros_like(state.z)
+        state.w_o_cf = [_w_out(cf.model, i, state.device, state.dtype) for i in range(n_layers)]
+
+    def slot(i: int) -> torch.Tensor:
+        if i <= n_layers:
+            return state.full[:, i]
+        # -z' into z_cf, kept apart from z (subtracted there by `writers`)
+        return (state.z if state.z_cf is None else state.z_cf)[:, i - n_layers - 1]
+
+    def as_slot(i: int, act: torch.Tensor) -> torch.Tensor:
+        """An output in its buffer's layout: z [.., pos, head, d_head] -> [.., width, pos]."""
+        return act if i <= n_layers else act.flatten(-2).transpose(-1, -2)
+
+    if cf.ablation == "patch":
+
+        def on_output(i: int, act: torch.Tensor) -> None:
+            value = as_slot(i, act).to(state.device, state.dtype)
+            if state.z_cf is not None and i > n_layers:
+                slot(i).copy_(value)
+            else:
+                slot(i).sub_(value)
+
+        counterfactual.run_outputs(cf, names, on_output)
+        return
+    pos = state.full.shape[2]
+    for i, mean in enumerate(counterfactual.means(cf, names, state.dtype)):
+        if cf.ablation == "mean-positional":
+            mean = mean[:pos]
+        elif i > n_layers:
+            mean = mean.unsqueeze(0)  # one z for every position: [1, head, d_head]
+        slot(i).copy_(-as_slot(i, mean).to(state.device))
 
 
 class _Engine:
@@ -223,14 +292,16 @@ class _Engine:
         w_in = w_x if w_norm is None else w_x * w_norm[None, :, None]
         w_in = w_in.permute(1, 0, 2).reshape(self.d_model, n_w * d_head)
         for source in range(layer):
-            c = torch.bmm(st.z[:, source], dxn)  # [batch, (h' i), (h j)]
-            w_o = _w_out(self.model, source, st.device, st.dtype)
-            k = w_o.reshape(n_heads * d_head, self.d_model) @ w_in  # [(h' i), (g j)]
-            diag = torch.einsum(
-                "bhixgj,hixj->bhxg",
-                c.view(batch, n_heads, d_head, n_w, group, d_head),
-                k.view(n_heads, d_head, n_w, d_head),
-            ).reshape(batch, n_heads, n_heads)
+            diag = None
+            for z, w_o in st.writers(self.model, source):  # O = z W_O (minus z' W_O')
+                c = torch.bmm(z, dxn)  # [batch, (h' i), (h j)]
+                k = w_o.reshape(n_heads * d_head, self.d_model) @ w_in  # [(h' i), (g j)]
+                term = torch.einsum(
+                    "bhixgj,hixj->bhxg",
+                    c.view(batch, n_heads, d_head, n_w, group, d_head),
+                    k.view(n_heads, d_head, n_w, d_head),
+                ).reshape(batch, n_heads, n_heads)
+                diag = term if diag is None else diag - term
             up = lay.up_head(source)
             self.scores[:, up : up + n_heads, first : first + n_heads] -= self.weight * diag
 
@@ -251,8 +322,10 @@ class _Engine:
         n_layers = lay.n_layers
         batch, pos = st.full.shape[0], st.full.shape[2]
         for source in range(n_layers):
-            w_o = _w_out(self.model, source, st.device, st.dtype)
-            z = st.z[:, source].view(batch, n_heads, d_head, pos)
+            writers = [
+                (z.view(batch, n_heads, d_head, pos), w_o)
+                for z, w_o in st.writers(self.model, source)
+            ]
             grads = st.grads[:, source:].flatten(2)  # [batch, n_g, pos * d_model]
             cols = torch.tensor(
                 [lay.down_full(i) for i in range(source, n_layers + 1)], device=st.device
@@ -262,7 +335,10 @@ class _Engine:
                 stop = min(start + CHUNK, n_heads)
                 low, high = lay.up_head(source) + start, lay.up_head(source) + stop
                 rows = torch.arange(low, high, device=st.device)
-                out = torch.einsum("bcjp,cjm->bcpm", z[:, start:stop], w_o[start:stop])
+                out = None
+                for z, w_o in writers:  # O = z W_O (minus z' W_O')
+                    term = torch.einsum("bcjp,cjm->bcpm", z[:, start:stop], w_o[start:stop])
+                    out = term if out is None else out - term
                 part = torch.bmm(out.flatten(2), grads.transpose(1, 2))  # [batch, c, n_g]
                 self.scores[:, rows[:, None], cols[None, :]] -= self.weight * part
                 if not st.has_norm or later == 0:
@@ -285,11 +361,41 @@ def _gradient_hooks(
     handles = []
     n_layers = model.cfg.n_layers
 
+    def store(into: torch.Tensor, value: torch.Tensor) -> None:
+        if state.add:
+            into.add_(value.to(into.device, into.dtype))
+        else:
+            into.copy_(value)
+
+    def interpolated(name: str, out: torch.Tensor, delta) -> torch.Tensor | None:
+        """O' + t (O - O') = O - (1 - t) (O - O') where `name` is the interpolated output."""
+        if state.interpolate is None or state.interpolate[0] != name:
+            return None
+        t = state.interpolate[1]
+        return out.detach() - (1 - t) * delta().to(out.device, out.dtype)
+
     def on_embed(mod, args, out):
         if record and state.once("embed"):
-            state.full[:, 0].copy_(out.detach())
+            store(state.full[:, 0], out.detach())
+        value = interpolated("hook_embed", out, lambda: state.full[:, 0])
+        if value is not None:
+            return value.requires_grad_(torch.is_grad_enabled())
         out = out.detach().requires_grad_(torch.is_grad_enabled())
-        return out * state.embed_scale if state.embed_scale != 1.0 else out
+        if state.embed_scale == 1.0:
+            return out
+        if not state.add:
+            return out * state.embed_scale
+        return out - (1 - state.embed_scale) * state.full[:, 0].to(out.device, out.dtype)
+
+    def on_attn_out(layer, mod, args, out):
+        def delta():
+            out = None
+            for z, w_o in state.writers(model, layer):  # z [batch, width, pos]
+                term = torch.einsum("bwp,wm->bpm", z, w_o.flatten(0, 1))
+                out = term if out is None else out - term
+            return out
+
+        return interpolated(f"blocks.{layer}.hook_attn_out", out, delta)
 
     def on_ln1(layer, mod, args):
         if state.norms[layer] != "none" and state.once("ln1", layer):
@@ -301,7 +407,7 @@ def _gradient_hooks(
     def on_z(layer, mod, args, out):
         if record and state.once("z", layer):
             z = out.detach().flatten(2).transpose(1, 2)  # [batch, n_heads * d_head, pos]
-            state.z[:, layer].copy_(z)
+            store(state.z[:, layer], z)
 
     def on_part(layer, part, mod, args, out):
         if not out.requires_grad or not state.once("qkv", layer, part):
@@ -319,7 +425,8 @@ def _gradient_hooks(
 
     def on_mlp(layer, mod, args, out):
         if record and state.once("mlp", layer):
-            state.full[:, layer + 1].copy_(out.detach())
+            store(state.full[:, layer + 1], out.detach())
+        return interpolated(f"blocks.{layer}.hook_mlp_out", out, lambda: state.full[:, layer + 1])
 
     def on_post(mod, args, out):
         if not out.requires_grad or not state.once("post"):
@@ -344,6 +451,7 @@ def _gradient_hooks(
                 )
             add(block.ln2, lambda m, a, layer=layer: on_ln2(layer, m, a), pre=True)
             add(block.hook_mlp_out, lambda m, a, o, layer=layer: on_mlp(layer, m, a, o))
+            add(block.hook_attn_out, lambda m, a, o, layer=layer: on_attn_out(layer, m, a, o))
         add(model.blocks[n_layers - 1].hook_resid_post, on_post)
         yield
     finally:
@@ -360,11 +468,13 @@ def exact_scores(
     loss_mask: torch.Tensor,
     graph: Graph,
     metric: Callable,
+    cf: counterfactual.Counterfactual,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """loss(O_u really removed from the input of node d) - clean loss, for every edge."""
+    """loss(O_u replaced by O'_u in the input of node d) - clean loss, for every edge."""
     layout, state = _prepare(model, tokens)
     batch, acc = tokens.shape[0], state.dtype
     with torch.no_grad():
+        _fill(model, state, cf)
         with _gradient_hooks(model, state, _NoEngine(), record=True):
             clean = metric(model(tokens), tokens, loss_mask)
         outputs = _Outputs(model, state, layout)
@@ -387,7 +497,7 @@ class _NoEngine:
 
 
 class _Outputs:
-    """Upstream node u's clean output [batch, pos, d_model], from the recorded buffers."""
+    """Upstream node u's O_u - O'_u [batch, pos, d_model] (zero ablation: O_u), from the buffers."""
 
     def __init__(self, model, state: _State, layout: _Layout):
         self.model, self.state, self.layout = model, state, layout
@@ -400,9 +510,12 @@ class _Outputs:
         if offset == n_heads:
             return st.full[:, layer + 1]
         d_head = self.model.cfg.d_head
-        z = st.z[:, layer, offset * d_head : (offset + 1) * d_head]  # [batch, d_head, pos]
-        w_o = _w_out(self.model, layer, st.device, st.dtype)[offset]
-        return torch.einsum("bjp,jm->bpm", z, w_o)
+        out = None
+        for z, w_o in st.writers(self.model, layer):
+            z = z[:, offset * d_head : (offset + 1) * d_head]  # [batch, d_head, pos]
+            term = torch.einsum("bjp,jm->bpm", z, w_o[offset])
+            out = term if out is None else out - term
+        return out
 
 
 @contextmanager

@@ -33,6 +33,17 @@ REQUIRED = ("before", "after", "algorithm", "template", "max_new_tokens")
 # A template's fields: `{name}`; `{q}` (the question) is the only one a prompt fills.
 _TEMPLATE_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 ROLES = ("before", "after")  # a pair's two models: before and after post-training
+# Cross-model patching (the diff stage): "A_into_B" runs model B on model A's answer with
+# A's upstream outputs patched into B's edges.
+DIRECTIONS = ("after_into_before", "before_into_after")
+
+
+def direction_roles(direction: str) -> tuple[str, str]:
+    """(the role that runs, the role whose answer it reads and whose outputs it takes)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}")
+    source, _, target = direction.partition("_into_")
+    return target, source
 
 
 @dataclass(frozen=True)

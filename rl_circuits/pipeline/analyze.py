@@ -7,6 +7,7 @@ import functools
 
 import numpy as np
 
+from rl_circuits.analysis.diff import TABLE_THRESHOLD, diff_summary, gap_metric
 from rl_circuits.analysis.faithfulness import compare_circuit_sizes, faithfulness, overlap_curve
 from rl_circuits.analysis.metrics import output_entropy
 from rl_circuits.analysis.reader import TABLE_METRICS, finished_cells, with_empty_note
@@ -14,7 +15,7 @@ from rl_circuits.analysis.stats import METRICS, compare, table1_from_rows
 from rl_circuits.config import RunConfig
 from rl_circuits.errors import RLCircuitsError
 from rl_circuits.models.pairs import ROLES
-from rl_circuits.pipeline.common import circuit_alphas
+from rl_circuits.pipeline.common import circuit_alphas, diff_alphas
 from rl_circuits.store.layout import RunLayout
 from rl_circuits.store.run import RunStore
 
@@ -50,6 +51,10 @@ def stage_analyze(cfg: RunConfig, store: RunStore, progress: bool = True) -> Non
         circuit_rows, curves = _circuit_comparisons(cfg, store)
         rows += circuit_rows
         store.write_json(RunLayout.CIRCUIT_CURVES, curves)
+    if cfg.diff.enabled:
+        diff_rows, summaries = _diff_summaries(cfg, store)
+        rows += diff_rows
+        store.write_json(RunLayout.DIFF_CURVES, summaries)
     if not rows:
         raise RLCircuitsError(
             "no attribution cell with at least two questions to analyze "
@@ -134,6 +139,53 @@ def _circuit_comparisons(cfg: RunConfig, store: RunStore) -> tuple[list[dict], d
                 band["sizes"] = {r["metric"]: [r["before"], r["after"]] for r in size_rows}
                 curves[f"{pair.name}|{dataset}|{alpha:g}"] = _plain_tree(band)
     return rows, curves
+
+
+def _diff_summaries(cfg: RunConfig, store: RunStore) -> tuple[list[dict], dict]:
+    """Table 1's "edges for 80% of the gap" rows (the count in the after column, with its
+    bootstrap interval) and each diff cell's summary, per "pair|direction|dataset|alpha"."""
+    a = cfg.analyze
+    rows, summaries = [], {}
+    for pair in cfg.pairs.values():
+        for direction in cfg.diff.directions:
+            for dataset in cfg.run.datasets:
+                for alpha in diff_alphas(cfg):
+                    rel = RunLayout.diff_curve(pair.name, direction, dataset, alpha)
+                    if not store.exists(rel):
+                        continue
+                    cell = store.read_json(rel)
+                    if len(cell["ids"]) < 2:
+                        continue
+                    summary = diff_summary(
+                        np.asarray(cell["losses"]),
+                        np.asarray(cell["clean"]),
+                        np.asarray(cell["source"]),
+                        cell["ks"],
+                        n_resamples=a.n_resamples,
+                        seed=a.seed,
+                    )
+                    summaries[f"{pair.name}|{direction}|{dataset}|{alpha:g}"] = _plain_tree(summary)
+                    k, low, high, _ = summary["edges"][str(round(TABLE_THRESHOLD * 100))]
+                    rows.append(
+                        _plain(
+                            {
+                                "pair": pair.name,
+                                "algorithm": pair.algorithm,
+                                "dataset": dataset,
+                                "alpha": alpha,
+                                "metric": gap_metric(TABLE_THRESHOLD, direction),
+                                "before": float("nan"),
+                                "after": k,
+                                "ci_low": low,
+                                "ci_high": high,
+                                "significant": False,
+                                "n": summary["n"],
+                                "n_resamples": a.n_resamples,
+                                "ci": 0.95,
+                            }
+                        )
+                    )
+    return rows, summaries
 
 
 def _plain_tree(obj):

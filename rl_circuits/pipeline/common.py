@@ -41,6 +41,11 @@ def circuit_alphas(cfg: RunConfig) -> list[float]:
     return [float(a) for a in cfg.circuits.alphas] or cfg.alphas
 
 
+def diff_alphas(cfg: RunConfig) -> list[float]:
+    """The alphas whose cells are patched: `diff.alphas`, or every selection alpha."""
+    return [float(a) for a in cfg.diff.alphas] or cfg.alphas
+
+
 def questions(store: RunStore, dataset: str) -> list[dict]:
     """The dataset's normalised records ({id, question, gold}) as the datasets stage wrote them."""
     return store.read_jsonl(RunLayout.dataset(dataset))

@@ -32,7 +32,7 @@ from rl_circuits.config import (
     upgrade_resolved,
 )
 from rl_circuits.errors import ConfigError, RLCircuitsError
-from rl_circuits.models.pairs import ROLES, PairModel, pair_models
+from rl_circuits.models.pairs import ROLES, PairModel, direction_roles, pair_models
 from rl_circuits.pipeline.registry import STAGE_NAMES, STAGES
 from rl_circuits.store.canonical import config_diff
 from rl_circuits.store.layout import RunLayout
@@ -99,7 +99,7 @@ def data_hashes(cfg: RunConfig) -> dict[str, str]:
 
 def plan(cfg: RunConfig, hashes: dict[str, str]) -> dict[str, StagePlan]:
     """The cells and fingerprints of every stage under `cfg` (`hashes`: dataset file hashes)."""
-    from rl_circuits.pipeline.common import circuit_alphas
+    from rl_circuits.pipeline.common import circuit_alphas, diff_alphas
 
     plans = {name: StagePlan() for name in STAGE_NAMES}
 
@@ -142,11 +142,24 @@ def plan(cfg: RunConfig, hashes: dict[str, str]) -> dict[str, StagePlan]:
         if enabled and alpha in alphas:
             rel = RunLayout.circuit(pair, role, name, alpha)
             plans["circuits"].cells[rel] = Cell(_hash(["circuits", values("circuits"), up]), (rel,))
-    for stage in ("datasets", "generate", "grade", "select", "attribute", "circuits"):
+    if cfg.diff.enabled:
+        attributed = plans["attribute"].cells
+        for pair in cfg.pairs.values():
+            for direction in cfg.diff.directions:
+                reads = direction_roles(direction)[1]
+                for name in datasets:
+                    for alpha in diff_alphas(cfg):
+                        up = attributed[RunLayout.attribution(pair.name, reads, name, alpha)]
+                        rel = RunLayout.diff(pair.name, direction, name, alpha)
+                        fp = _hash(["diff", values("diff"), up.fingerprint])
+                        plans["diff"].cells[rel] = Cell(fp, (rel,))
+    for stage in ("datasets", "generate", "grade", "select", "attribute", "circuits", "diff"):
         cells = {k: c.fingerprint for k, c in plans[stage].cells.items()}
-        own = enabled if stage == "circuits" else None
+        own = {"circuits": enabled, "diff": cfg.diff.enabled}.get(stage)
         plans[stage].fingerprint = _hash([stage, values(stage), own, cells])
+    # a run without the diff stage keeps the analyze fingerprint it had before the stage existed
     upstream = [plans[s].fingerprint for s in ("attribute", "circuits")]
+    upstream += [plans["diff"].fingerprint] if cfg.diff.enabled else []
     algorithms = {p.name: p.algorithm for p in cfg.pairs.values()}
     plans["analyze"].fingerprint = _hash(["analyze", values("analyze"), algorithms, upstream])
     plans["analyze"].cells["analysis"] = Cell(plans["analyze"].fingerprint, (RunLayout.ANALYSIS,))

@@ -115,6 +115,12 @@ def _circuits() -> Implementation:
     return Implementation(stage_circuits)
 
 
+def _diff() -> Implementation:
+    from rl_circuits.pipeline.diff import stage_diff
+
+    return Implementation(stage_diff)
+
+
 def _analyze() -> Implementation:
     from rl_circuits.pipeline.analyze import stage_analyze
 
@@ -160,9 +166,17 @@ STAGES: dict[str, Stage] = {
             per_cell=("circuits.alphas", "circuits.enabled"),
         ),
         Stage(
+            "diff",
+            ("model", "diff", "attribute.ig_steps"),
+            ("attribute",),
+            "pair x direction x dataset x alpha",
+            _diff,
+            per_cell=("diff.alphas", "diff.directions", "diff.enabled"),
+        ),
+        Stage(
             "analyze",
             ("analyze", "circuits.thresholds"),
-            ("attribute", "circuits"),
+            ("attribute", "circuits", "diff"),
             "run",
             _analyze,
         ),

@@ -23,6 +23,7 @@ def stage_report(cfg: RunConfig, store: RunStore, progress: bool = True) -> Path
         accuracy=accuracy_table(cfg, store),
         funnel=run.funnel(),
         skipped=run.skipped_cells(),
+        tables=_diff_tables(run),
     )
     path = store.write_text(RunLayout.REPORT_HTML, html)
     for name, image in png_images(figures).items():
@@ -30,6 +31,18 @@ def stage_report(cfg: RunConfig, store: RunStore, progress: bool = True) -> Path
     store.mark_done("report", {"path": RunLayout.REPORT_HTML})
     print(f"report: {path}")
     return path
+
+
+def _diff_tables(run: Run) -> dict:
+    """The edges that carry the change most, per diff cell with a summary."""
+    if not run.store.exists(RunLayout.DIFF_CURVES):
+        return {}
+    tables = {}
+    for key in run.diff():
+        pair, direction, dataset, alpha = key.split("|")
+        heading = f"Edges that carry the change: {pair}, {direction}, {dataset}, alpha={alpha}"
+        tables[heading] = run.diff_edges(pair, direction, dataset, float(alpha))
+    return tables
 
 
 def _notes(cfg: RunConfig) -> str:
@@ -43,4 +56,12 @@ def _notes(cfg: RunConfig) -> str:
         f"{cfg.select.window}, subset {cfg.select.subset}), end token "
         f"{cfg.generate.end_token}. "
         "↑/↓/→ direction of the change after post-training (→: none), * interval excludes 0."
+        + (
+            f" Diff: cross-model patching scores (method {cfg.diff.method}, graph "
+            f"{cfg.diff.graph}), the first-order loss change when an edge takes the other "
+            "model's output; the gap is the running model's loss minus the other's on the "
+            "other's answer."
+            if cfg.diff.enabled
+            else ""
+        )
     )

@@ -31,15 +31,22 @@ class RunLayout:
             skipped.json                        {id: why} questions left out of the cell
             scores.safetensors                  the merged scores, in selection order
         circuits/<pair>/<role>/<dataset>/alpha-<a>.json   per-question circuit losses
+        diff/<pair>/<direction>/<dataset>/alpha-<a>/
+            q/<id>.safetensors                  one question's cross-model patching scores
+            losses/<id>.json                    its losses along the diff circuit curve
+            scores.safetensors                  the merged scores, in selection order
+            curve.json                          the merged losses: ids, ks, per-question losses
         analysis/compare.jsonl                  metric comparisons (Table 1 rows)
         analysis/output_entropy.json            output-edge entropy per cell
         analysis/skipped_cells.json             "pair|dataset|alpha" -> why it has no rows
         analysis/circuits.json                  faithfulness curves per cell
+        analysis/diff.json                      diff circuit curves and edge counts per cell
         analysis/table1.md, analysis/table1.tex Table 1
         report/report.html, report/png/<name>   the report and its figures
 
     `<model>` is `PairModel.key` (pairs sharing a model share its answers), `<role>` is
-    "before" or "after", `<a>` an alpha as `format(a, "g")`.
+    "before" or "after", `<direction>` one of `models.pairs.DIRECTIONS`, `<a>` an alpha as
+    `format(a, "g")`.
     """
 
     LOCK = ".lock"
@@ -52,6 +59,7 @@ class RunLayout:
     OUTPUT_ENTROPY = "analysis/output_entropy.json"
     SKIPPED_CELLS = "analysis/skipped_cells.json"
     CIRCUIT_CURVES = "analysis/circuits.json"
+    DIFF_CURVES = "analysis/diff.json"
     TABLE1_MD = "analysis/table1.md"
     TABLE1_TEX = "analysis/table1.tex"
     REPORT = "report"
@@ -125,6 +133,35 @@ class RunLayout:
     def circuit(pair: str, role: str, dataset: str, alpha: float) -> str:
         """The circuits stage's per-question losses of one cell."""
         return f"circuits/{pair}/{role}/{dataset}/alpha-{alpha:g}.json"
+
+    @staticmethod
+    def diff(pair: str, direction: str, dataset: str, alpha: float) -> str:
+        """The folder of one diff cell (pair x direction x dataset x alpha)."""
+        return f"diff/{pair}/{direction}/{dataset}/alpha-{alpha:g}"
+
+    @staticmethod
+    def diff_question_scores(
+        pair: str, direction: str, dataset: str, alpha: float, qid: str
+    ) -> str:
+        """One question's cross-model patching scores in its diff cell."""
+        return f"{RunLayout.diff(pair, direction, dataset, alpha)}/q/{qid}.safetensors"
+
+    @staticmethod
+    def diff_question_losses(
+        pair: str, direction: str, dataset: str, alpha: float, qid: str
+    ) -> str:
+        """One question's losses along its diff cell's circuit curve."""
+        return f"{RunLayout.diff(pair, direction, dataset, alpha)}/losses/{qid}.json"
+
+    @staticmethod
+    def diff_scores(pair: str, direction: str, dataset: str, alpha: float) -> str:
+        """A diff cell's merged scores."""
+        return f"{RunLayout.diff(pair, direction, dataset, alpha)}/scores.safetensors"
+
+    @staticmethod
+    def diff_curve(pair: str, direction: str, dataset: str, alpha: float) -> str:
+        """A diff cell's merged per-question losses (written last: the cell is done)."""
+        return f"{RunLayout.diff(pair, direction, dataset, alpha)}/curve.json"
 
     @staticmethod
     def report_png(name: str) -> str:

@@ -15,6 +15,8 @@ from plotly.offline import get_plotlyjs
 from rl_circuits.analysis.metrics import output_entropy, relative_change
 from rl_circuits.analysis.plots import (
     LOG2_LIMITS,
+    diff_curves,
+    diff_heatmap,
     diversity_bars,
     metric_vs_alpha,
     output_entropy_lines,
@@ -83,6 +85,31 @@ def test_heatmap_nan_non_edges_zmid_and_hook_name_axes():
     assert figure.layout.title.text == "Toy"
     with pytest.raises(ValueError, match="upstream"):
         relative_change_heatmap(before, after, UPSTREAM[:2], DOWNSTREAM, MASK)
+
+
+def test_diff_heatmap_shows_mean_signed_scores_and_sums_heads_per_hook():
+    values, _ = scores()
+    figure = diff_heatmap(values, UPSTREAM, DOWNSTREAM, MASK, title="Diff")
+    z = np.asarray(figure.data[0].z, dtype=float)
+    assert np.isnan(z[~MASK]).all()
+    np.testing.assert_allclose(z[MASK], values.mean(0)[MASK], rtol=1e-6)
+    assert figure.data[0].zmid == 0 and figure.data[0].zmax == -figure.data[0].zmin > 0
+    assert tuple(figure.data[0].y) == UPSTREAM and figure.layout.title.text == "Diff"
+    # head-level nodes: one row per hook, the heads' mean scores summed
+    heads = ("hook_embed", "blocks.0.attn.hook_result[0]", "blocks.0.attn.hook_result[1]")
+    figure = diff_heatmap(values, heads, DOWNSTREAM, np.ones((3, 5), bool))
+    z = np.asarray(figure.data[0].z, dtype=float)
+    assert list(figure.data[0].y) == ["hook_embed", "blocks.0.attn.hook_result"]
+    np.testing.assert_allclose(z[1], values.mean(0)[1:].sum(0), rtol=1e-5)
+
+
+def test_diff_curves_one_line_and_band_per_direction():
+    summary = {"ks": [1, 4, 16], "curve": [0.2, 0.7, 0.9], "curve_low": [0.1, 0.6, 0.8]}
+    summary["curve_high"] = [0.3, 0.8, 1.0]
+    figure = diff_curves({"after_into_before": summary, "before_into_after": summary})
+    lines = [t for t in figure.data if t.mode == "lines+markers"]
+    assert [t.name for t in lines] == ["after into before", "before into after"]
+    assert list(lines[0].y) == [0.2, 0.7, 0.9] and figure.layout.xaxis.type == "log"
 
 
 def test_heatmap_log2_scale_is_symmetric_and_states_its_clipping():
@@ -280,6 +307,9 @@ def test_report_sections_funnel_and_skipped_cells():
     assert "<th>− both correct</th>" in text
     assert "<h2>Cells without results</h2>" in text
     assert "<li>Toy, MATH, 0.5: every question skipped</li>" in text
+    edges = pd.DataFrame([{"upstream": "hook_embed", "mean score": -0.00123}])
+    text = render_report(title="t", table=None, figures={}, tables={"Top <edges>": edges})
+    assert "<h2>Top &lt;edges&gt;</h2>" in text and "<td>-1.23e-3</td>" in text
     # a figure title that closes the script element cannot break out of it
     figure = go.Figure(layout={"title": {"text": "</script><b>x"}})
     assert "</script><b>x" not in render_report(title="t", table=None, figures={"f": figure})

@@ -21,6 +21,7 @@ def test_demo_config_validates(tmp_path, monkeypatch):
     assert cfg.alphas == [0.1, 0.3, 0.5, 1.0]
     assert cfg.attribute.graph == "paper"
     assert cfg.pairs["toy-dpo"].algorithm == "DPO"
+    assert cfg.diff.enabled and cfg.diff.alphas == (1.0,)  # both pairs, both directions
 
 
 def test_demo_prints_the_accuracies_and_paired_tests(tmp_path, monkeypatch, capsys):

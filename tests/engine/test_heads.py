@@ -11,7 +11,7 @@ from test_attribution import clean_outputs, hand_ablated_loss
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from rl_circuits.engine import attribution, efficient, heads, tl_compat
+from rl_circuits.engine import attribution, counterfactual, efficient, heads, methods, tl_compat
 from rl_circuits.engine.attribution import attribute, masked_nll
 from rl_circuits.engine.graph import build_graph, parse_node
 from rl_circuits.models.loading import load_model
@@ -29,12 +29,15 @@ def _batch(seed=0, batch=2, pos=14, start=7):
 def _raw_scores(model, tokens, mask, graph: str, scales) -> torch.Tensor:
     """The engines' own float64 matrices (attribute() hands out float32 copies)."""
     g = build_graph(graph, model.cfg.n_layers, model.cfg.n_heads)
+    passes, zero = [methods.Pass(t=t) for t in scales], counterfactual.Counterfactual("zero")
     with attribution._frozen(model), torch.enable_grad(), efficient.efficient_attention(model):
         if graph == "heads":
             with tl_compat.ungrouped_kv(model):
-                values, _ = heads.gradient_scores(model, tokens, mask, g, masked_nll, scales)
+                values, _ = heads.gradient_scores(model, tokens, mask, g, masked_nll, passes, zero)
         else:
-            values, _ = attribution._gradient_scores(model, tokens, mask, g, masked_nll, scales)
+            values, _ = attribution._gradient_scores(
+                model, tokens, mask, g, masked_nll, passes, zero
+            )
     return values
 
 

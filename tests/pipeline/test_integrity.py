@@ -75,6 +75,7 @@ def test_registry_declares_every_stage_once():
         "select",
         "attribute",
         "circuits",
+        "diff",
         "analyze",
         "report",
     )
@@ -119,6 +120,29 @@ def test_added_alpha_computes_only_its_cells(tiny_run, tmp_path, capsys):
     # the same command again: everything is current
     assert main(["run", str(config)]) == 0
     assert "recomput" not in capsys.readouterr().out
+
+
+def test_enabled_diff_computes_only_its_cells_and_a_diff_key_recomputes_them(
+    tiny_run, tmp_path, capsys
+):
+    run, config = _moved(tiny_run, tmp_path, capsys)
+    kept = {**_bytes(run, "generate"), **_bytes(run, "attribute")}
+    _rewrite(config, {"diff": {"enabled": True, "points": 4, "alphas": [1.0]}})
+    assert main(["run", str(config)]) == 2  # refused without --force, naming the cells
+    err = capsys.readouterr().err
+    assert "diff: compute new 2 cells" in err and "attribute: " not in err
+    assert main(["run", str(config), "--force"]) == 0
+    capsys.readouterr()
+    for rel, data in kept.items():
+        assert (run / rel).read_bytes() == data, rel
+    curve = "diff/tiny/after_into_before/sevens/alpha-1/curve.json"
+    assert len(json.loads((run / curve).read_text())["ks"]) <= 4
+    _rewrite(config, {"diff": {"points": 3}})
+    assert main(["run", str(config), "--force"]) == 0
+    assert "diff: recompute 2 cells" in capsys.readouterr().out
+    assert len(json.loads((run / curve).read_text())["ks"]) <= 3
+    for rel, data in kept.items():
+        assert (run / rel).read_bytes() == data, rel
 
 
 def test_single_stage_after_added_alpha_recomputes_select_first(tiny_run, tmp_path, capsys):
