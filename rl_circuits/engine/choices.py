@@ -1,4 +1,4 @@
-"""The names of the engine's options (graphs, rankings, edge sets; methods and ablations: `methods`).
+"""The names of the engine's options: graphs, rankings, edge sets (methods, ablations: `methods`).
 
 Why here and not beside their code: run configs check these names when they are validated,
 and validation must not import torch or TransformerLens (seconds) for a typo's message. The
