@@ -66,6 +66,12 @@ def _circuits():
     return circuits
 
 
+def _weight_diff():
+    from rl_circuits.models import weight_diff
+
+    return weight_diff
+
+
 @dataclass(frozen=True)
 class Rule:
     """What one config key accepts: a value of `kind`, and where it has one, in a range
@@ -219,6 +225,19 @@ class AnalyzeSection:
 
 
 @dataclass(frozen=True)
+class WeightsSection:
+    """[weights]: the parameter update of each node (`rl_circuits.pipeline.weights`)."""
+
+    enabled: bool = _key(True)
+    # a parameter counts as changed where |after - before| > tol, both cast to dtype
+    dtype: str = _key("bfloat16", choices=lambda: _weight_diff().WEIGHT_DTYPES)
+    tol: float = _key(1e-5, _NON_NEGATIVE)
+    rank_rows: int = _key(8192, _AT_LEAST_ONE)  # rows of a node's update in its effective rank
+    n_permutations: int = _key(10000, _AT_LEAST_ONE)  # for the weight-edge rank correlation
+    seed: int = _key(0)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A validated config: one frozen section per stage (`cfg.select.n`), the pairs it uses by
     name, and where it came from."""
@@ -231,6 +250,7 @@ class RunConfig:
     attribute: AttributeSection
     circuits: CircuitsSection
     analyze: AnalyzeSection
+    weights: WeightsSection
     pairs: dict[str, Pair]
     source: str
 

@@ -50,6 +50,7 @@ def test_one_frozen_section_per_table():
         "attribute",
         "circuits",
         "analyze",
+        "weights",
     ]
     cfg = parse_config(MINIMAL, "c.toml")
     for name, kind in SECTIONS.items():
@@ -109,11 +110,14 @@ def test_every_choice_comes_from_its_owning_module():
         for f in dataclasses.fields(kind)
         if f.metadata["rule"].choices is not None
     }
-    from rl_circuits.config import AnalyzeSection
+    from rl_circuits.config import AnalyzeSection, WeightsSection
+    from rl_circuits.models import weight_diff
 
     assert rule(AnalyzeSection, "edges").choices == graph.EDGE_SETS
+    assert rule(WeightsSection, "dtype").choices == weight_diff.WEIGHT_DTYPES
     assert choice_keys == {*owned, (SelectSection, "reference"), (SelectSection, "window")} | {
-        (AnalyzeSection, "edges")
+        (AnalyzeSection, "edges"),
+        (WeightsSection, "dtype"),
     }
 
 
@@ -279,14 +283,20 @@ def test_run_written_before_the_sections_loads_and_plans_unchanged():
     old = json.loads(FIXTURE.read_text())
     stored = old["config"]
     cfg = config_from_resolved(upgrade_resolved(stored), "config.json")
-    assert cfg.resolved() == stored
+    # sections added since: at their defaults
+    added = {"weights"}
+    assert {k: v for k, v in cfg.resolved().items() if k not in added} == stored
     assert config_diff(upgrade_resolved(stored), cfg.resolved()) == []
     got = plan(cfg, old["dataset_hashes"])
+    # Stages added since (weights, on by default) compute their new cells, and the report,
+    # which shows them, is redone; every other stage and cell keeps its fingerprint.
+    assert set(got) - set(old["fingerprints"]) == added
     assert {
         stage: {"stage": p.fingerprint, "cells": {k: c.fingerprint for k, c in p.cells.items()}}
         for stage, p in got.items()
-    } == old["fingerprints"]
+        if stage not in (*added, "report")
+    } == {stage: v for stage, v in old["fingerprints"].items() if stage != "report"}
     # keys at their defaults missing from an older config.json are no change either
     older = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}
     del older["analyze"]["bins"], older["run"]["ids"]
-    assert config_from_resolved(upgrade_resolved(older), "c").resolved() == stored
+    assert config_from_resolved(upgrade_resolved(older), "c").resolved() == cfg.resolved()

@@ -150,6 +150,7 @@ def weight_diff(
     *,
     rank_rows: int = DEFAULT_RANK_ROWS,
     seed: int = 0,
+    revisions: tuple[str | None, str | None] = (None, None),
     progress: bool = False,
 ) -> pd.DataFrame:
     """Per node of `graph`: how the parameters it owns changed from `before_dir` to `after_dir`.
@@ -157,7 +158,8 @@ def weight_diff(
     Rows in residual order (see the module docstring for who owns what); columns `COLUMNS`.
     `dtype` ("bfloat16", "float32", ..., or "saved") is the precision at which a parameter
     counts as changed; `rel_norm` and `effective_rank` use the saved values. `attrs["model"]`
-    holds the whole-model n_params, n_changed, fraction_changed and rel_norm.
+    holds the whole-model n_params, n_changed, fraction_changed and rel_norm. A hub id
+    downloads the checkpoint at its revision in `revisions` (before, after).
     """
     if graph not in GRAPHS:
         raise ConfigError(f"graph {graph!r} is not known; choose one of {', '.join(GRAPHS)}")
@@ -166,7 +168,7 @@ def weight_diff(
     if not (isinstance(rank_rows, int) and rank_rows >= 1):
         raise ConfigError(f"rank_rows = {rank_rows!r} must be an integer >= 1")
     cast = None if dtype == SAVED else as_dtype(dtype)
-    before, after = resolve(before_dir), resolve(after_dir)
+    before, after = resolve(before_dir, revisions[0]), resolve(after_dir, revisions[1])
     mmap, cfg = _same_model(before, after)
     files = {role: _tensor_files(ckpt) for role, ckpt in (("before", before), ("after", after))}
     names = _same_tensors(before, after, files["before"], files["after"])

@@ -121,6 +121,12 @@ def _analyze() -> Implementation:
     return Implementation(stage_analyze)
 
 
+def _weights() -> Implementation:
+    from rl_circuits.pipeline.weights import stage_weights
+
+    return Implementation(stage_weights)
+
+
 def _report() -> Implementation:
     from rl_circuits.pipeline.report import stage_report
 
@@ -166,6 +172,8 @@ STAGES: dict[str, Stage] = {
             "run",
             _analyze,
         ),
+        # reads only the pairs' checkpoints: no forward pass
+        Stage("weights", ("weights", "attribute.graph"), (), "pair", _weights),
         # the report's notes name settings of every stage: all of the config
         Stage("report", tuple(SECTIONS), ("analyze",), "run", _report),
     )

@@ -31,6 +31,7 @@ class RunLayout:
             skipped.json                        {id: why} questions left out of the cell
             scores.safetensors                  the merged scores, in selection order
         circuits/<pair>/<role>/<dataset>/alpha-<a>.json   per-question circuit losses
+        weights/<pair>.json                     each node's parameter update (weights stage)
         analysis/compare.jsonl                  metric comparisons (Table 1 rows)
         analysis/output_entropy.json            output-edge entropy per cell
         analysis/skipped_cells.json             "pair|dataset|alpha" -> why it has no rows
@@ -125,6 +126,11 @@ class RunLayout:
     def circuit(pair: str, role: str, dataset: str, alpha: float) -> str:
         """The circuits stage's per-question losses of one cell."""
         return f"circuits/{pair}/{role}/{dataset}/alpha-{alpha:g}.json"
+
+    @staticmethod
+    def weights(pair: str) -> str:
+        """The weights stage's per-node parameter update of one pair."""
+        return f"weights/{pair}.json"
 
     @staticmethod
     def report_png(name: str) -> str:

@@ -55,6 +55,7 @@ def test_registry_declares_every_stage_once():
         "attribute",
         "circuits",
         "analyze",
+        "weights",
         "report",
     )
     for spec in STAGES.values():
