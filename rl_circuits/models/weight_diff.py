@@ -18,9 +18,13 @@ once, are in `DataFrame.attrs["model"]`.
 Effective rank: every matrix of these families has one side on the residual stream (d_model),
 so a node's update is its matrices stacked as rows of one [N, d_model] matrix (W_O and the MLP's
 down projection transposed, a norm's weight one row; biases left out), and its effective rank
-is exp(entropy of its normalised singular values), between 1 and d_model (0: no update). Where
-N > `rank_rows`, `rank_rows` rows drawn uniformly without replacement (seeded) stand for it:
-(N / rank_rows) X^T X of the sample is an unbiased estimate of dW^T dW.
+is exp(entropy of its normalised singular values, float32 SVD), between 1 and d_model (0: no
+update). Where N > `rank_rows`, `rank_rows` rows drawn uniformly without replacement (seeded)
+stand for it: (N / rank_rows) X^T X of the sample is an unbiased estimate of dW^T dW.
+
+Memory: one tensor pair as saved, float64 temporaries of `CHUNK` elements, and the sampled
+rows of the nodes in progress (float32, at most `rank_rows` x d_model per node); see
+bench/weight_diff_memory.py.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ SAVED = "saved"
 WEIGHT_DTYPES: tuple[str, ...] = (SAVED, *DTYPES)
 COLUMNS = ("n_params", "n_changed", "fraction_changed", "rel_norm", "effective_rank")
 DEFAULT_RANK_ROWS = 8192
-CHUNK = 1 << 22  # elements compared per step: bounds the float64 temporaries (32 MB each)
+CHUNK = 1 << 20  # elements compared per step: bounds the float64 temporaries (8 MB each)
 # Which axis of the Hugging Face tensor is the residual stream, per TransformerLens parameter.
 _RESIDUAL_AXIS = {
     "W_E": 1,
@@ -212,8 +216,9 @@ def weight_diff(
                     offsets[row] += n_rows
                     if local.size:
                         index = torch.from_numpy(local)
-                        da = piece.stacked(block_a)[index].double()
-                        totals[row].rank_rows.append(da - piece.stacked(block_b)[index].double())
+                        rows_a = piece.stacked(block_a)[index]
+                        rows_b = piece.stacked(block_b)[index]
+                        totals[row].rank_rows.append(_difference(rows_a, rows_b))
                 left[row] -= 1
                 if left[row] == 0:
                     ranks[row] = _rank(totals[row].rank_rows)
@@ -231,6 +236,13 @@ def weight_diff(
         "graph": graph,
     }
     return frame
+
+
+def _difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a - b in float32, computed in float32 (exact for nearby values, Sterbenz) unless the
+    checkpoint is float64."""
+    wide = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return (a.to(wide) - b.to(wide)).float()
 
 
 def _rank(parts: list[torch.Tensor]) -> float:
