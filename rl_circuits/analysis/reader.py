@@ -279,11 +279,17 @@ class Run:
         (per pair when all pairs are read)."""
         if pair is not None:
             self._check(pair, None, None)
+        records = self._weight_records()
+        skipped = {name: r["skipped"] for name, r in records.items() if "skipped" in r}
+        if pair is not None and pair in skipped:
+            raise RLCircuitsError(
+                f"run {self.root} has no weights table for {pair}: {skipped[pair]}"
+            )
         names = [pair] if pair is not None else list(self.config.pairs)
         tables = {
-            name: weights_table(self.store.read_json(RunLayout.weights(name)))
+            name: weights_table(records[name])
             for name in names
-            if self.config.weights.enabled and self.store.exists(RunLayout.weights(name))
+            if name in records and name not in skipped
         }
         if not tables or (pair is not None and pair not in tables):
             enable = "" if self.config.weights.enabled else " with [weights] enabled = true"
@@ -296,6 +302,16 @@ class Run:
         joined = pd.concat(tables, names=["pair"])
         joined.attrs["model"] = {name: t.attrs["model"] for name, t in tables.items()}
         return joined
+
+    def _weight_records(self) -> dict[str, dict]:
+        """The weights stage's file of each pair that has one, when the stage is enabled."""
+        if not self.config.weights.enabled:
+            return {}
+        return {
+            pair: self.store.read_json(RunLayout.weights(pair))
+            for pair in self.config.pairs
+            if self.store.exists(RunLayout.weights(pair))
+        }
 
     def weight_edges(self, pair: str, dataset: str, alpha: float) -> tuple[pd.DataFrame, dict]:
         """`pair`'s weights table joined to the change of each node's outgoing edge mass in
@@ -333,11 +349,7 @@ class Run:
         """The weights stage's figures: update fractions per node and pair, weight vs edge
         change on the largest alpha's cells, and the whole-model fractions."""
         figures: dict = {}
-        pairs = [
-            p
-            for p in self.config.pairs
-            if self.config.weights.enabled and self.store.exists(RunLayout.weights(p))
-        ]
+        pairs = [p for p, record in self._weight_records().items() if "skipped" not in record]
         for pair in pairs:
             table = self.weights(pair)
             model = table.attrs["model"]

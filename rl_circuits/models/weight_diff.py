@@ -391,8 +391,14 @@ def _tensor_files(ckpt: Checkpoint) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it (headers only)."""
     from safetensors import safe_open
 
+    files = weight_files(ckpt, allow_pickle=True)
+    if any(file.suffix != ".safetensors" for file in files):
+        raise CheckpointError(
+            f"{ckpt.path} has only pickle weights; weight_diff reads safetensors only (no "
+            "unpickling): convert the checkpoint with save_pretrained(safe_serialization=True)"
+        )
     out = {}
-    for file in weight_files(ckpt):
+    for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             for name in handle.keys():
                 if not _IGNORED.match(name):

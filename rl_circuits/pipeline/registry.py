@@ -133,6 +133,10 @@ def _report() -> Implementation:
     return Implementation(stage_report)
 
 
+# the weights table's settings (n_permutations is the report's)
+WEIGHTS_KEYS = tuple(f"weights.{k}" for k in ("enabled", "dtype", "tol", "rank_rows", "seed"))
+WEIGHTS_KEYS += ("attribute.graph",)
+
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
@@ -173,7 +177,7 @@ STAGES: dict[str, Stage] = {
             _analyze,
         ),
         # reads only the pairs' checkpoints: no forward pass
-        Stage("weights", ("weights", "attribute.graph"), (), "pair", _weights),
+        Stage("weights", WEIGHTS_KEYS, (), "pair", _weights),
         # the report's notes name settings of every stage: all of the config
         Stage("report", tuple(SECTIONS), ("analyze",), "run", _report),
     )

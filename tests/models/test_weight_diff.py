@@ -213,6 +213,12 @@ def test_different_models_get_one_clear_error(tmp_path, tiny_checkpoints):
     assert weight_diff(qwen, half, dtype="bfloat16")["n_changed"].sum() == 0
     with pytest.raises(ConfigError, match="graph 'nodes' is not known"):
         weight_diff(qwen, qwen, graph="nodes")
+    pickled = tmp_path / "pickled"
+    shutil.copytree(qwen, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="only pickle weights; weight_diff reads safetensors"):
+        weight_diff(qwen, pickled)
 
 
 def test_effective_rank_of_a_planted_rank_r_update_and_its_subsample(tiny_checkpoints, tmp_path):

@@ -86,3 +86,27 @@ def test_weights_stage_resumes_and_can_be_disabled(tiny_run, tmp_path):
     with pytest.raises(RLCircuitsError, match=r"no weights tables.*enabled = true"):
         run.weights()
     assert not any(name.startswith("Parameters changed") for name in run.figures())
+
+
+def test_a_pair_of_two_architectures_gets_its_reason_and_the_stage_goes_on(
+    tiny_run, tiny_checkpoints, tmp_path
+):
+    from rl_circuits import load_run
+
+    _, config = tiny_run
+    pairs = {
+        "tiny": {
+            "before": str(tiny_checkpoints["Qwen2ForCausalLM"]),
+            "after": str(tiny_checkpoints["LlamaForCausalLM"]),
+        }
+    }
+    config = write_config(tmp_path / "c.toml", base=config, pairs=pairs)
+    run_dir = tmp_path / "run"
+    assert main(["weights", str(config), "--run-dir", str(run_dir)]) == 0  # needs no other stage
+    record = json.loads((run_dir / RunLayout.weights("tiny")).read_text())
+    assert "is a Qwen2ForCausalLM but" in record["skipped"]
+    run = load_run(run_dir)
+    with pytest.raises(RLCircuitsError, match="no weights table for tiny: .* is a Qwen2"):
+        run.weights("tiny")
+    with pytest.raises(RLCircuitsError, match="no weights tables yet"):
+        run.weights()
