@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from rl_circuits.engine.graph import GRAPHS
@@ -135,7 +136,7 @@ def _ratio(sq_diff: float, sq_before: float) -> float:
     return float(np.sqrt(sq_diff / sq_before)) if sq_before > 0 else float("inf")
 
 
-def effective_rank(singular_values: np.ndarray) -> float:
+def effective_rank(singular_values: Float[np.ndarray, " k"]) -> float:
     """exp(Shannon entropy of sigma / sum(sigma)) (Roy & Vetterli 2007); 0 for a zero matrix."""
     s = np.asarray(singular_values, dtype=np.float64)
     s = s[s > 0]
@@ -191,7 +192,10 @@ def weight_diff(
     samples = _rank_samples(pieces, shapes, rows, rank_rows, seed)
     totals = {row: _Totals() for row in rows}
     model = _Totals()
-    left = {row: sum(row in p.owners for n in names for p in pieces[n]) for row in rows}
+    left = dict.fromkeys(rows, 0)  # pieces still to read per row: its rank is due at 0
+    for piece in (p for parts in pieces.values() for p in parts):
+        for row in piece.owners:
+            left[row] += 1
     ranks: dict[str, float] = {}
     offsets = {row: 0 for row in rows}
     for name in tqdm(names, desc="weight diff", disable=not progress, unit="tensor"):
@@ -202,10 +206,10 @@ def weight_diff(
                 f"tensor {name!r} is saved as {a.dtype} in {before.path} but {b.dtype} in "
                 f"{after.path}; pass a dtype to compare both at (e.g. dtype='bfloat16')"
             )
-        model.add(_stats(a, b, cast, tol))
-        for piece in pieces[name]:
+        for piece in pieces[name]:  # the pieces of a tensor partition it
             block_a, block_b = piece.take(a), piece.take(b)
             stats = _stats(block_a, block_b, cast, tol)
+            model.add(stats)  # once, however many rows own the piece
             n_rows = piece.n_rows(tuple(block_a.shape))
             for row in piece.owners:
                 totals[row].add(stats)
