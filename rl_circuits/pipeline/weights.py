@@ -29,8 +29,8 @@ def stage_weights(cfg: RunConfig, store: RunStore, progress: bool = True) -> Non
         return
     for pair in cfg.pairs.values():
         rel = RunLayout.weights(pair.name)
-        if store.exists(rel):
-            continue
+        if store.exists(rel) and "skipped" not in store.read_json(rel):
+            continue  # done; a skipped pair is tried again (a download may have failed)
         before, after = (PairModel(pair, role) for role in ROLES)
         try:
             frame = weight_diff(
