@@ -19,6 +19,7 @@ _EXPORTS = {
     "compare": "rl_circuits.analysis.stats",
     "table1": "rl_circuits.analysis.reader",
     "load_config": "rl_circuits.config",
+    "weight_diff": "rl_circuits.models.weight_diff",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -212,6 +212,19 @@ class AnalyzeSection:
 
 
 @dataclass(frozen=True)
+class WeightsSection:
+    """[weights]: the parameter update of each node (`rl_circuits.pipeline.weights`)."""
+
+    enabled: bool = _key(True)
+    # a parameter counts as changed where |after - before| > tol, both cast to dtype
+    dtype: str = _key("bfloat16", choices=lambda: model_choices.WEIGHT_DTYPES)
+    tol: float = _key(1e-5, _NON_NEGATIVE)
+    rank_rows: int = _key(8192, _AT_LEAST_ONE)  # rows of a node's update in its effective rank
+    n_permutations: int = _key(10000, _AT_LEAST_ONE)  # for the weight-edge rank correlation
+    seed: int = _key(0)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A validated config: one frozen section per stage (`cfg.select.n`), the pairs it uses by
     name, and where it came from."""
@@ -225,6 +238,7 @@ class RunConfig:
     circuits: CircuitsSection
     diff: DiffSection
     analyze: AnalyzeSection
+    weights: WeightsSection
     pairs: dict[str, Pair]
     source: str
 

@@ -52,6 +52,7 @@ def test_one_frozen_section_per_table():
         "circuits",
         "diff",
         "analyze",
+        "weights",
     ]
     cfg = parse_config(MINIMAL, "c.toml")
     for name, kind in SECTIONS.items():
@@ -114,11 +115,14 @@ def test_every_choice_comes_from_its_owning_module():
         for f in dataclasses.fields(kind)
         if f.metadata["rule"].choices is not None
     }
-    from rl_circuits.config import AnalyzeSection
+    from rl_circuits.config import AnalyzeSection, WeightsSection
+    from rl_circuits.models import choices as model_choices
 
     assert rule(AnalyzeSection, "edges").choices == engine.EDGE_SETS
+    assert rule(WeightsSection, "dtype").choices == model_choices.WEIGHT_DTYPES
     assert choice_keys == {*owned, (SelectSection, "reference"), (SelectSection, "window")} | {
-        (AnalyzeSection, "edges")
+        (AnalyzeSection, "edges"),
+        (WeightsSection, "dtype"),
     }
 
 
@@ -304,22 +308,26 @@ def test_run_written_before_the_sections_loads_and_plans_unchanged():
     old = json.loads(FIXTURE.read_text())
     stored = old["config"]
     cfg = config_from_resolved(upgrade_resolved(stored), "config.json")
-    # sections added since (diff) come at their defaults; all else is as stored
+    # sections added since (diff, weights) come at their defaults; all else is as stored
     added = sorted(set(cfg.resolved()) - set(stored))
-    assert added == ["diff"] and all(cfg.resolved()[k] == defaults()[k] for k in added)
+    assert added == ["diff", "weights"]
+    assert all(cfg.resolved()[k] == defaults()[k] for k in added)
     assert {k: v for k, v in cfg.resolved().items() if k not in added} == stored
     assert config_diff(upgrade_resolved(stored), cfg.resolved()) == []
     got = plan(cfg, old["dataset_hashes"])
+    # Stages added since: diff (off, no cells) and weights (on by default: its new cells); the
+    # report, which shows them, is redone; every other stage and cell keeps its fingerprint.
+    assert set(got) - set(old["fingerprints"]) == set(added)
+    assert got["diff"].cells == {}
     fingerprints = {
         stage: {"stage": p.fingerprint, "cells": {k: c.fingerprint for k, c in p.cells.items()}}
         for stage, p in got.items()
-        if stage != "diff"  # a stage added since: off, no cells
+        if stage not in added
     }
     report = fingerprints.pop("report")
     assert fingerprints == {k: v for k, v in old["fingerprints"].items() if k != "report"}
     assert any(stored["run"][key.split(".")[1]] for key in LOCATION_KEYS)
     assert report["stage"] != old["fingerprints"]["report"]["stage"]
-    assert got["diff"].cells == {}
     # keys at their defaults missing from an older config.json are no change either
     older = {k: dict(v) if isinstance(v, dict) else v for k, v in stored.items()}
     del older["analyze"]["bins"], older["run"]["ids"]

@@ -27,6 +27,15 @@ from rl_circuits.analysis.plots import (
     relative_change_heatmap,
 )
 from rl_circuits.analysis.stats import Table1, table1_from_rows
+from rl_circuits.analysis.weights import (
+    join_edges,
+    model_fractions,
+    outgoing_mass,
+    rank_agreement,
+    update_fractions,
+    weight_edge_scatter,
+    weights_table,
+)
 from rl_circuits.config import RunConfig, config_from_resolved, upgrade_resolved
 from rl_circuits.data.selection import Selection
 from rl_circuits.engine.scores import EdgeScores
@@ -297,6 +306,109 @@ class Run:
                     f"{sizes})",
                 )
         figures.update(self._diff_figures())
+        figures.update(self._weight_figures(largest))
+        return figures
+
+    def weights(self, pair: str | None = None) -> pd.DataFrame:
+        """Each node's parameter update (the weights stage): `pair`'s table indexed by node,
+        or every pair's under a `pair` index level; `attrs["model"]`: the whole-model totals
+        (per pair when all pairs are read)."""
+        if pair is not None:
+            self._check(pair, None, None)
+        records = self._weight_records()
+        skipped = {name: r["skipped"] for name, r in records.items() if "skipped" in r}
+        if pair is not None and pair in skipped:
+            raise RLCircuitsError(
+                f"run {self.root} has no weights table for {pair}: {skipped[pair]}"
+            )
+        names = [pair] if pair is not None else list(self.config.pairs)
+        tables = {
+            name: weights_table(records[name])
+            for name in names
+            if name in records and name not in skipped
+        }
+        if not tables or (pair is not None and pair not in tables):
+            enable = "" if self.config.weights.enabled else " with [weights] enabled = true"
+            raise RLCircuitsError(
+                f"run {self.root} has no weights table{f' for {pair}' if pair else 's'} yet: "
+                f"run `rl-circuits weights CONFIG`{enable} (or `rl-circuits run CONFIG`)"
+            )
+        if pair is not None:
+            return tables[pair]
+        joined = pd.concat(tables, names=["pair"])
+        joined.attrs["model"] = {name: t.attrs["model"] for name, t in tables.items()}
+        return joined
+
+    def _weight_records(self) -> dict[str, dict]:
+        """The weights stage's file of each pair that has one, when the stage is enabled."""
+        if not self.config.weights.enabled:
+            return {}
+        return {
+            pair: self.store.read_json(RunLayout.weights(pair))
+            for pair in self.config.pairs
+            if self.store.exists(RunLayout.weights(pair))
+        }
+
+    def weight_edges(self, pair: str, dataset: str, alpha: float) -> tuple[pd.DataFrame, dict]:
+        """`pair`'s weights table joined to the change of each node's outgoing edge mass in
+        one cell (and its diff-score mass where the diff stage ran), with (Spearman rho,
+        permutation p) of rel_norm against |edge change| and against the diff mass."""
+        w = self.config.weights
+        before, after = (self.scores(pair, role, dataset, alpha) for role in ROLES)
+        masses = [outgoing_mass(s.values.numpy(), s.edge_mask.numpy()) for s in (before, after)]
+        diff = self._diff_mass(pair, dataset, alpha)
+        joined = join_edges(self.weights(pair), before.upstream, *masses, diff=diff)
+        stats = {
+            "edge_change": rank_agreement(
+                joined["rel_norm"], joined["edge_change"].abs(), w.n_permutations, w.seed
+            )
+        }
+        if diff is not None:
+            stats["diff_mass"] = rank_agreement(
+                joined["rel_norm"], joined["diff_mass"], w.n_permutations, w.seed
+            )
+        return joined, stats
+
+    def _diff_mass(self, pair: str, dataset: str, alpha: float):
+        """Per upstream node, the outgoing mass of the diff stage's after-into-before scores,
+        where the diff stage ran on this cell (else None)."""
+        rel = RunLayout.diff_scores(pair, "after_into_before", dataset, alpha)
+        if not self.store.exists(rel):
+            return None
+        scores = self.store.read_scores(rel)
+        return outgoing_mass(scores.values.numpy(), scores.edge_mask.numpy())
+
+    def _weight_figures(self, largest: float | None) -> dict:
+        """The weights stage's figures: update fractions per node and pair, weight vs edge
+        change on the largest alpha's cells, and the whole-model fractions."""
+        figures: dict = {}
+        pairs = [p for p, record in self._weight_records().items() if "skipped" not in record]
+        for pair in pairs:
+            table = self.weights(pair)
+            model = table.attrs["model"]
+            figures[f"Parameters changed per node: {pair}"] = update_fractions(
+                table,
+                f"Parameters changed by {self.config.pairs[pair].algorithm} per node ({pair}; "
+                f"{model['fraction_changed']:.1%} of all, |diff| > {model['tol']:g} at "
+                f"{model['dtype']})",
+            )
+            for dataset in self.config.run.datasets:
+                files = [RunLayout.scores(pair, role, dataset, largest or 0) for role in ROLES]
+                if largest is None or not all(self.store.exists(f) for f in files):
+                    continue
+                joined, stats = self.weight_edges(pair, dataset, largest)
+                figures[f"Weight change vs edge change: {pair}, {dataset}, alpha={largest:g}"] = (
+                    weight_edge_scatter(
+                        joined,
+                        f"Do the nodes whose weights moved most carry the edges that moved "
+                        f"most? ({pair}, {dataset}, alpha={largest:g})",
+                        stats,
+                    )
+                )
+        if pairs:
+            figures["Parameters changed, whole model"] = model_fractions(
+                {p: self.weights(p).attrs["model"] for p in pairs}
+            )
         return figures
 
     def _diff_figures(self) -> dict:

@@ -9,19 +9,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from rl_circuits.pipeline.registry import SHARDED_STAGES, STAGE_NAMES
+from rl_circuits.pipeline.registry import SHARDED_STAGES, STAGE_NAMES, STAGES
 
-# What each stage command does, for its --help (tests/cli/test_messages.py: one per stage).
-STAGE_HELP = {
-    "datasets": "read each dataset of the config into question/gold records",
-    "generate": "let the before and after model of every pair answer the questions",
-    "grade": "grade every answer against the gold answer",
-    "select": "select the questions to score (the paper's Eqs. 10-12) and their T_cut",
-    "attribute": "score every edge on each selected question, for each model and alpha",
-    "circuits": "faithfulness of top-k circuits (when circuits.enabled)",
-    "analyze": "compare the before and after edge scores: Table 1, intervals, figures' data",
-    "report": "write report/report.html from the analysis",
-}
 RESUME_NOTE = " Finished work is kept: a stopped command resumes where it stopped."
 FORCE_HELP = (
     "accept a changed config or data file: delete the outputs it makes stale and recompute "
@@ -321,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "run":
             p = command(name, "run every stage that is not done, in order", RESUME_NOTE)
         else:
-            p = command(name, STAGE_HELP[name], f" A stale earlier stage runs first.{RESUME_NOTE}")
+            p = command(
+                name, STAGES[name].summary, f" A stale earlier stage runs first.{RESUME_NOTE}"
+            )
         p.add_argument("config", help="TOML run config, e.g. configs/paper.toml")
         p.add_argument(
             "--run-dir",

@@ -166,7 +166,7 @@ _LAYOUTS = {
 }
 
 
-def _weight_table(mmap: ModelMap, n_layers: int) -> dict[str, tuple[str, dict]]:
+def weight_table(mmap: ModelMap, n_layers: int) -> dict[str, tuple[str, dict]]:
     """Hugging Face tensor name -> (TransformerLens parameter name, entry)."""
     table = {}
     for tl_name, entry in mmap.weights.items():
@@ -181,7 +181,7 @@ def load_weights(model: HookedTransformer, ckpt: Checkpoint, mmap: ModelMap, fil
     """Copy the checkpoint's tensors into `model` one at a time (no second copy of the model)."""
     cfg = model.cfg
     params = dict(model.named_parameters())
-    table = _weight_table(mmap, cfg.n_layers)
+    table = weight_table(mmap, cfg.n_layers)
     filled: set[str] = set()
     for hf_name, tensor in iter_tensors(files):
         if hf_name not in table:

@@ -157,6 +157,13 @@ def plan(cfg: RunConfig, hashes: dict[str, str]) -> dict[str, StagePlan]:
         cells = {k: c.fingerprint for k, c in plans[stage].cells.items()}
         own = {"circuits": enabled, "diff": cfg.diff.enabled}.get(stage)
         plans[stage].fingerprint = _hash([stage, values(stage), own, cells])
+    if cfg.weights.enabled:
+        for pair in cfg.pairs.values():
+            models = [[m.path, m.revision] for m in (PairModel(pair, r) for r in ROLES)]
+            fp = _hash(["weights", models, values("weights")])
+            plans["weights"].cells[pair.name] = Cell(fp, (RunLayout.weights(pair.name),))
+    cells = {k: c.fingerprint for k, c in plans["weights"].cells.items()}
+    plans["weights"].fingerprint = _hash(["weights", values("weights"), cells])
     # a run without the diff stage keeps the analyze fingerprint it had before the stage existed
     upstream = [plans[s].fingerprint for s in ("attribute", "circuits")]
     upstream += [plans["diff"].fingerprint] if cfg.diff.enabled else []
@@ -164,6 +171,7 @@ def plan(cfg: RunConfig, hashes: dict[str, str]) -> dict[str, StagePlan]:
     plans["analyze"].fingerprint = _hash(["analyze", values("analyze"), algorithms, upstream])
     plans["analyze"].cells["analysis"] = Cell(plans["analyze"].fingerprint, (RunLayout.ANALYSIS,))
     whole = [values("report"), _hash(cfg.resolved()["pairs"]), plans["analyze"].fingerprint]
+    whole.append(plans["weights"].fingerprint)
     plans["report"].fingerprint = _hash(["report", whole])
     plans["report"].cells["report"] = Cell(plans["report"].fingerprint, (RunLayout.REPORT,))
     return plans

@@ -36,7 +36,8 @@ class Implementation:
 class Stage:
     """One stage of a run.
 
-    `keys`: the config keys its outputs depend on ("section" for all of a section's keys,
+    `summary`: what it does, in one line (its command's help); `keys`: the config keys its
+    outputs depend on ("section" for all of a section's keys,
     "section.key" for one); `requires`: the stages whose outputs it reads; `cells`: what one
     cell of its outputs is, for messages; `per_cell`: config keys whose entries are its cells
     rather than part of every cell's fingerprint; `sharded`: runs data-parallel in shard
@@ -48,6 +49,7 @@ class Stage:
     requires: tuple[str, ...]
     cells: str
     load: Callable[[], Implementation]
+    summary: str
     per_cell: tuple[str, ...] = ()
     sharded: bool = False
 
@@ -127,33 +129,66 @@ def _analyze() -> Implementation:
     return Implementation(stage_analyze)
 
 
+def _weights() -> Implementation:
+    from rl_circuits.pipeline.weights import stage_weights
+
+    return Implementation(stage_weights)
+
+
 def _report() -> Implementation:
     from rl_circuits.pipeline.report import stage_report
 
     return Implementation(stage_report)
 
 
+# the weights table's settings (n_permutations is the report's)
+WEIGHTS_KEYS = tuple(f"weights.{k}" for k in ("enabled", "dtype", "tol", "rank_rows", "seed"))
+WEIGHTS_KEYS += ("attribute.graph",)
+
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
         # run.data_dir enters as the data file's sha256 when the file exists
-        Stage("datasets", ("run.split", "run.limit", "run.ids"), (), "dataset", _datasets),
+        Stage(
+            "datasets",
+            ("run.split", "run.limit", "run.ids"),
+            (),
+            "dataset",
+            _datasets,
+            summary="read each dataset of the config into question/gold records",
+        ),
         Stage(
             "generate",
             ("model", "generate", "select.rules"),
             ("datasets",),
             "model x dataset",
             _generate,
+            summary="let the before and after model of every pair answer the questions",
             sharded=True,
         ),
-        Stage("grade", ("grade",), ("generate",), "model x dataset", _grade),
-        Stage("select", ("select",), ("grade",), "pair x dataset", _select),
+        Stage(
+            "grade",
+            ("grade",),
+            ("generate",),
+            "model x dataset",
+            _grade,
+            summary="grade every answer against the gold answer",
+        ),
+        Stage(
+            "select",
+            ("select",),
+            ("grade",),
+            "pair x dataset",
+            _select,
+            summary="select the questions to score (the paper's Eqs. 10-12) and their T_cut",
+        ),
         Stage(
             "attribute",
             ("model", "attribute", "select"),
             ("select",),
             "pair x model x dataset x alpha",
             _attribute,
+            summary="score every edge on each selected question, for each model and alpha",
             per_cell=("select.alphas",),
             sharded=True,
         ),
@@ -163,6 +198,7 @@ STAGES: dict[str, Stage] = {
             ("attribute",),
             "pair x model x dataset x alpha",
             _circuits,
+            summary="faithfulness of top-k circuits (when circuits.enabled)",
             per_cell=("circuits.alphas", "circuits.enabled"),
         ),
         Stage(
@@ -171,6 +207,7 @@ STAGES: dict[str, Stage] = {
             ("attribute",),
             "pair x direction x dataset x alpha",
             _diff,
+            summary="patch each pair across its two models: which edges carry the change",
             per_cell=("diff.alphas", "diff.directions", "diff.enabled"),
         ),
         Stage(
@@ -179,9 +216,26 @@ STAGES: dict[str, Stage] = {
             ("attribute", "circuits", "diff"),
             "run",
             _analyze,
+            summary="compare the before and after edge scores: Table 1, intervals, figures' data",
+        ),
+        # reads only the pairs' checkpoints: no forward pass
+        Stage(
+            "weights",
+            WEIGHTS_KEYS,
+            (),
+            "pair",
+            _weights,
+            summary="the parameter update of each node, checkpoint against checkpoint",
         ),
         # the report's notes name settings of every stage: all of the config
-        Stage("report", tuple(SECTIONS), ("analyze",), "run", _report),
+        Stage(
+            "report",
+            tuple(SECTIONS),
+            ("analyze", "weights"),
+            "run",
+            _report,
+            summary="write report/report.html from the analysis",
+        ),
     )
 }
 STAGE_NAMES = tuple(STAGES)  # in running order

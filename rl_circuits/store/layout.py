@@ -36,6 +36,7 @@ class RunLayout:
             losses/<id>.json                    its losses along the diff circuit curve
             scores.safetensors                  the merged scores, in selection order
             curve.json                          the merged losses: ids, ks, per-question losses
+        weights/<pair>.json                     each node's parameter update (weights stage)
         analysis/compare.jsonl                  metric comparisons (Table 1 rows)
         analysis/output_entropy.json            output-edge entropy per cell
         analysis/skipped_cells.json             "pair|dataset|alpha" -> why it has no rows
@@ -162,6 +163,11 @@ class RunLayout:
     def diff_curve(pair: str, direction: str, dataset: str, alpha: float) -> str:
         """A diff cell's merged per-question losses (written last: the cell is done)."""
         return f"{RunLayout.diff(pair, direction, dataset, alpha)}/curve.json"
+
+    @staticmethod
+    def weights(pair: str) -> str:
+        """The weights stage's per-node parameter update of one pair."""
+        return f"weights/{pair}.json"
 
     @staticmethod
     def report_png(name: str) -> str:

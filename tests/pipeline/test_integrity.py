@@ -77,6 +77,7 @@ def test_registry_declares_every_stage_once():
         "circuits",
         "diff",
         "analyze",
+        "weights",
         "report",
     )
     for spec in STAGES.values():

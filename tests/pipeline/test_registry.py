@@ -35,6 +35,8 @@ def test_every_file_of_a_run_is_named_by_the_layout(tiny_run):
     named |= {RunLayout.records_file(r) for r in records} | {RunLayout.marker(r) for r in records}
     store = RunStore.read_only(root)
     for pair in cfg.pairs:
+        if cfg.weights.enabled:
+            named.add(RunLayout.weights(pair))
         for d in datasets:
             named.add(RunLayout.selection(pair, d))
             selected = store.read_json(RunLayout.selection(pair, d))["ids"]
@@ -72,6 +74,7 @@ def test_the_layout_keeps_the_run_directory_format():
     assert RunLayout.record_chunk("grade/m/math", 1, 2) == "grade/m/math/chunks/s0001-00002.jsonl"
     assert RunLayout.record_chunk("grade/m/math", None, 2) == "grade/m/math/chunks/00002.jsonl"
     assert RunLayout.marker("attribute") == "stages/attribute.json"
+    assert RunLayout.weights("p") == "weights/p.json"
 
 
 def test_stages_are_declared_once_and_refuse_what_they_cannot_do(tmp_path):
