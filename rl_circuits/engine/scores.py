@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jaxtyping import Bool, Float
@@ -139,6 +140,25 @@ class EdgeScores:
                 "score": values.reshape(-1),
             }
         )
+
+    def to_eap_ig(
+        self, path: str | Path, sample: int | str | None = None, *, d_model: int | None = None
+    ) -> None:
+        """Write EAP-IG's graph file (`.json` as its `Graph.to_json`, `.pt` as `to_pt`): the
+        mean over samples, or one `sample` (position or id). Heads graph: EAP-IG's per-head
+        nodes; paper graph: one node per layer's heads, summed (`rl_circuits.engine.eap_ig`).
+        `d_model` (EAP-IG's cfg needs it) defaults to `meta["d_model"]`."""
+        from rl_circuits.engine import eap_ig
+
+        eap_ig.write(self, Path(path), sample, d_model)
+
+    @classmethod
+    def from_eap_ig(cls, path: str | Path) -> EdgeScores:
+        """An EAP-IG graph file (`Graph.to_json` / `to_pt`) as one sample's scores on the heads
+        graph (or the paper graph, for a file `to_eap_ig` wrote from it)."""
+        from rl_circuits.engine import eap_ig
+
+        return eap_ig.read(Path(path))
 
 
 def _names(names: Sequence[str], what: str) -> tuple[str, ...]:
