@@ -161,6 +161,28 @@ def cmd_tiny_models(args) -> int:
     return 0
 
 
+def cmd_export_graph(args) -> int:
+    """One cell's top edges as circuit-tracer / Neuronpedia graph JSON, with graph-metadata.json
+    and an offline viewer page beside it."""
+    from rl_circuits.analysis.graph_view import cell_graph, write_graph_files
+    from rl_circuits.analysis.reader import load_run
+
+    out = Path(args.out)
+    graph = cell_graph(
+        load_run(args.run),
+        args.pair,
+        args.role,
+        args.alpha,
+        args.top,
+        out.stem,
+        dataset=args.dataset,
+        direction=args.direction,
+    )
+    for path in write_graph_files(graph, out):
+        print(f"wrote {path}")
+    return 0
+
+
 def _prepare_tiny_models(config: str) -> None:
     """Write the config's `tiny_models` directory first when it is absent (configs/tiny.toml)."""
     from rl_circuits.config import load_config
@@ -280,6 +302,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build the zoo if absent and run the whole study on it")
     p.add_argument("--run-dir", default="runs/demo")
     p.set_defaults(func=lambda args: _demo(args.run_dir))
+    p = sub.add_parser(
+        "export-graph",
+        help="one cell's top-K edges as attribution-graph JSON (circuit-tracer, Neuronpedia)",
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument("out", help="OUT.json; graph-metadata.json and OUT.html are written beside it")
+    p.add_argument("--pair", required=True)
+    p.add_argument("--role", required=True, choices=["before", "after", "diff"])
+    p.add_argument("--alpha", required=True, type=float)
+    p.add_argument("--top", type=int, default=50, help="edges by |mean score| (default 50)")
+    p.add_argument("--dataset", help="default: the run's only dataset")
+    p.add_argument(
+        "--direction",
+        default="after_into_before",
+        help="with --role diff: the diff stage's direction (default after_into_before)",
+    )
+    p.set_defaults(func=cmd_export_graph)
     p = sub.add_parser("tiny-models", help="write the tiny before/after checkpoints of tiny.toml")
     p.add_argument("directory")
     p.set_defaults(func=cmd_tiny_models)
