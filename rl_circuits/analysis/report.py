@@ -89,9 +89,11 @@ def render_report(
     accuracy: pd.DataFrame | None = None,
     funnel: pd.DataFrame | None = None,
     skipped: Mapping[str, str] | None = None,
+    links: Mapping[str, str] | None = None,
 ) -> str:
     """The report's HTML text: title, notes, Table 1 and its statistics in full, the cells
-    without results, the selection funnel, the accuracy table, then each figure."""
+    without results, the selection funnel, the accuracy table, then each figure; `links`
+    (label -> relative href) lists the pages beside the report (the circuit graph viewers)."""
     e = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -125,6 +127,11 @@ def render_report(
             "<h2>Accuracy per model and dataset</h2>",
             accuracy.to_html(index=False, classes="table1", float_format=lambda x: f"{x:.1f}"),
         ]
+    if links:
+        items = "".join(
+            f'<li><a href="{e(href)}">{e(label)}</a></li>' for label, href in links.items()
+        )
+        parts += ["<h2>Circuit graphs: each cell's top edges, drawn</h2>", f"<ul>{items}</ul>"]
     for i, (name, figure) in enumerate(figures.items()):
         target = f"figure-{i}-{_slug(name)}"
         parts += [

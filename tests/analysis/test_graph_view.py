@@ -87,6 +87,11 @@ def test_export_graph_command_on_a_run(tiny_run, tmp_path, capsys, monkeypatch):
         assert graph["metadata"]["slug"] == f"tiny-{role}"
         assert (out.parent / "graph-metadata.json").is_file()
         assert out.with_suffix(".html").is_file()
+    report = (base / "run" / "report" / "report.html").read_text()
+    for role in ("before", "after"):  # the report links each cell's viewer page beside it
+        page = base / "run" / "report" / "graphs" / f"tiny-{role}-sevens-alpha-1.html"
+        assert f'href="graphs/{page.name}"' in report
+        assert '<script type="application/json" id="graph">' in page.read_text()
     capsys.readouterr()
     diff = ["export-graph", run_dir, str(tmp_path / "d.json"), "--pair", "tiny", "--role", "diff"]
     assert main([*diff, "--alpha", "1.0"]) == 2
