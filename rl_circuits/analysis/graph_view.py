@@ -23,7 +23,7 @@ from typing import Any
 from rl_circuits.analysis.reader import Run
 from rl_circuits.engine.graph import parse_node
 from rl_circuits.engine.scores import EdgeScores
-from rl_circuits.errors import RLCircuitsError
+from rl_circuits.errors import DataError, RLCircuitsError
 from rl_circuits.store.atomic import write_atomic
 
 GRAPH_METADATA = "graph-metadata.json"  # circuit-tracer's index of the graphs in a folder
@@ -114,10 +114,12 @@ def cell_graph(
     slug: str,
     *,
     dataset: str | None = None,
-    direction: str = DEFAULT_DIRECTION,
+    direction: str | None = None,
 ) -> dict[str, Any]:
     """The attribution graph of one cell of a run: `role` before/after reads the attribute
-    stage's scores, `diff` the diff stage's (`direction`) through the run's reader."""
+    stage's scores, `diff` the diff stage's (`direction`, default `DEFAULT_DIRECTION`) through
+    the run's reader."""
+    direction = direction or DEFAULT_DIRECTION
     if role not in ROLES_AND_DIFF:
         raise RLCircuitsError(
             f"export-graph: role {role!r} is not one of {', '.join(map(repr, ROLES_AND_DIFF))}"
@@ -170,7 +172,7 @@ def write_graph_files(graph: dict[str, Any], out: Path) -> tuple[Path, Path, Pat
             if not isinstance(graphs, list):
                 raise TypeError("graphs is not a list")
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(
+            raise DataError(
                 f"export-graph: {index_path} exists but is not a graph index "
                 f"({type(exc).__name__}: {exc}); move it away or pick another folder"
             ) from exc

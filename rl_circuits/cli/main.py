@@ -166,8 +166,13 @@ def cmd_export_graph(args) -> int:
     and an offline viewer page beside it."""
     from rl_circuits.analysis.graph_view import cell_graph, write_graph_files
     from rl_circuits.analysis.reader import load_run
+    from rl_circuits.errors import ConfigError
 
     out = Path(args.out)
+    if out.suffix != ".json":
+        raise ConfigError(f"export-graph: OUT {out} must end in .json (the graph file)")
+    if args.top < 1:
+        raise ConfigError(f"export-graph: --top must be >= 1, got {args.top}")
     graph = cell_graph(
         load_run(args.run),
         args.pair,
@@ -309,14 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("out", help="OUT.json; graph-metadata.json and OUT.html are written beside it")
     p.add_argument("--pair", required=True)
-    p.add_argument("--role", required=True, choices=["before", "after", "diff"])
+    p.add_argument("--role", required=True, help="before, after or diff")
     p.add_argument("--alpha", required=True, type=float)
     p.add_argument("--top", type=int, default=50, help="edges by |mean score| (default 50)")
     p.add_argument("--dataset", help="default: the run's only dataset")
     p.add_argument(
-        "--direction",
-        default="after_into_before",
-        help="with --role diff: the diff stage's direction (default after_into_before)",
+        "--direction", help="with --role diff: the diff stage's direction (after_into_before)"
     )
     p.set_defaults(func=cmd_export_graph)
     p = sub.add_parser("tiny-models", help="write the tiny before/after checkpoints of tiny.toml")

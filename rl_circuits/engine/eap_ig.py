@@ -24,18 +24,16 @@ importance scores, the form the MIB circuit track accepts as one file per task a
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
+from jaxtyping import Bool, Float
 
 from rl_circuits.engine.graph import build_graph
 from rl_circuits.errors import DataError
 
-if TYPE_CHECKING:
-    from rl_circuits.engine.scores import EdgeScores
-
-GRAPHS: tuple[str, ...] = ("heads", "paper")  # the graphs EAP-IG's format can hold
 SUFFIXES: tuple[str, ...] = (".json", ".pt")
 _OWN_GRAPH_KEY = "rl_circuits_graph"  # a cfg key EAP-IG ignores: which of our graphs it was
 
@@ -51,21 +49,26 @@ def eap_ig_names(n_layers: int, n_heads: int) -> tuple[list[str], list[str]]:
     return forward, [*backward, "logits"]
 
 
-def write(scores: EdgeScores, path: Path, sample: int | str | None, d_model: int | None) -> None:
-    """`scores` (one sample's, or the mean over samples) as an EAP-IG graph file."""
+def write(
+    path: Path,
+    values: Float[torch.Tensor, "n_upstream n_downstream"],
+    upstream: Sequence[str],
+    downstream: Sequence[str],
+    edge_mask: Bool[torch.Tensor, "n_upstream n_downstream"],
+    d_model: int | None,
+) -> None:
+    """One matrix of edge scores on the heads or paper graph as an EAP-IG graph file."""
     path = Path(path)
     if path.suffix not in SUFFIXES:
         raise ValueError(f"to_eap_ig: {path} must end in .json or .pt (EAP-IG's two formats)")
-    graph, n_layers, n_heads = _layout(scores)
-    d_model = d_model if d_model is not None else scores.meta.get("d_model")
-    if not isinstance(d_model, int):
+    graph, n_layers, n_heads = _layout(tuple(upstream), tuple(downstream))
+    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
         raise ValueError(
             "to_eap_ig needs the model's width (EAP-IG's Graph.from_json reads cfg['d_model']): "
             "pass d_model=model.cfg.d_model"
         )
-    values = _sample_values(scores, sample).float()
+    values = values.float()
     forward, backward = eap_ig_names(n_layers, n_heads)
-    mask = scores.edge_mask
     cfg = {"n_layers": n_layers, "n_heads": n_heads, "parallel_attn_mlp": False, "d_model": d_model}
     if graph == "paper":
         cfg = {**cfg, _OWN_GRAPH_KEY: "paper"}
@@ -75,14 +78,14 @@ def write(scores: EdgeScores, path: Path, sample: int | str | None, d_model: int
             "cfg": cfg,
             "src_nodes": forward,
             "dst_nodes": backward,
-            "edges_scores": torch.where(mask, values, torch.zeros_like(values)),
-            "edges_in_graph": mask.clone(),
+            "edges_scores": torch.where(edge_mask, values, torch.zeros_like(values)),
+            "edges_in_graph": edge_mask.clone(),
             "nodes_in_graph": torch.ones(len(forward), dtype=torch.bool),
         }
         torch.save(payload, path)
         return
     nodes = {name: {"in_graph": True} for name in [*forward, "logits"]}
-    rows, cols = mask.nonzero(as_tuple=True)
+    rows, cols = edge_mask.nonzero(as_tuple=True)
     edges = {
         f"{forward[u]}->{backward[d]}": {"score": float(values[u, d]), "in_graph": True}
         for u, d in zip(rows.tolist(), cols.tolist(), strict=True)
@@ -90,10 +93,9 @@ def write(scores: EdgeScores, path: Path, sample: int | str | None, d_model: int
     path.write_text(json.dumps({"cfg": cfg, "nodes": nodes, "edges": edges}))
 
 
-def read(path: Path) -> EdgeScores:
-    """An EAP-IG graph file (.json or .pt) as EdgeScores of one sample (its edge scores)."""
-    from rl_circuits.engine.scores import EdgeScores
-
+def read(path: Path) -> dict[str, Any]:
+    """An EAP-IG graph file (.json or .pt) as EdgeScores fields: `values` [1, n_upstream,
+    n_downstream] (its edge scores), `upstream`, `downstream`, `edge_mask`, `graph`, `meta`."""
     path = Path(path)
     if path.suffix not in SUFFIXES:
         raise DataError(f"{path}: not an EAP-IG graph file (expected .json or .pt)")
@@ -126,14 +128,14 @@ def read(path: Path) -> EdgeScores:
         values = _pt_values(path, data, forward, backward, g.edge_mask)
     else:
         values = _json_values(path, data, forward, backward, g.edge_mask)
-    return EdgeScores(
-        values=values.unsqueeze(0),
-        upstream=g.upstream,
-        downstream=g.downstream,
-        edge_mask=g.edge_mask,
-        graph=graph,
-        meta={"d_model": cfg.get("d_model"), "source": "eap-ig"},
-    )
+    return {
+        "values": values.unsqueeze(0),
+        "upstream": g.upstream,
+        "downstream": g.downstream,
+        "edge_mask": g.edge_mask,
+        "graph": graph,
+        "meta": {"d_model": cfg.get("d_model"), "source": "eap-ig"},
+    }
 
 
 def _json_values(path, data, forward, backward, mask) -> torch.Tensor:
@@ -170,32 +172,17 @@ def _pt_values(path, data, forward, backward, mask) -> torch.Tensor:
     return torch.where(mask, scores.float(), torch.zeros(()))
 
 
-def _layout(scores: EdgeScores) -> tuple[str, int, int]:
-    """(graph, n_layers, n_heads as written) of scores on the heads or paper graph."""
-    n_layers = sum(name.endswith("hook_mlp_out") for name in scores.upstream)
-    n_heads = sum(name.startswith("blocks.0.attn.hook_result[") for name in scores.upstream)
+def _layout(upstream: tuple[str, ...], downstream: tuple[str, ...]) -> tuple[str, int, int]:
+    """(graph, n_layers, n_heads as written) of node names of the heads or paper graph."""
+    n_layers = sum(name.endswith("hook_mlp_out") for name in upstream)
+    n_heads = sum(name.startswith("blocks.0.attn.hook_result[") for name in upstream)
     for graph, heads in (("heads", n_heads), ("paper", 1)):
         if n_layers and heads:
             g = build_graph(graph, n_layers, heads)
-            if g.upstream == scores.upstream and g.downstream == scores.downstream:
+            if g.upstream == upstream and g.downstream == downstream:
                 return graph, n_layers, heads
     raise ValueError(
-        f"to_eap_ig: EAP-IG's graph format holds the heads and paper graphs, not the "
-        f"{scores.graph or 'given'} graph; attribute with graph='heads' (per-head nodes, as "
-        "EAP-IG and MIB) or graph='paper'"
+        "to_eap_ig: EAP-IG's graph format holds the heads and paper graphs, not these scores' "
+        "graph; attribute with graph='heads' (per-head nodes, as EAP-IG and MIB) or "
+        "graph='paper'"
     )
-
-
-def _sample_values(scores: EdgeScores, sample: int | str | None) -> torch.Tensor:
-    """One sample's [n_upstream, n_downstream] scores (by position or id), or the mean."""
-    if sample is None:
-        return scores.values.double().mean(0)
-    if isinstance(sample, str):
-        ids = scores.sample_ids()
-        if sample not in ids:
-            raise KeyError(f"to_eap_ig: no sample with id {sample!r} (ids: {ids[:5]} ...)")
-        return scores.values[ids.index(sample)]
-    n = scores.values.shape[0]
-    if isinstance(sample, bool) or not isinstance(sample, int) or not -n <= sample < n:
-        raise IndexError(f"to_eap_ig: sample {sample!r} is out of range for {n} samples")
-    return scores.values[sample]

@@ -150,7 +150,23 @@ class EdgeScores:
         `d_model` (EAP-IG's cfg needs it) defaults to `meta["d_model"]`."""
         from rl_circuits.engine import eap_ig
 
-        eap_ig.write(self, Path(path), sample, d_model)
+        values = self._sample_values(sample)
+        d_model = d_model if d_model is not None else self.meta.get("d_model")
+        eap_ig.write(Path(path), values, self.upstream, self.downstream, self.edge_mask, d_model)
+
+    def _sample_values(self, sample: int | str | None) -> Float[torch.Tensor, "n_up n_down"]:
+        """One sample's scores (by position or id), or the mean over samples (None)."""
+        if sample is None:
+            return self.values.double().mean(0)
+        if isinstance(sample, str):
+            ids = self.sample_ids()
+            if sample not in ids:
+                raise KeyError(f"no sample with id {sample!r} in these scores (ids: {ids[:5]})")
+            return self.values[ids.index(sample)]
+        n = self.values.shape[0]
+        if isinstance(sample, bool) or not isinstance(sample, int) or not -n <= sample < n:
+            raise IndexError(f"sample {sample!r} is out of range for {n} samples")
+        return self.values[sample]
 
     @classmethod
     def from_eap_ig(cls, path: str | Path) -> EdgeScores:
@@ -158,7 +174,7 @@ class EdgeScores:
         graph (or the paper graph, for a file `to_eap_ig` wrote from it)."""
         from rl_circuits.engine import eap_ig
 
-        return eap_ig.read(Path(path))
+        return cls(**eap_ig.read(Path(path)))
 
 
 def _names(names: Sequence[str], what: str) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from rl_circuits.analysis.reader import Run, load_run
 from rl_circuits.cli.main import main
 from rl_circuits.engine.graph import build_graph
 from rl_circuits.engine.scores import EdgeScores
+from rl_circuits.errors import DataError
 
 SCHEMA = json.loads(
     (Path(__file__).resolve().parents[1] / "fixtures" / "attribution_graph.schema.json").read_text()
@@ -69,7 +70,7 @@ def test_graph_metadata_lists_each_slug_once(tmp_path):
         write_graph_files(graph, tmp_path / "other.json")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "graph-metadata.json").write_text("[1, 2]")
-    with pytest.raises(ValueError, match="not a graph index"):
+    with pytest.raises(DataError, match="not a graph index"):
         write_graph_files(graph, tmp_path / "bad" / "first.json")
     assert (tmp_path / "bad" / "graph-metadata.json").read_text() == "[1, 2]"  # left as found
 
@@ -93,6 +94,14 @@ def test_export_graph_command_on_a_run(tiny_run, tmp_path, capsys, monkeypatch):
         assert f'href="graphs/{page.name}"' in report
         assert '<script type="application/json" id="graph">' in page.read_text()
     capsys.readouterr()
+    cell = ["export-graph", run_dir, str(tmp_path / "x.json"), "--pair", "tiny", "--alpha", "1"]
+    assert main([*cell, "--role", "middle"]) == 2
+    assert "'before', 'after', 'diff'" in capsys.readouterr().err
+    assert main([*cell, "--role", "after", "--top", "0"]) == 2
+    assert "--top must be >= 1" in capsys.readouterr().err
+    assert main([*cell, "--role", "after", "--pair", "nope"]) == 2
+    assert "pair 'nope' is not in run" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
     diff = ["export-graph", run_dir, str(tmp_path / "d.json"), "--pair", "tiny", "--role", "diff"]
     assert main([*diff, "--alpha", "1.0"]) == 2
     assert "rl-circuits diff" in capsys.readouterr().err
