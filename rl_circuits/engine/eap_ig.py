@@ -24,7 +24,8 @@ importance scores, the form the MIB circuit track accepts as one file per task a
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def write(
             "edges_in_graph": edge_mask.clone(),
             "nodes_in_graph": torch.ones(len(forward), dtype=torch.bool),
         }
-        torch.save(payload, path)
+        _replace(path, lambda temp: torch.save(payload, temp))
         return
     nodes = {name: {"in_graph": True} for name in [*forward, "logits"]}
     rows, cols = edge_mask.nonzero(as_tuple=True)
@@ -90,7 +91,19 @@ def write(
         f"{forward[u]}->{backward[d]}": {"score": float(values[u, d]), "in_graph": True}
         for u, d in zip(rows.tolist(), cols.tolist(), strict=True)
     }
-    path.write_text(json.dumps({"cfg": cfg, "nodes": nodes, "edges": edges}))
+    text = json.dumps({"cfg": cfg, "nodes": nodes, "edges": edges})
+    _replace(path, lambda temp: temp.write_text(text))
+
+
+def _replace(path: Path, write: Callable[[Path], object]) -> None:
+    """`write` a temporary file beside `path`, then move it there: an existing file is either
+    kept whole or replaced whole, never left half-written."""
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def read(path: Path) -> dict[str, Any]:

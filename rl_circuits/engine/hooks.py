@@ -50,14 +50,15 @@ def hook_point(model: HookedTransformer, name: str) -> tuple[str, int | None]:
 
 
 def required_flags(model: HookedTransformer, names: Iterable[str]) -> dict[str, bool]:
-    """The cfg flags under which every node in `names` fires with the meaning of its name.
+    """The cfg flags under which every node in `names` (or one name) fires with the meaning of
+    its name.
 
     Raises ValueError for names that need contradicting flags: `hook_attn_in` (every head's
     input at once) is computed but bypassed while the per-part q/k/v inputs are on.
     """
     flags: dict[str, bool] = {}
     wants: dict[tuple[str, bool], str] = {}
-    for name in names:
+    for name in [names] if isinstance(names, str) else names:
         hook, head = hook_point(model, name)
         for flag, value in tl_compat.hook_flags(hook, per_query_head=head is not None).items():
             other = wants.get((flag, not value))
@@ -81,7 +82,5 @@ def hooks_enabled(model: HookedTransformer, names: Iterable[str]) -> Iterator[Ho
     names])` caches every node and `model.run_with_hooks` fires on each. Only the flags those
     names need are changed (they leave the model's function unchanged).
     """
-    names = list(names)
-    flags = required_flags(model, names)
-    with tl_compat.flags_set(model, flags):
+    with tl_compat.flags_set(model, required_flags(model, names)):
         yield model

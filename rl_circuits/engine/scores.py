@@ -154,7 +154,9 @@ class EdgeScores:
         d_model = d_model if d_model is not None else self.meta.get("d_model")
         eap_ig.write(Path(path), values, self.upstream, self.downstream, self.edge_mask, d_model)
 
-    def _sample_values(self, sample: int | str | None) -> Float[torch.Tensor, "n_up n_down"]:
+    def _sample_values(
+        self, sample: int | str | None
+    ) -> Float[torch.Tensor, "n_upstream n_downstream"]:
         """One sample's scores (by position or id), or the mean over samples (None)."""
         if sample is None:
             return self.values.double().mean(0)

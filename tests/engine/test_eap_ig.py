@@ -177,3 +177,21 @@ def test_graphs_eap_ig_lacks_and_bad_files_are_refused(models64, tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(DataError, match="Graph.to_json"):
         EdgeScores.from_eap_ig(tmp_path / "bad.json")
+
+
+def test_a_failed_write_leaves_the_existing_file_whole(tmp_path, monkeypatch):
+    _write_eap_ig_pt(tmp_path / "eap.pt", _fixture_scores())
+    scores = EdgeScores.from_eap_ig(tmp_path / "eap.pt")
+    target = tmp_path / "kept.pt"
+    scores.to_eap_ig(target)
+    before = target.read_bytes()
+
+    def disk_full(obj, path):
+        path.write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        scores.to_eap_ig(target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eap.pt", "kept.pt"]
