@@ -189,13 +189,12 @@ def viewer_html(graph: dict[str, Any]) -> str:
     """A self-contained page drawing `graph` as a layered node-link diagram (embedding at the
     bottom, logits on top; link width ~ |weight|, red positive, blue negative); no network."""
     rows = {node["node_id"]: _row(node["clerp"]) for node in graph["nodes"]}
-    title = graph["metadata"]["prompt"]
-    data = json.dumps(graph).replace("</", "<\\/")
-    return (
-        _PAGE.replace("TITLE", html.escape(title))
-        .replace("GRAPH_JSON", data)
-        .replace("ROWS_JSON", json.dumps(rows))
-    )
+    fill = {
+        "TITLE": html.escape(graph["metadata"]["prompt"]),
+        "GRAPH_JSON": json.dumps(graph).replace("</", "<\\/"),
+        "ROWS_JSON": json.dumps(rows).replace("</", "<\\/"),
+    }
+    return re.sub("|".join(fill), lambda match: fill[match[0]], _PAGE)  # one pass
 
 
 def _residual_order(scores: EdgeScores, names: dict[str, float]) -> list[str]:

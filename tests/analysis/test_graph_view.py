@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from rl_circuits.analysis.graph_view import attribution_graph, write_graph_files
+from rl_circuits.analysis.graph_view import attribution_graph, viewer_html, write_graph_files
 from rl_circuits.analysis.reader import Run, load_run
 from rl_circuits.cli.main import main
 from rl_circuits.engine.graph import build_graph
@@ -130,3 +130,12 @@ def test_viewer_page_draws_the_graph(tmp_path):
     total = image.shape[0] * image.shape[1]
     assert reds > 0.002 * total and blues > 0.002 * total, (reds, blues)
     assert dark > 0.001 * total, dark
+
+
+def test_viewer_page_embeds_the_graph_verbatim():
+    prompt = "pair </script><b>x</b> ROWS_JSON TITLE"
+    graph = attribution_graph(_scores(), 5, slug="cell", scan="m", prompt=prompt)
+    page = viewer_html(graph)
+    embedded = page.split('id="graph">', 1)[1].split("</script>", 1)[0]
+    assert json.loads(embedded.replace("<\\/", "</")) == graph
+    assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt; ROWS_JSON TITLE" in page
