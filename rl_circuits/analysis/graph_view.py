@@ -271,11 +271,14 @@ TransformerLens hooks, from the embedding (bottom) to the logits (top).</p>
     });
   });
   const top = Math.max.apply(null, g.links.map(function (l) { return Math.abs(l.weight); })) || 1;
-  g.links.forEach(function (l) {
+  g.links.forEach(function (l, k) {
     const a = pos[l.source], b = pos[l.target];
     const path = document.createElementNS(NS, "path");
     const mid = (a[1] + b[1]) / 2;
-    const d = ["M", a[0], a[1], "C", a[0], mid, b[0], mid, b[0], b[1]].join(" ");
+    // One node above another: an arc bowing out to alternate sides, so stacked links part.
+    const stacked = Math.abs(a[0] - b[0]) < 1;
+    const bow = stacked ? (k % 2 ? 1 : -1) * Math.min(320, 0.6 * (a[1] - b[1])) : 0;
+    const d = ["M", a[0], a[1], "C", a[0] + bow, mid, b[0] + bow, mid, b[0], b[1]].join(" ");
     path.setAttribute("d", d);
     path.setAttribute("fill", "none");
     path.setAttribute("stroke", l.weight >= 0 ? "#d62728" : "#1f77b4");
