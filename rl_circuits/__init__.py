@@ -15,6 +15,8 @@ _EXPORTS = {
     "evaluate_circuit": "rl_circuits.engine.circuits",
     "build_graph": "rl_circuits.engine.graph",
     "parse_node": "rl_circuits.engine.graph",
+    "hook_point": "rl_circuits.engine.hooks",
+    "hooks_enabled": "rl_circuits.engine.hooks",
     "load_run": "rl_circuits.analysis.reader",
     "compare": "rl_circuits.analysis.stats",
     "table1": "rl_circuits.analysis.reader",

@@ -90,10 +90,12 @@ def render_report(
     funnel: pd.DataFrame | None = None,
     skipped: Mapping[str, str] | None = None,
     tables: Mapping[str, pd.DataFrame] | None = None,
+    links: Mapping[str, str] | None = None,
 ) -> str:
     """The report's HTML text: title, notes, Table 1 and its statistics in full, the cells
     without results, the selection funnel, the accuracy table, further `tables` (heading ->
-    table), then each figure."""
+    table), then each figure; `links` (label -> relative href) lists the pages beside the
+    report (the circuit graph viewers)."""
     e = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -132,6 +134,11 @@ def render_report(
             f"<h2>{e(name)}</h2>",
             frame.to_html(index=False, classes="table1", float_format=format_value),
         ]
+    if links:
+        items = "".join(
+            f'<li><a href="{e(href)}">{e(label)}</a></li>' for label, href in links.items()
+        )
+        parts += ["<h2>Circuit graphs: each cell's top edges, drawn</h2>", f"<ul>{items}</ul>"]
     for i, (name, figure) in enumerate(figures.items()):
         target = f"figure-{i}-{_slug(name)}"
         parts += [

@@ -191,6 +191,33 @@ def cmd_tiny_models(args) -> int:
     return 0
 
 
+def cmd_export_graph(args) -> int:
+    """One cell's top edges as circuit-tracer / Neuronpedia graph JSON, with graph-metadata.json
+    and an offline viewer page beside it."""
+    from rl_circuits.analysis.graph_view import cell_graph, write_graph_files
+    from rl_circuits.analysis.reader import load_run
+    from rl_circuits.errors import ConfigError
+
+    out = Path(args.out)
+    if out.suffix != ".json":
+        raise ConfigError(f"export-graph: OUT {out} must end in .json (the graph file)")
+    if args.top < 1:
+        raise ConfigError(f"export-graph: --top must be >= 1, got {args.top}")
+    graph = cell_graph(
+        load_run(args.run),
+        args.pair,
+        args.role,
+        args.alpha,
+        args.top,
+        out.stem,
+        dataset=args.dataset,
+        direction=args.direction,
+    )
+    for path in write_graph_files(graph, out):
+        print(f"wrote {path}")
+    return 0
+
+
 def _prepare_tiny_models(config: str) -> None:
     """Write the config's `tiny_models` directory first when it is absent (configs/tiny.toml)."""
     from rl_circuits.config import load_config
@@ -351,6 +378,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", "build the model zoo if absent and run the whole study on it")
     p.add_argument("--run-dir", default="runs/demo", help="run directory (default runs/demo)")
     p.set_defaults(func=lambda args: _demo(args.run_dir))
+    p = command(
+        "export-graph",
+        "write one cell's top-K edges as attribution-graph JSON (circuit-tracer, Neuronpedia) "
+        "and an offline viewer page",
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument("out", help="OUT.json; graph-metadata.json and OUT.html are written beside it")
+    p.add_argument("--pair", required=True, help="the pair, as the run's config names it")
+    p.add_argument("--role", required=True, help="before, after or diff")
+    p.add_argument("--alpha", required=True, type=float, help="the selection's alpha")
+    p.add_argument("--top", type=int, default=50, help="edges by |mean score| (default 50)")
+    p.add_argument("--dataset", help="default: the run's only dataset")
+    p.add_argument(
+        "--direction", help="with --role diff: the diff stage's direction (after_into_before)"
+    )
+    p.set_defaults(func=cmd_export_graph)
     p = command(
         "tiny-models",
         "write the tiny before/after checkpoints and the dataset configs/tiny.toml runs on",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jaxtyping import Bool, Float
@@ -141,6 +142,43 @@ class EdgeScores:
                 "score": values.reshape(-1),
             }
         )
+
+    def to_eap_ig(
+        self, path: str | Path, sample: int | str | None = None, *, d_model: int | None = None
+    ) -> None:
+        """Write EAP-IG's graph file (`.json` as its `Graph.to_json`, `.pt` as `to_pt`): the
+        mean over samples, or one `sample` (position or id). Heads graph: EAP-IG's per-head
+        nodes; paper graph: one node per layer's heads, summed (`rl_circuits.engine.eap_ig`).
+        `d_model` (EAP-IG's cfg needs it) defaults to `meta["d_model"]`."""
+        from rl_circuits.engine import eap_ig
+
+        values = self._sample_values(sample)
+        d_model = d_model if d_model is not None else self.meta.get("d_model")
+        eap_ig.write(Path(path), values, self.upstream, self.downstream, self.edge_mask, d_model)
+
+    def _sample_values(
+        self, sample: int | str | None
+    ) -> Float[torch.Tensor, "n_upstream n_downstream"]:
+        """One sample's scores (by position or id), or the mean over samples (None)."""
+        if sample is None:
+            return self.values.double().mean(0)
+        if isinstance(sample, str):
+            ids = self.sample_ids()
+            if sample not in ids:
+                raise KeyError(f"no sample with id {sample!r} in these scores (ids: {ids[:5]})")
+            return self.values[ids.index(sample)]
+        n = self.values.shape[0]
+        if isinstance(sample, bool) or not isinstance(sample, int) or not -n <= sample < n:
+            raise IndexError(f"sample {sample!r} is out of range for {n} samples")
+        return self.values[sample]
+
+    @classmethod
+    def from_eap_ig(cls, path: str | Path) -> EdgeScores:
+        """An EAP-IG graph file (`Graph.to_json` / `to_pt`) as one sample's scores on the heads
+        graph (or the paper graph, for a file `to_eap_ig` wrote from it)."""
+        from rl_circuits.engine import eap_ig
+
+        return cls(**eap_ig.read(Path(path)))
 
 
 def _names(names: Sequence[str], what: str) -> tuple[str, ...]:

@@ -11,6 +11,10 @@ properties) and calls this module for everything else. It owns:
 * `ungrouped_kv`: the `cfg` flags toggled while attributing (`ungroup_grouped_query_attention`,
   `use_split_qkv_input`, `use_attn_in`, `use_attn_result`, `use_hook_mlp_in`), set on every
   component's config; `single_stream_inputs` turns off the last four for the layer graphs.
+* `hook_flags`: which `cfg` flag makes each optional hook point fire (`HOOK_FLAGS`), the hooks
+  with a head axis (`HEAD_AXIS_HOOKS`), and `flags_set`, which sets flags on every component's
+  config and restores them; `set_use_attn_in`'s refusal of grouped-query attention is bypassed by
+  also ungrouping keys and values (then every q/k/v projection reads a per-query-head copy).
 * `qkv_weight`: the grouped key/value weights `_W_K` / `_W_V` of `GroupedQueryAttention`.
 * `norm_kind`, `has_post_norm`: which norm classes and post-norm architectures a block has
   (`POST_NORM_ARCHITECTURES` lives in a TransformerLens utility module).
@@ -82,13 +86,12 @@ def ungrouped_kv(model: HookedTransformer, *, per_head_inputs: bool = False) -> 
 
     `per_head_inputs=True` also turns on `use_split_qkv_input` and `use_hook_mlp_in`: then
     `blocks.{l}.hook_{q,k,v}_input` hold each query head's own input [batch, pos, n_heads,
-    d_model] and `blocks.{l}.hook_mlp_in` fires. Components may carry their own config object,
-    so every one found among the model's modules is set.
+    d_model] and `blocks.{l}.hook_mlp_in` fires.
     """
     flags = dict(_ATTRIBUTION_FLAGS)
     if per_head_inputs:
         flags.update(use_split_qkv_input=True, use_hook_mlp_in=True)
-    with _flags_set(model, flags):
+    with flags_set(model, flags):
         yield
 
 
@@ -98,13 +101,56 @@ def single_stream_inputs(model: HookedTransformer) -> Iterator[None]:
     [batch, pos, d_model], as the layer graphs' sites need), whatever the user left set; the
     user's flags restored on exit. Grouped keys and values stay as they are."""
     flags = {k: v for k, v in _ATTRIBUTION_FLAGS.items() if k != "ungroup_grouped_query_attention"}
-    with _flags_set(model, flags):
+    with flags_set(model, flags):
         yield
 
 
+# TL 3.9: the optional hook points (by the end of their name) and the cfg flag that makes each
+# fire; without it the hook exists in `hook_dict` but is never called.
+HOOK_FLAGS: dict[str, str] = {
+    "hook_q_input": "use_split_qkv_input",
+    "hook_k_input": "use_split_qkv_input",
+    "hook_v_input": "use_split_qkv_input",
+    "hook_attn_in": "use_attn_in",
+    "attn.hook_result": "use_attn_result",
+    "hook_mlp_in": "use_hook_mlp_in",
+}
+# Hook points whose activation is [batch, pos, head, d_model]: one copy of the residual stream
+# per head (q/k/v inputs, attn_in) or one output per head (hook_result).
+HEAD_AXIS_HOOKS: tuple[str, ...] = (
+    "hook_q_input",
+    "hook_k_input",
+    "hook_v_input",
+    "hook_attn_in",
+    "attn.hook_result",
+)
+
+
+def hook_flags(hook_name: str, per_query_head: bool) -> dict[str, bool]:
+    """The TL 3.9 cfg flags under which `hook_name` fires and means what its name says.
+
+    `hook_attn_in` holds one copy per query head, which grouped key/value weights cannot read
+    (TL's `set_use_attn_in` refuses GQA): it needs ungrouped keys and values, and
+    `use_split_qkv_input` off (else TL computes it and feeds the q/k/v inputs past it).
+    `per_query_head`: the name picks one query head's key or value input, which exists only
+    ungrouped (grouped, `hook_k_input[1]` would be key/value head 1's copy, shared by several
+    query heads).
+    """
+    flags: dict[str, bool] = {}
+    for suffix, flag in HOOK_FLAGS.items():
+        if hook_name.endswith(suffix):
+            flags[flag] = True
+    if hook_name.endswith("hook_attn_in"):
+        flags.update(ungroup_grouped_query_attention=True, use_split_qkv_input=False)
+    if per_query_head and hook_name.endswith(("hook_k_input", "hook_v_input")):
+        flags["ungroup_grouped_query_attention"] = True
+    return flags
+
+
 @contextmanager
-def _flags_set(model: HookedTransformer, flags: dict[str, bool]) -> Iterator[None]:
-    """`flags` set on every config object of the model's components, restored on exit."""
+def flags_set(model: HookedTransformer, flags: dict[str, bool]) -> Iterator[None]:
+    """Set TL cfg `flags` on the model and every component's config (components may carry their
+    own config object); the previous values restored on exit, also after an error."""
     configs = {id(model.cfg): model.cfg}
     for module in model.modules():
         cfg = getattr(module, "cfg", None)

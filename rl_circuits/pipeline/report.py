@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rl_circuits.analysis.graph_view import cell_graph, viewer_html
 from rl_circuits.analysis.reader import Run, accuracy_table
 from rl_circuits.analysis.report import png_images, render_report
 from rl_circuits.config import RunConfig
+from rl_circuits.models.pairs import ROLES
 from rl_circuits.store.layout import RunLayout
 from rl_circuits.store.run import RunStore
+
+GRAPH_TOP = 30  # edges drawn per cell in the report's graph viewers
 
 
 def stage_report(cfg: RunConfig, store: RunStore, progress: bool = True) -> Path:
@@ -24,6 +28,7 @@ def stage_report(cfg: RunConfig, store: RunStore, progress: bool = True) -> Path
         funnel=run.funnel(),
         skipped=run.skipped_cells(),
         tables=_diff_tables(run),
+        links=_graph_views(run, cfg, store),
     )
     path = store.write_text(RunLayout.REPORT_HTML, html)
     for name, image in png_images(figures).items():
@@ -43,6 +48,27 @@ def _diff_tables(run: Run) -> dict:
         heading = f"Edges that carry the change: {pair}, {direction}, {dataset}, alpha={alpha}"
         tables[heading] = run.diff_edges(pair, direction, dataset, float(alpha))
     return tables
+
+
+def _graph_views(run: Run, cfg: RunConfig, store: RunStore) -> dict[str, str]:
+    """Write a viewer page of the top edges of each pair, role and dataset at the largest
+    alpha; label -> its href relative to the report."""
+    alpha = max(cfg.alphas)
+    links = {}
+    for pair in cfg.pairs:
+        for dataset in cfg.run.datasets:
+            for role in ROLES:
+                if not store.exists(RunLayout.scores(pair, role, dataset, alpha)):
+                    continue
+                rel = RunLayout.graph_view(pair, role, dataset, alpha)
+                graph = cell_graph(
+                    run, pair, role, alpha, GRAPH_TOP, Path(rel).stem, dataset=dataset
+                )
+                store.write_text(rel, viewer_html(graph))
+                links[f"{pair}, {role}, {dataset}, alpha={alpha:g}"] = str(
+                    Path(rel).relative_to(RunLayout.REPORT)
+                )
+    return links
 
 
 def _notes(cfg: RunConfig) -> str:

@@ -44,6 +44,7 @@ class RunLayout:
         analysis/diff.json                      diff circuit curves and edge counts per cell
         analysis/table1.md, analysis/table1.tex Table 1
         report/report.html, report/png/<name>   the report and its figures
+        report/graphs/<pair>-<role>-<dataset>-alpha-<a>.html   a cell's top edges, drawn
 
     `<model>` is `PairModel.key` (pairs sharing a model share its answers), `<role>` is
     "before" or "after", `<direction>` one of `models.pairs.DIRECTIONS`, `<a>` an alpha as
@@ -172,6 +173,11 @@ class RunLayout:
     @staticmethod
     def report_png(name: str) -> str:
         return f"{RunLayout.REPORT}/png/{name}"
+
+    @staticmethod
+    def graph_view(pair: str, role: str, dataset: str, alpha: float) -> str:
+        """The offline viewer page of one cell's top edges, linked from the report."""
+        return f"{RunLayout.REPORT}/graphs/{pair}-{role}-{dataset}-alpha-{alpha:g}.html"
 
 
 def check_shard(

@@ -295,3 +295,26 @@ def test_norm_kinds_and_post_norm_architectures(models):
     assert not tl_compat.has_post_norm(_config())
     assert tl_compat.has_post_norm(_config(use_normalization_before_and_after=True))
     assert tl_compat.has_post_norm(_config(original_architecture="Olmo2ForCausalLM"))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_optional_hooks_fire_only_under_their_flags(models, arch):
+    """HOOK_FLAGS: each optional hook is silent with its flag off and fires under `hook_flags`
+    (attn_in on grouped-query attention too, once keys and values are ungrouped)."""
+    model = models[arch]
+    for ending in tl_compat.HOOK_FLAGS:
+        name = f"blocks.1.{ending}"
+        fired = []
+        point = model.hook_dict[name]  # HookPoint.add_hook: no flag check at adding time
+        point.add_hook(lambda x, hook, fired=fired: fired.append(x.shape), dir="fwd")
+        try:
+            with tl_compat.flags_set(model, dict.fromkeys(tl_compat.HOOK_FLAGS.values(), False)):
+                model(_tokens(pos=6))
+            assert not fired, name
+            with tl_compat.flags_set(model, tl_compat.hook_flags(name, per_query_head=True)):
+                model(_tokens(pos=6))
+        finally:
+            point.remove_hooks()
+        assert len(fired) == 1, name
+        if ending.endswith(tl_compat.HEAD_AXIS_HOOKS):
+            assert fired[0][2] == model.cfg.n_heads, name

@@ -47,6 +47,7 @@ def test_every_file_of_a_run_is_named_by_the_layout(tiny_run):
                         RunLayout.scores(pair, role, d, alpha),
                     }
                     named |= {RunLayout.question_scores(pair, role, d, alpha, q) for q in selected}
+                named.add(RunLayout.graph_view(pair, role, d, max(cfg.alphas)))
                 if cfg.circuits.enabled:
                     named |= {RunLayout.circuit(pair, role, d, a) for a in circuit_alphas(cfg)}
     files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
