@@ -133,14 +133,7 @@ def cell_graph(
             )
         dataset = datasets[0]
     if role == "diff":
-        reader = getattr(run, "diff_scores", None)
-        if reader is None:
-            raise RLCircuitsError(
-                f"export-graph --role diff reads the `diff` stage's scores, which run "
-                f"{run.root} cannot hold: this rl-circuits has no diff stage; use --role "
-                "before or after, or update rl-circuits and run `rl-circuits diff CONFIG`"
-            )
-        scores = reader(pair, direction, dataset, alpha)
+        scores = run.diff_scores(pair, direction, dataset, alpha)
         what = f"cross-model patching scores, {direction.replace('_', ' ')}"
         scan = run.model_path(pair, "before" if direction.endswith("before") else "after")
     else:

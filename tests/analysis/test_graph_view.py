@@ -5,6 +5,7 @@ and the offline viewer page, rendered by headless Chromium."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import jsonschema
@@ -13,11 +14,12 @@ import pytest
 import torch
 
 from rl_circuits.analysis.graph_view import attribution_graph, viewer_html, write_graph_files
-from rl_circuits.analysis.reader import Run, load_run
+from rl_circuits.analysis.reader import load_run
 from rl_circuits.cli.main import main
 from rl_circuits.engine.graph import build_graph
 from rl_circuits.engine.scores import EdgeScores
 from rl_circuits.errors import DataError
+from rl_circuits.store.layout import RunLayout
 
 SCHEMA = json.loads(
     (Path(__file__).resolve().parents[1] / "fixtures" / "attribution_graph.schema.json").read_text()
@@ -75,7 +77,7 @@ def test_graph_metadata_lists_each_slug_once(tmp_path):
     assert (tmp_path / "bad" / "graph-metadata.json").read_text() == "[1, 2]"  # left as found
 
 
-def test_export_graph_command_on_a_run(tiny_run, tmp_path, capsys, monkeypatch):
+def test_export_graph_command_on_a_run(tiny_run, tmp_path, capsys):
     base, _ = tiny_run
     run_dir = str(base / "run")
     for role in ("before", "after"):
@@ -106,10 +108,16 @@ def test_export_graph_command_on_a_run(tiny_run, tmp_path, capsys, monkeypatch):
     assert main([*diff, "--alpha", "1.0"]) == 2
     assert "rl-circuits diff" in capsys.readouterr().err
     assert not (tmp_path / "d.json").exists()
-    # With a reader for diff scores, --role diff exports them like any cell.
+    # A diff cell's scores (here the after model's, copied where the diff stage writes them)
+    # export like any cell.
     stand_in = load_run(run_dir).scores("tiny", "after", "sevens", 1.0)
-    monkeypatch.setattr(Run, "diff_scores", lambda *a: stand_in, raising=False)
-    assert main([*diff, "--alpha", "1.0", "--top", "3"]) == 0
+    target = Path(run_dir) / RunLayout.diff_scores("tiny", "after_into_before", "sevens", 1.0)
+    target.parent.mkdir(parents=True)
+    shutil.copy(Path(run_dir) / RunLayout.scores("tiny", "after", "sevens", 1.0), target)
+    try:
+        assert main([*diff, "--alpha", "1.0", "--top", "3"]) == 0
+    finally:
+        shutil.rmtree(Path(run_dir) / "diff")
     _check(json.loads((tmp_path / "d.json").read_text()), stand_in, 3)
 
 
