@@ -455,12 +455,16 @@ class Run:
             )
         return self.store.read_json(RunLayout.DIFF_CURVES)
 
-    def _diff_file(self, rel: str, what: str, pair, direction, dataset, alpha) -> str:
-        self._check(pair, None, dataset, float(alpha))
+    def _diff_file(self, locate, what: str, pair, direction, dataset, alpha) -> str:
+        """The path `locate` gives one diff cell, the names checked and `alpha` matched to the
+        run's alphas; an error naming the stage to run where the file is absent."""
+        self._check(pair, None, dataset)
+        alpha = self._alpha(alpha)
         if direction not in DIRECTIONS:
             raise RLCircuitsError(
                 f"direction {direction!r} is not one of {', '.join(map(repr, DIRECTIONS))}"
             )
+        rel = locate(pair, direction, dataset, alpha)
         if not self.store.exists(rel):
             raise RLCircuitsError(
                 f"run {self.root} has no diff {what} for {pair}, {direction}, {dataset}, "
@@ -471,15 +475,13 @@ class Run:
 
     def diff_scores(self, pair: str, direction: str, dataset: str, alpha: float) -> EdgeScores:
         """Cross-model patching scores [n, n_upstream, n_downstream] of one diff cell."""
-        rel = RunLayout.diff_scores(pair, direction, dataset, alpha)
-        return self.store.read_scores(
-            self._diff_file(rel, "scores", pair, direction, dataset, alpha)
-        )
+        rel = self._diff_file(RunLayout.diff_scores, "scores", pair, direction, dataset, alpha)
+        return self.store.read_scores(rel)
 
     def diff_losses(self, pair: str, direction: str, dataset: str, alpha: float) -> dict:
         """One diff cell's per-question losses: ids, ks, losses [k][n], clean, source, patched."""
-        rel = RunLayout.diff_curve(pair, direction, dataset, alpha)
-        return self.store.read_json(self._diff_file(rel, "losses", pair, direction, dataset, alpha))
+        rel = self._diff_file(RunLayout.diff_curve, "losses", pair, direction, dataset, alpha)
+        return self.store.read_json(rel)
 
     def diff_edges(
         self, pair: str, direction: str, dataset: str, alpha: float, count: int = 20

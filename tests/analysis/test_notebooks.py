@@ -91,10 +91,14 @@ def test_notebook_runs(path, tiny_run, monkeypatch):
 def test_explore_edges_computes_the_exact_change_on_the_block_graph(block_run, monkeypatch):
     """The block graph's edges into `hook_attn_in`: the loss change printed is the computed
     one, not the 0 of a hook that never fires (issue 22). The notebook's last cell runs again
-    on the strongest such edge."""
-    last = nbformat.read(NOTEBOOKS[1], as_version=4).cells[-1].source
+    on the strongest such edge, and so does the edge patched by hand in TransformerLens (the
+    cell asserts that both changes agree: `hooks_enabled` makes `hook_attn_in` fire)."""
+    code = [c.source for c in nbformat.read(NOTEBOOKS[1], as_version=4).cells[-3:]]
+    exact, by_hand = code[0], code[2]
+    assert "evaluate_circuit(" in exact and "hooks_enabled(" in by_hand
     pick = 'top = top[top["downstream"].str.endswith("hook_attn_in")]'
-    text = _outputs(NOTEBOOKS[1], block_run, monkeypatch, then=(pick, last))
+    text = _outputs(NOTEBOOKS[1], block_run, monkeypatch, then=(pick, exact, by_hand))
     assert "Traceback" not in text
     assert re.findall(r"edge \S+ -> (\S+):", text)[-1].endswith("hook_attn_in")
     check_exact_loss_change(text, block_run)
+    assert len(re.findall(r"by hand in TransformerLens: loss change", text)) == 2
