@@ -48,6 +48,7 @@ from rl_circuits.store.atomic import write_atomic
 from rl_circuits.zoo import dpo as dpo_stage
 from rl_circuits.zoo import grpo as grpo_stage
 from rl_circuits.zoo import sft as sft_stage
+from rl_circuits.zoo.claims import ALGORITHMS, accuracy_line
 from rl_circuits.zoo.config import ZOO_FORMAT, ZooConfig
 from rl_circuits.zoo.model import (
     correct,
@@ -67,7 +68,6 @@ STAGES = ("sft", "grpo", "dpo")
 DONE_FILE = "zoo.json"
 STARTED_FILE = ".zoo-build"  # written first: marks a folder the zoo may empty and rebuild
 PAIRS_FILE = "toy.toml"
-ALGORITHMS = {"sft": "SFT", "grpo": "GRPO", "dpo": "DPO"}
 
 
 @dataclass(frozen=True)
@@ -178,11 +178,7 @@ def load_zoo(
 
 def summary_lines(zoo: Zoo) -> list[str]:
     """The zoo's greedy test accuracies and each post-training stage's paired test vs SFT."""
-    size = zoo.config.task.test_size
-    lines = [
-        f"greedy test accuracy ({size} questions): "
-        + ", ".join(f"{ALGORITHMS[s]} {zoo.accuracy[s]:.1%}" for s in STAGES)
-    ]
+    lines = [accuracy_line(zoo.accuracy, zoo.config.task.test_size)]
     for stage in STAGES[1:]:
         lines.append(f"{ALGORITHMS[stage]} vs SFT: {describe(zoo.paired[stage])}")
     return lines
