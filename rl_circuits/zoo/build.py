@@ -115,17 +115,19 @@ def build_zoo(
     *,
     device: str | torch.device = "cpu",
     num_threads: int = 1,
+    kernels: str | None = None,
     register: bool = True,
 ) -> Zoo:
     """Return the zoo for `config`, building it unless a finished one exists at `root`.
 
     `root` defaults to `<home>/zoo/<digest of config and pinned environment>/`; `force`
     rebuilds even a finished zoo. Training runs in a subprocess with the pinned environment
-    and `num_threads` threads. `register` (re)writes `<home>/pairs/toy.toml` to point at it.
+    and `num_threads` threads; `kernels` forces another kernel set than the pinned AVX2 one
+    (`numerics.KERNEL_SETS`). `register` (re)writes `<home>/pairs/toy.toml` to point at it.
     """
     config = config or ZooConfig()
-    env = pinned_environment(num_threads)
-    root = Path(root) if root is not None else default_root(config, num_threads)
+    env = pinned_environment(num_threads, kernels=kernels)
+    root = Path(root) if root is not None else home_dir() / "zoo" / zoo_digest(config, env)
     with _locked(root):
         zoo = None if force else load_zoo(root, config, env)
         if zoo is None:

@@ -16,6 +16,12 @@ import platform
 from pathlib import Path
 
 X86 = ("x86_64", "amd64", "i386", "i686")
+# Per kernel set: (ATEN_CPU_CAPABILITY, MKL_CBWR, ONEDNN_MAX_CPU_ISA); None leaves it unset.
+KERNEL_SETS = {
+    "default": ("default", "COMPATIBLE", "SSE41"),
+    "avx2": ("avx2", "AVX2", "AVX2"),
+    "avx512": ("avx512", "AVX512", "AVX512_CORE"),
+}
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
@@ -34,9 +40,18 @@ def is_x86(machine: str | None = None) -> bool:
     return (machine or platform.machine()).lower() in X86
 
 
+def kernel_sets(machine: str | None = None, flags: frozenset[str] | None = None) -> list[str]:
+    """The names in `KERNEL_SETS` this CPU can run (`default` everywhere)."""
+    flags = cpu_flags() if flags is None else flags
+    if not is_x86(machine):
+        return ["default"]
+    return ["default"] + [k for k, f in (("avx2", "avx2"), ("avx512", "avx512f")) if f in flags]
+
+
 def pinned_environment(
     num_threads: int = 1,
     *,
+    kernels: str | None = None,
     machine: str | None = None,
     flags: frozenset[str] | None = None,
     mkl: bool | None = None,
@@ -45,10 +60,13 @@ def pinned_environment(
 
     AVX2 kernels where the CPU has AVX2 (the widest set common to current x86 machines),
     else ATen's portable `default` kernels; MKL's AVX2 reproducibility mode when torch uses
-    MKL; `num_threads` OpenMP/MKL threads.
+    MKL; `num_threads` OpenMP/MKL threads. `kernels` (a `KERNEL_SETS` name) forces another
+    set, for measuring how much the recipe depends on it (`bench/zoo_seeds.py`).
     """
     flags = cpu_flags() if flags is None else flags
     avx2 = is_x86(machine) and "avx2" in flags
+    if kernels is not None and kernels not in KERNEL_SETS:
+        raise ValueError(f"kernels={kernels!r}: choose one of {', '.join(KERNEL_SETS)}")
     if mkl is None:
         import torch
 
@@ -59,7 +77,13 @@ def pinned_environment(
         "MKL_NUM_THREADS": str(num_threads),
         "CUBLAS_WORKSPACE_CONFIG": ":4096:8",  # what deterministic cuBLAS needs on a GPU
     }
-    if avx2:
+    if kernels is not None:
+        aten, cbwr, isa = KERNEL_SETS[kernels]
+        env["ATEN_CPU_CAPABILITY"] = aten
+        env["ONEDNN_MAX_CPU_ISA"] = isa
+        if mkl:
+            env["MKL_CBWR"] = cbwr
+    elif avx2:
         env["ONEDNN_MAX_CPU_ISA"] = "AVX2"
         if mkl:
             env["MKL_CBWR"] = "AVX2"

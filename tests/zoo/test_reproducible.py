@@ -15,7 +15,7 @@ import pytest
 
 from rl_circuits.zoo import ZooConfig, default_root
 from rl_circuits.zoo.build import zoo_digest
-from rl_circuits.zoo.numerics import bitwise_note, cpu_flags, pinned_environment
+from rl_circuits.zoo.numerics import bitwise_note, cpu_flags, kernel_sets, pinned_environment
 
 # A zoo that trains in seconds: 150 SFT steps of a 0.05M-parameter model, 2 GRPO steps, a
 # few DPO pairs (enough for some right and some wrong answers).
@@ -114,3 +114,13 @@ def test_shells_with_other_kernel_sets_build_identical_checkpoints(tmp_path):
     assert manifest["deterministic"] is True
     expected = "DEFAULT" if manifest["environment"]["ATEN_CPU_CAPABILITY"] == "default" else "AVX2"
     assert manifest["cpu_capability"] == expected
+
+
+def test_kernel_sets_of_a_cpu_and_forcing_one():
+    assert kernel_sets(machine="x86_64", flags=AVX512) == ["default", "avx2", "avx512"]
+    assert kernel_sets(machine="x86_64", flags=AVX2) == ["default", "avx2"]
+    assert kernel_sets(machine="aarch64", flags=frozenset()) == ["default"]
+    env = pinned_environment(kernels="avx512", machine="x86_64", flags=AVX512, mkl=True)
+    assert env["ATEN_CPU_CAPABILITY"] == "avx512" and env["MKL_CBWR"] == "AVX512"
+    with pytest.raises(ValueError, match="kernels='sse'"):
+        pinned_environment(kernels="sse")
