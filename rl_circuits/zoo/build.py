@@ -103,8 +103,9 @@ def zoo_digest(config: ZooConfig, env: dict[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def default_root(config: ZooConfig, num_threads: int = 1) -> Path:
-    return home_dir() / "zoo" / zoo_digest(config, pinned_environment(num_threads))
+def default_root(config: ZooConfig, num_threads: int = 1, kernels: str | None = None) -> Path:
+    env = pinned_environment(num_threads, kernels=kernels)
+    return home_dir() / "zoo" / zoo_digest(config, env)
 
 
 def build_zoo(
@@ -127,7 +128,7 @@ def build_zoo(
     """
     config = config or ZooConfig()
     env = pinned_environment(num_threads, kernels=kernels)
-    root = Path(root) if root is not None else home_dir() / "zoo" / zoo_digest(config, env)
+    root = Path(root) if root is not None else default_root(config, num_threads, kernels)
     with _locked(root):
         zoo = None if force else load_zoo(root, config, env)
         if zoo is None:
