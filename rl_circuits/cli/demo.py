@@ -14,11 +14,17 @@ def run_demo(run_dir: str | None = None, progress: bool = True) -> int:
     from rl_circuits.analysis.reader import load_run
     from rl_circuits.pipeline.run import run_pipeline
     from rl_circuits.zoo import build_zoo, summary_lines
+    from rl_circuits.zoo.claims import compare_with_readme, load_claims
+    from rl_circuits.zoo.numerics import bitwise_note
 
+    note = bitwise_note()
+    if note is not None:
+        print(note)
     zoo = build_zoo(progress=progress)
     print(f"zoo: {zoo.root}")
     for line in summary_lines(zoo):
         print(f"  {line}")
+    print(f"  {compare_with_readme(zoo.accuracy, zoo.config.task.test_size, load_claims())}")
     # configs/demo.toml with the zoo's data directory, next to the zoo it belongs to
     text = (resource_dir("configs") / "demo.toml").read_text()
     config = zoo.root / "demo.toml"

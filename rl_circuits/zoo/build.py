@@ -12,20 +12,28 @@ and registers the pairs `toy-grpo` (sft -> grpo) and `toy-dpo` (sft -> dpo) in
 `<home>/pairs/toy.toml`. `zoo.json` is written atomically after everything else, so a folder
 without it (a killed build) is rebuilt from scratch, never half-used; a folder whose manifest
 records another config digest is rebuilt too (a non-empty folder that holds no zoo is
-refused, never emptied). The build runs on `num_threads` torch threads
-(default 1, restored afterwards): one thread is fastest for a 1M-parameter model on a shared
-CPU, and the thread count is part of what makes two builds bit-identical.
+refused, never emptied). The training runs in a subprocess whose numeric environment is
+pinned (`numerics.pinned_environment`: AVX2 kernels, MKL's reproducibility mode, `num_threads`
+threads, default 1, deterministic algorithms) whatever the caller's shell sets, so every x86
+machine with AVX2 builds the same bytes; that environment is part of the folder's digest and
+recorded in `zoo.json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
+import os
 import platform
 import shutil
+import subprocess
+import sys
+import threading
 import time
 import tomllib
 from collections.abc import Iterator, Sequence
@@ -40,6 +48,7 @@ from rl_circuits.store.atomic import write_atomic
 from rl_circuits.zoo import dpo as dpo_stage
 from rl_circuits.zoo import grpo as grpo_stage
 from rl_circuits.zoo import sft as sft_stage
+from rl_circuits.zoo.claims import ALGORITHMS, accuracy_line
 from rl_circuits.zoo.config import ZOO_FORMAT, ZooConfig
 from rl_circuits.zoo.model import (
     correct,
@@ -50,6 +59,7 @@ from rl_circuits.zoo.model import (
     save_checkpoint,
     sha256_file,
 )
+from rl_circuits.zoo.numerics import apply_in_process, environment_digest, pinned_environment
 from rl_circuits.zoo.paired import describe, mcnemar_exact
 from rl_circuits.zoo.progress import library_output_off
 from rl_circuits.zoo.tasks import DATASET_NAME, generate_splits, summary, write_splits
@@ -58,7 +68,6 @@ STAGES = ("sft", "grpo", "dpo")
 DONE_FILE = "zoo.json"
 STARTED_FILE = ".zoo-build"  # written first: marks a folder the zoo may empty and rebuild
 PAIRS_FILE = "toy.toml"
-ALGORITHMS = {"sft": "SFT", "grpo": "GRPO", "dpo": "DPO"}
 
 
 @dataclass(frozen=True)
@@ -88,8 +97,15 @@ class Zoo:
         return {"sft": self.sft, "grpo": self.grpo, "dpo": self.dpo}[stage]
 
 
-def default_root(config: ZooConfig) -> Path:
-    return home_dir() / "zoo" / config.digest()
+def zoo_digest(config: ZooConfig, env: dict[str, str]) -> str:
+    """The cache digest of a zoo: its config and its pinned numeric environment."""
+    text = f"{config.digest()} {environment_digest(env)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def default_root(config: ZooConfig, num_threads: int = 1, kernels: str | None = None) -> Path:
+    env = pinned_environment(num_threads, kernels=kernels)
+    return home_dir() / "zoo" / zoo_digest(config, env)
 
 
 def build_zoo(
@@ -99,32 +115,41 @@ def build_zoo(
     progress: bool = True,
     *,
     device: str | torch.device = "cpu",
-    num_threads: int | None = 1,
+    num_threads: int = 1,
+    kernels: str | None = None,
     register: bool = True,
 ) -> Zoo:
     """Return the zoo for `config`, building it unless a finished one exists at `root`.
 
-    `root` defaults to `<home>/zoo/<config digest>/`; `force` rebuilds even a finished zoo.
-    `register` (re)writes `<home>/pairs/toy.toml` to point at this zoo. `num_threads=None`
-    leaves torch's thread setting alone.
+    `root` defaults to `<home>/zoo/<digest of config and pinned environment>/`; `force`
+    rebuilds even a finished zoo. Training runs in a subprocess with the pinned environment
+    and `num_threads` threads; `kernels` forces another kernel set than the pinned AVX2 one
+    (`numerics.KERNEL_SETS`). `register` (re)writes `<home>/pairs/toy.toml` to point at it.
     """
     config = config or ZooConfig()
-    root = Path(root) if root is not None else default_root(config)
+    env = pinned_environment(num_threads, kernels=kernels)
+    root = Path(root) if root is not None else default_root(config, num_threads, kernels)
     with _locked(root):
-        zoo = None if force else load_zoo(root, config)
+        zoo = None if force else load_zoo(root, config, env)
         if zoo is None:
-            with _torch_threads(num_threads), library_output_off():
-                manifest = _build(config, root, progress=progress, device=device)
+            _prepare(config, root)
+            manifest = _train_in_subprocess(config, root, env, progress=progress, device=device)
             write_atomic(root / DONE_FILE, json.dumps(manifest, indent=2))
-            zoo = load_zoo(root, config)
+            zoo = load_zoo(root, config, env)
             assert zoo is not None
     if register:
         zoo = dataclasses.replace(zoo, pairs_file=register_pairs(zoo))
     return zoo
 
 
-def load_zoo(root: str | Path, config: ZooConfig | None = None) -> Zoo | None:
-    """The finished zoo at `root`, or None if unfinished or built from another config."""
+def load_zoo(
+    root: str | Path, config: ZooConfig | None = None, env: dict[str, str] | None = None
+) -> Zoo | None:
+    """The finished zoo at `root`, or None if unfinished or built from another config.
+
+    With `config`, a zoo built in another numeric environment than `env` (default: this
+    machine's one-thread pinned environment) is None too.
+    """
     root = Path(root)
     try:
         manifest = json.loads((root / DONE_FILE).read_text())
@@ -133,10 +158,13 @@ def load_zoo(root: str | Path, config: ZooConfig | None = None) -> Zoo | None:
         built = ZooConfig.from_dict(manifest["config"])
         accuracy = {stage: manifest["stages"][stage]["test_accuracy"] for stage in STAGES}
         paired = {stage: manifest["stages"][stage]["paired_test"] for stage in STAGES[1:]}
+        built_env = manifest["environment"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # json.JSONDecodeError is a ValueError
-    if config is not None and built.digest() != config.digest():
-        return None
+    if config is not None:
+        env = pinned_environment() if env is None else env
+        if built.digest() != config.digest() or built_env != env:
+            return None
     if not all((root / stage / "model.safetensors").is_file() for stage in STAGES):
         return None
     return Zoo(
@@ -153,11 +181,7 @@ def load_zoo(root: str | Path, config: ZooConfig | None = None) -> Zoo | None:
 
 def summary_lines(zoo: Zoo) -> list[str]:
     """The zoo's greedy test accuracies and each post-training stage's paired test vs SFT."""
-    size = zoo.config.task.test_size
-    lines = [
-        f"greedy test accuracy ({size} questions): "
-        + ", ".join(f"{ALGORITHMS[s]} {zoo.accuracy[s]:.1%}" for s in STAGES)
-    ]
+    lines = [accuracy_line(zoo.accuracy, zoo.config.task.test_size)]
     for stage in STAGES[1:]:
         lines.append(f"{ALGORITHMS[stage]} vs SFT: {describe(zoo.paired[stage])}")
     return lines
@@ -193,9 +217,8 @@ def _toml_value(value) -> str:
     return str(value) if isinstance(value, int) else json.dumps(value)  # JSON strings are TOML
 
 
-def _build(config: ZooConfig, root: Path, *, progress: bool, device) -> dict:
-    """Build every stage into `root` (emptied first); returns the manifest."""
-    started = time.perf_counter()
+def _prepare(config: ZooConfig, root: Path) -> None:
+    """Empty `root` for a build (only if it holds a zoo or a killed build) and mark it."""
     if root.exists() and any(root.iterdir()):
         if not ((root / DONE_FILE).exists() or (root / STARTED_FILE).exists()):
             raise StoreError(
@@ -205,6 +228,114 @@ def _build(config: ZooConfig, root: Path, *, progress: bool, device) -> dict:
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / STARTED_FILE).write_text(config.digest() + "\n")
+
+
+# Exceptions a training subprocess reports that the parent raises as themselves.
+_RERAISED = {"ValueError": ValueError, "StoreError": StoreError}
+
+
+def _train_in_subprocess(
+    config: ZooConfig, root: Path, env: dict[str, str], *, progress: bool, device
+) -> dict:
+    """Run `_build` in a fresh Python whose environment is the pinned `env`; its manifest.
+
+    The child's output is relayed to this process's sys.stdout/sys.stderr (so progress shows
+    wherever the caller's output goes); its errors are raised here.
+    """
+    job = root / ".zoo-job.json"
+    result = root / ".zoo-result.json"
+    job.write_text(
+        json.dumps(
+            {
+                "config": config.to_dict(),
+                "root": str(root),
+                "env": env,
+                "progress": progress,
+                "device": str(device),
+                "result": str(result),
+            }
+        )
+    )
+    package_parent = str(Path(__file__).resolve().parents[2])
+    child_env = {**os.environ, **env}
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (package_parent, os.environ.get("PYTHONPATH")) if p
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, "--job", str(job)],
+        env=child_env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    relays = [
+        threading.Thread(target=_relay, args=(process.stdout, sys.stdout), daemon=True),
+        threading.Thread(target=_relay, args=(process.stderr, sys.stderr), daemon=True),
+    ]
+    for relay in relays:
+        relay.start()
+    try:
+        code = process.wait()
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    finally:
+        for relay in relays:
+            relay.join()
+    try:
+        outcome = json.loads(result.read_text())
+    except (OSError, ValueError):
+        raise RuntimeError(
+            f"the zoo's training subprocess exited with code {code} without a result; "
+            f"its output is above; rerun `rl-circuits zoo build` to start {root} afresh"
+        ) from None
+    finally:
+        job.unlink(missing_ok=True)
+        result.unlink(missing_ok=True)
+    if "error" in outcome:
+        kind = _RERAISED.get(outcome["error"], RuntimeError)
+        raise kind(outcome["message"])
+    return outcome["manifest"]
+
+
+_CHILD = "import sys; from rl_circuits.zoo.build import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _relay(stream, out) -> None:
+    """Copy a child's byte stream to a text stream as it comes (progress bars included)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while chunk := os.read(stream.fileno(), 4096):
+        out.write(decoder.decode(chunk))
+        out.flush()
+    stream.close()
+
+
+def _run_job(job_path: Path) -> int:
+    """The training subprocess: pin torch, build, write the manifest (or the error)."""
+    job = json.loads(job_path.read_text())
+    apply_in_process(job["env"])
+    result = Path(job["result"])
+    try:
+        config = ZooConfig.from_dict(job["config"])
+        with library_output_off():
+            manifest = _build(
+                config,
+                Path(job["root"]),
+                job["env"],
+                progress=job["progress"],
+                device=job["device"],
+            )
+        outcome = {"manifest": manifest}
+    except (ValueError, StoreError) as error:
+        outcome = {"error": type(error).__name__, "message": str(error)}
+    write_atomic(result, json.dumps(outcome))
+    return 0
+
+
+def _build(config: ZooConfig, root: Path, env: dict[str, str], *, progress: bool, device) -> dict:
+    """Train every stage into the prepared `root`; returns the manifest."""
+    started = time.perf_counter()
     task = config.task
     template, budget = task.template, task.max_new_tokens
     log = _logger(progress)
@@ -354,7 +485,8 @@ def _build(config: ZooConfig, root: Path, *, progress: bool, device) -> dict:
         card["sha256"] = sha256_file(root / stage / "model.safetensors")
     manifest = {
         "format": ZOO_FORMAT,
-        "digest": config.digest(),
+        "digest": zoo_digest(config, env),
+        "config_digest": config.digest(),
         "config": config.to_dict(),
         "dataset": {"name": DATASET_NAME, "data_dir": "data", "splits": data_card},
         "template": template,
@@ -362,6 +494,9 @@ def _build(config: ZooConfig, root: Path, *, progress: bool, device) -> dict:
         "parameters": count_parameters(model),
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "environment": env,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
         "versions": _versions(),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_s": round(time.perf_counter() - started, 1),
@@ -392,6 +527,7 @@ def _write_card(path: Path, stage: str, manifest: dict) -> None:
         "zoo_digest": manifest["digest"],
         "device": manifest["device"],
         "threads": manifest["threads"],
+        "environment": manifest["environment"],
         "versions": manifest["versions"],
         "built_at": manifest["built_at"],
     }
@@ -481,17 +617,6 @@ def _logger(progress: bool):
 
 
 @contextlib.contextmanager
-def _torch_threads(num_threads: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@contextlib.contextmanager
 def _locked(root: Path) -> Iterator[None]:
     """Serialise builds of one zoo folder across processes (a lock file beside it)."""
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -517,7 +642,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--no-register", action="store_true", help="do not write pairs/toy.toml")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--job", type=Path, help=argparse.SUPPRESS)  # the training subprocess
     args = parser.parse_args(argv)
+    if args.job is not None:
+        return _run_job(args.job)
     config = ZooConfig()
     if args.config is not None:
         config = ZooConfig.from_dict(tomllib.loads(args.config.read_text()).get("zoo", {}))

@@ -19,7 +19,7 @@ from rl_circuits.zoo.model import ModelShape
 from rl_circuits.zoo.sft import SFTSettings
 
 # Bump when the build code changes what a given config produces (invalidates cached zoos).
-ZOO_FORMAT = 2
+ZOO_FORMAT = 3
 
 
 @dataclass(frozen=True)

@@ -63,3 +63,4 @@ def test_demo_prints_the_accuracies_and_paired_tests(tmp_path, monkeypatch, caps
         "GRPO vs SFT: +10.0 points (40.0% -> 50.0%; 40 gained, 10 lost, McNemar exact p = " in out
     )
     assert "DPO vs SFT: +8.3 points (40.0% -> 48.3%; 30 gained, 5 lost, McNemar exact p = " in out
+    assert "README check: this run DIFFERS from the README's numbers (SFT 40.0% vs " in out
