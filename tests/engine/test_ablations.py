@@ -20,7 +20,8 @@ import torch
 from rl_circuits.engine.attribution import attribute, masked_nll
 from rl_circuits.engine.circuits import evaluate_circuit
 from rl_circuits.engine.graph import build_graph, parse_node
-from rl_circuits.engine.methods import ABLATIONS, METHODS, methods_for
+from rl_circuits.engine.methods import ABLATIONS, METHODS, RELP_RULES, methods_for
+from rl_circuits.engine.relp import relp_rules
 from rl_circuits.models.tiny import ARCHITECTURES
 
 STEPS = 3
@@ -147,6 +148,9 @@ def eap_ig_reference(model, tokens, corrupted, mask, graph, method, ablation, ru
     deltas = [c - o for c, o in zip(cf, clean, strict=True)]
     if method == "eap":
         passes = [_gradients(model, tokens, tokens, mask)]
+    elif method == "relp":  # EAP's pass with RelP's rules (tests/engine/test_relp.py checks them)
+        with relp_rules(model, RELP_RULES):
+            passes = [_gradients(model, tokens, tokens, mask)]
     elif method == "eap-ig":  # EAP-IG-inputs
         embed, embed_cf = clean[0], cf[0]
         passes = [
@@ -397,7 +401,7 @@ def test_bad_combinations_name_what_works(models64, pairs64):
     model = models64["Qwen2ForCausalLM"]
     tokens, corrupted, mask = _batch()
     other = models64["LlamaForCausalLM"]
-    with pytest.raises(ValueError, match="eap, eap-ig-activations, exact"):
+    with pytest.raises(ValueError, match="eap, eap-ig-activations, relp, exact"):
         attribute(model, tokens, mask, method="eap-ig", ablation="patch", corrupted_model=model)
     with pytest.raises(ValueError, match="it works with patch"):
         attribute(model, tokens, mask, method="clean-corrupted")
