@@ -100,9 +100,8 @@ def relp_rules(model: HookedTransformer, rules: Sequence[str]) -> Iterator[None]
 
 
 def _mlp_hooks(mlp, half: bool, identity: bool) -> list:
-    """hook_post of a gated MLP (act(pre) * lin + b_in) returns its value with the gradient of
-    h (A(pre) b0 + a0 lin): A the activation, or x -> x a0 / x0 under the identity rule, h 1/2
-    under the half rule (1 without it: then the product's own gradient)."""
+    """hook_post of a gated MLP (act(pre) * lin + b_in) keeps its value and takes the rules'
+    backward pass (`_RuledProduct`) from pre and lin."""
     seen: dict[str, torch.Tensor] = {}
 
     def keep(key):
@@ -116,19 +115,39 @@ def _mlp_hooks(mlp, half: bool, identity: bool) -> list:
         pre, lin = seen.pop("pre"), seen.pop("lin")
         if not (pre.requires_grad or lin.requires_grad):
             return None
-        a0 = mlp.act_fn(pre.detach())
-        if identity:
-            safe = torch.where(pre == 0, torch.ones_like(pre), pre).detach()
-            gate = pre * torch.where(pre == 0, torch.zeros_like(a0), a0 / safe)
-        else:
-            gate = mlp.act_fn(pre)
-        surrogate = gate * lin.detach() + a0 * lin
-        if half:
-            surrogate = 0.5 * surrogate
-        return out.detach() + (surrogate - surrogate.detach())
+        return _RuledProduct.apply(out.detach(), pre, lin, mlp.act_fn, half, identity)
 
     return [
         mlp.hook_pre.register_forward_hook(keep("pre")),
         mlp.hook_pre_linear.register_forward_hook(keep("lin")),
         mlp.hook_post.register_forward_hook(post),
     ]
+
+
+class _RuledProduct(torch.autograd.Function):
+    """The value act(pre) * lin (+ b_in) as computed, with the gradient of h (A(pre) lin0 +
+    a0 lin) at (pre0, lin0), a0 = act(pre0): A = act, or x -> x a0 / pre0 under the identity
+    rule; h = 1/2 under the half rule, else 1 (then the product's own gradient). Keeps pre and
+    lin alone for the backward pass (act is recomputed there): no more than autograd keeps."""
+
+    @staticmethod
+    def forward(ctx, value, pre, lin, act, half: bool, identity: bool):
+        ctx.save_for_backward(pre, lin)
+        ctx.act, ctx.scale, ctx.identity = act, 0.5 if half else 1.0, identity
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, lin = ctx.saved_tensors
+        if ctx.identity:
+            a0 = ctx.act(pre)
+            zero = pre == 0
+            slope = torch.where(zero, 0.0, a0 / torch.where(zero, 1.0, pre))
+        else:
+            with torch.enable_grad():
+                x = pre.detach().requires_grad_(True)
+                a = ctx.act(x)
+                (slope,) = torch.autograd.grad(a, x, torch.ones_like(a))
+            a0 = a.detach()
+        grad = ctx.scale * grad
+        return None, grad * lin * slope, grad * a0, None, None, None
