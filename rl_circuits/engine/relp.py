@@ -1,9 +1,10 @@
 """RelP's propagation rules as backward-pass changes of a HookedTransformer (Jafari et al. 2025).
 
-Relevance patching (RelP, arXiv:2508.21258, Sec. 3 and App. A) is attribution patching with the
-local gradients replaced by LRP's propagation coefficients. The authors' TransformerLens fork
-(FarnoushRJ/RelP, `cfg.use_lrp` with `cfg.LRP_rules`) applies them in the forward pass, as
-values that are unchanged but whose gradients follow the rule; these hooks do the same:
+Relevance patching (RelP, arXiv:2508.21258) is attribution patching with the local gradients
+replaced by LRP's propagation coefficients; the rule per layer is the table "Propagation Rules
+for Transformers" of the authors' README (FarnoushRJ/RelP). Their TransformerLens fork
+(`cfg.use_lrp` with `cfg.LRP_rules`) applies them in the forward pass, as values that are
+unchanged but whose gradients follow the rule; these hooks do the same:
 
 * `norm-scale` (LN-rule, Ali et al. 2022; the fork's `rms_norm.py`, `layer_norm.py`: `x /
   scale.detach()`): every normalisation's scale is a constant, so the norm is the linear map
