@@ -33,8 +33,7 @@ def test_rank_methods_rows(models64, ablation):
     tokens, mask = _batch()
     rows = rank_methods(
         model,
-        tokens,
-        mask,
+        [(tokens[:2], mask[:2]), (tokens[2:], mask[2:])],
         ["eap", "relp", "exact"],
         ablation=ablation,
         n_exact=10,
@@ -61,7 +60,7 @@ def test_curve_is_the_hand_evaluated_top_k(models64):
     """eap's f at every grid point from evaluate_circuit called here on its own top-k."""
     model = models64["LlamaForCausalLM"]
     tokens, mask = _batch(seed=1)
-    (row,) = rank_methods(model, tokens, mask, ["eap"], n_exact=8, n_resamples=50)
+    (row,) = rank_methods(model, [(tokens, mask)], ["eap"], n_exact=8, n_resamples=50)
     scores = attribute(model, tokens, mask)
     edge_mask = scores.edge_mask.numpy()
     key = np.abs(scores.values.double().numpy()).mean(0)
@@ -77,6 +76,6 @@ def test_bad_inputs_are_refused(models64):
     model = models64["LlamaForCausalLM"]
     tokens, mask = _batch()
     with pytest.raises(ValueError, match="at least 2 questions"):
-        rank_methods(model, tokens[:1], mask[:1], ["eap"])
+        rank_methods(model, [(tokens[:1], mask[:1])], ["eap"])
     with pytest.raises(ValueError, match="n_exact must be >= 2"):
-        rank_methods(model, tokens, mask, ["eap"], n_exact=1)
+        rank_methods(model, [(tokens, mask)], ["eap"], n_exact=1)
