@@ -24,6 +24,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from rl_circuits.analysis.method_ranking import method_table, method_verdicts
 from rl_circuits.analysis.stats import Table1
 from rl_circuits.store.atomic import write_atomic
 
@@ -89,6 +90,7 @@ def render_report(
     accuracy: pd.DataFrame | None = None,
     funnel: pd.DataFrame | None = None,
     skipped: Mapping[str, str] | None = None,
+    methods: pd.DataFrame | None = None,
 ) -> str:
     """The report's HTML text: title, notes, Table 1 and its statistics in full, the cells
     without results, the selection funnel, the accuracy table, then each figure."""
@@ -124,6 +126,18 @@ def render_report(
         parts += [
             "<h2>Accuracy per model and dataset</h2>",
             accuracy.to_html(index=False, classes="table1", float_format=lambda x: f"{x:.1f}"),
+        ]
+    if methods is not None and len(methods):
+        verdicts = "".join(f"<li>{e(v)}</li>" for v in method_verdicts(methods))
+        cost = methods.groupby("method", sort=False)["seconds"].mean()
+        parts += [
+            "<h2>Attribution methods ranked by faithfulness (MIB's CPR and CMD)</h2>",
+            method_table(methods).to_html(classes="table1"),
+            f"<ul>{verdicts}</ul>",
+            "<p>Seconds of attribution per question: "
+            + e(", ".join(f"{m} {v:.3g}" for m, v in cost.items()))
+            + ". relp gives query and key inputs no relevance: they are not scored, which does "
+            "not make them unimportant.</p>",
         ]
     for i, (name, figure) in enumerate(figures.items()):
         target = f"figure-{i}-{_slug(name)}"

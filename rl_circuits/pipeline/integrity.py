@@ -136,7 +136,10 @@ def plan(cfg: RunConfig, hashes: dict[str, str]) -> dict[str, StagePlan]:
     for pair, role, name, alpha, up in attribute_cells:
         if enabled and alpha in alphas:
             rel = RunLayout.circuit(pair, role, name, alpha)
-            plans["circuits"].cells[rel] = Cell(_hash(["circuits", values("circuits"), up]), (rel,))
+            ranked = RunLayout.method_ranking(pair, role, name, alpha)
+            plans["circuits"].cells[rel] = Cell(
+                _hash(["circuits", values("circuits"), up]), (rel, ranked)
+            )
     for stage in ("datasets", "generate", "grade", "select", "attribute", "circuits"):
         cells = {k: c.fingerprint for k, c in plans[stage].cells.items()}
         own = enabled if stage == "circuits" else None

@@ -23,6 +23,7 @@ def stage_report(cfg: RunConfig, store: RunStore, progress: bool = True) -> Path
         accuracy=accuracy_table(cfg, store),
         funnel=run.funnel(),
         skipped=run.skipped_cells(),
+        methods=run.methods(),
     )
     path = store.write_text(RunLayout.REPORT_HTML, html)
     for name, image in png_images(figures).items():

@@ -31,10 +31,12 @@ class RunLayout:
             skipped.json                        {id: why} questions left out of the cell
             scores.safetensors                  the merged scores, in selection order
         circuits/<pair>/<role>/<dataset>/alpha-<a>.json   per-question circuit losses
+        methods/<pair>/<role>/<dataset>/alpha-<a>.json    each method's MIB curve, CPR, CMD
         analysis/compare.jsonl                  metric comparisons (Table 1 rows)
         analysis/output_entropy.json            output-edge entropy per cell
         analysis/skipped_cells.json             "pair|dataset|alpha" -> why it has no rows
         analysis/circuits.json                  faithfulness curves per cell
+        analysis/methods.md                     the method table (CPR, CMD, Spearman)
         analysis/table1.md, analysis/table1.tex Table 1
         report/report.html, report/png/<name>   the report and its figures
 
@@ -52,6 +54,7 @@ class RunLayout:
     OUTPUT_ENTROPY = "analysis/output_entropy.json"
     SKIPPED_CELLS = "analysis/skipped_cells.json"
     CIRCUIT_CURVES = "analysis/circuits.json"
+    METHOD_TABLE = "analysis/methods.md"
     TABLE1_MD = "analysis/table1.md"
     TABLE1_TEX = "analysis/table1.tex"
     REPORT = "report"
@@ -125,6 +128,11 @@ class RunLayout:
     def circuit(pair: str, role: str, dataset: str, alpha: float) -> str:
         """The circuits stage's per-question losses of one cell."""
         return f"circuits/{pair}/{role}/{dataset}/alpha-{alpha:g}.json"
+
+    @staticmethod
+    def method_ranking(pair: str, role: str, dataset: str, alpha: float) -> str:
+        """The circuits stage's method ranking of one cell (`[circuits] methods`)."""
+        return f"methods/{pair}/{role}/{dataset}/alpha-{alpha:g}.json"
 
     @staticmethod
     def report_png(name: str) -> str:
