@@ -96,6 +96,8 @@ def _cell_methods(model, scores, items, cfg: RunConfig, desc: str, progress: boo
     CPR, CMD, Spearman with exact on `n_exact` edges; `rank_methods` at its default seed and
     resamples, so the stage depends on the circuits section alone)."""
     c, a = cfg.circuits, cfg.attribute
+    if len(items) < 2:  # intervals and ratios of means need two questions
+        return {"ids": list(scores.ids), "rows": [], "why": f"{len(items)} question(s)"}
     groups = [
         list(range(i, min(i + c.batch_size, len(items))))
         for i in range(0, len(items), c.batch_size)

@@ -136,3 +136,16 @@ def test_ranked_methods_are_validated(tiny_run, tmp_path, capsys):
         bad = write_unchecked_config(tmp_path / "bad.toml", edits, base=config)
         assert main(["circuits", str(bad), "--run-dir", str(tmp_path / "r")]) == 2
         assert f"circuits.methods = {methods!r} is out of range" in capsys.readouterr().err
+
+
+def test_a_cell_of_one_question_gets_no_method_rows(tiny_run):
+    """Intervals over questions need two: the cell's file says why it has no rows."""
+    from types import SimpleNamespace
+
+    from rl_circuits.config import load_config
+    from rl_circuits.pipeline.circuits import _cell_methods
+
+    _, config = tiny_run
+    cfg = load_config(config)
+    out = _cell_methods(None, SimpleNamespace(ids=["q1"]), [("q1", [5, 6, 7], 1)], cfg, "x", False)
+    assert out == {"ids": ["q1"], "rows": [], "why": "1 question(s)"}
