@@ -251,3 +251,20 @@ def test_bad_rules_are_refused(models64):
     with pytest.raises(ValueError, match="sequence of rule names"):
         with relp_rules(model, "half"):
             pass
+
+
+def test_mlps_the_rules_are_not_written_for_are_refused():
+    """A GELU MLP without a gate: half/identity refused with the way out; the other rules run."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=16, n_ctx=16, d_head=4, n_heads=4, d_mlp=32, d_vocab=90,
+        act_fn="gelu", normalization_type="LN", dtype=torch.float64, seed=0,
+    )  # fmt: skip
+    model = HookedTransformer(cfg)
+    tokens, mask = _batch()
+    with pytest.raises(ValueError, match="needs gated MLPs.*use method='eap'"):
+        attribute(model, tokens, mask, method="relp")
+    rules = ("norm-scale", "attention-pattern")
+    scores = attribute(model, tokens, mask, method="relp", relp_rules=rules)
+    assert scores.values.abs().sum() > 0 and len(scores.meta["unscored"]) == 2
