@@ -186,6 +186,10 @@ class CircuitsSection:
     rank_by: str = _key("mean", choices=lambda: engine_choices.RANK_BY)
     alphas: tuple[float, ...] = _key(())  # cells to evaluate; (): every select.alphas entry
     batch_size: int = _key(8, _AT_LEAST_ONE)
+    # Methods ranked by faithfulness per cell (MIB's CPR/CMD, Spearman with exact on n_exact
+    # edges): `rl_circuits.analysis.method_ranking`; (): none.
+    methods: tuple[str, ...] = _key(())
+    n_exact: int = _key(64, _AT_LEAST_TWO)
 
 
 @dataclass(frozen=True)
@@ -457,6 +461,16 @@ def _check_cross_fields(
                 f"{source}: circuits.{key} = {entries!r} is out of range: each entry must be "
                 f"a number {allowed}"
             )
+    usable = methods.methods_for(circuits.ablation)
+    ranked = list(circuits.methods)
+    if not all(isinstance(m, str) and m in usable for m in ranked) or len(set(ranked)) < len(
+        ranked
+    ):
+        raise ConfigError(
+            f"{source}: circuits.methods = {ranked!r} is out of range: list each method once, "
+            f"among {', '.join(usable)} (the methods defined for circuits.ablation = "
+            f"{circuits.ablation!r})"
+        )
     for key in ("pairs", "datasets"):
         names = getattr(run, key)
         if not names or not all(isinstance(v, str) and v for v in names):

@@ -2,8 +2,9 @@
 
 Pure functions over the losses that `evaluate_circuit` measured on a grid of top-k circuits:
 faithfulness f(k) = (L_none - L_k) / (L_none - L_clean), the circuit size (the smallest grid k
-with mean f(k) >= a threshold), and the before/after comparison of sizes with a paired
-bootstrap interval and a paired permutation p-value over questions, like Table 1's metrics.
+with mean f(k) >= a threshold), the MIB circuit track's summaries CPR and CMD of a curve, and
+the before/after comparison of sizes with a paired bootstrap interval and a paired permutation
+p-value over questions, like Table 1's metrics.
 """
 
 from __future__ import annotations
@@ -26,6 +27,56 @@ def faithfulness(
     span = none - clean
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(span != 0, (none - losses) / span, np.nan)
+
+
+# The MIB circuit track's grid of circuit sizes, as fractions of the graph's edges (0.1% ... 100%):
+# `percentages` in `evaluate_area_under_curve`, MIB_circuit_track/evaluation.py
+# (hannamw/MIB-circuit-track).
+MIB_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def mib_edge_counts(n_edges: int, fractions: Sequence[float] = MIB_FRACTIONS) -> list[int]:
+    """The circuit sizes MIB evaluates for a graph of `n_edges` scored edges: int(fraction *
+    n_edges), rounded down as `evaluate_area_under_curve` does."""
+    return [int(x * n_edges) for x in fractions]
+
+
+def _trapezoid(
+    fractions: Sequence[float], y: Float[np.ndarray, "*rest k"]
+) -> Float[np.ndarray, "*rest"]:
+    x = np.asarray(fractions, dtype=float)
+    y = np.asarray(y, dtype=float)
+    if x.ndim != 1 or x.size < 2 or y.shape[-1:] != x.shape:
+        raise ValueError(
+            f"fractions ({x.size} points) and the curve's last axis ({y.shape}) must match, "
+            "with at least 2 points; pass one faithfulness value per fraction (MIB_FRACTIONS)"
+        )
+    if np.any(np.diff(x) <= 0):
+        raise ValueError(f"fractions {x.tolist()} must increase; sort them with their curve")
+    return np.sum(np.diff(x) * (y[..., 1:] + y[..., :-1]) / 2, axis=-1)
+
+
+def cpr(fractions: Sequence[float], f: Float[np.ndarray, "*rest k"]) -> Float[np.ndarray, "*rest"]:
+    """MIB's circuit performance ratio: the area under the faithfulness curve over the fraction
+    of edges kept, trapezoid rule on a linear axis (higher is better).
+
+    CPR = sum_i (x_{i+1} - x_i) (f_i + f_{i+1}) / 2, x_i = `fractions`, f_i = f at x_i; the
+    `area_under` of `evaluate_area_under_curve` in MIB_circuit_track/evaluation.py
+    (hannamw/MIB-circuit-track, log_scale=False, its default and the leaderboard's). MIB's f_i
+    is (m(C_i) - m(empty)) / (m(model) - m(empty)) with each m the mean metric over the dataset
+    (a ratio of means); the curve's last axis is the fractions, any leading axes are kept.
+    """
+    return _trapezoid(fractions, f)
+
+
+def cmd(fractions: Sequence[float], f: Float[np.ndarray, "*rest k"]) -> Float[np.ndarray, "*rest"]:
+    """MIB's circuit-model distance: the area under |1 - f| over the fraction of edges kept,
+    trapezoid rule on a linear axis (lower is better; 0 when every circuit matches the model).
+
+    CMD = sum_i (x_{i+1} - x_i) (|1 - f_i| + |1 - f_{i+1}|) / 2; the `area_from_1` of
+    `evaluate_area_under_curve` in MIB_circuit_track/evaluation.py (hannamw/MIB-circuit-track).
+    """
+    return _trapezoid(fractions, np.abs(1.0 - np.asarray(f, dtype=float)))
 
 
 def circuit_size(

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from rl_circuits.analysis.diff import top_edges
+from rl_circuits.analysis.method_ranking import TABLE_COLUMNS
 from rl_circuits.analysis.plots import (
     diff_curves,
     diff_heatmap,
@@ -498,6 +499,24 @@ class Run:
         rel = RunLayout.circuit(pair, role, dataset, self._alpha(alpha))
         self._require(rel, f"circuit losses for {pair}/{role}, {dataset}", "circuits")
         return self.store.read_json(rel)
+
+    def methods(self) -> pd.DataFrame:
+        """The method ranking of every cell with one (`[circuits] methods`): one row per pair,
+        role, dataset, alpha and method (CPR, CMD with intervals, Spearman with exact, unscored
+        nodes, seconds per question); `analysis/methods.md` is its table."""
+        alphas = [float(a) for a in self.config.circuits.alphas] or self.config.alphas
+        rows = []
+        for pair in self.config.pairs:
+            for role in ROLES:
+                for dataset in self.config.run.datasets:
+                    for alpha in alphas:
+                        rel = RunLayout.method_ranking(pair, role, dataset, alpha)
+                        if not self.store.exists(rel):
+                            continue
+                        for row in self.store.read_json(rel)["rows"]:
+                            cell = {"pair": pair, "role": role, "dataset": dataset, "alpha": alpha}
+                            rows.append({**cell, **{k: row[k] for k in TABLE_COLUMNS[4:]}})
+        return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
     def circuit_curves(self) -> dict:
         """Mean faithfulness curves, bands, overlap and sizes per "pair|dataset|alpha"."""

@@ -24,6 +24,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
+from rl_circuits.analysis.method_ranking import method_table, method_verdicts
 from rl_circuits.analysis.stats import Table1, format_value
 from rl_circuits.store.atomic import write_atomic
 
@@ -91,6 +92,7 @@ def render_report(
     skipped: Mapping[str, str] | None = None,
     tables: Mapping[str, pd.DataFrame] | None = None,
     links: Mapping[str, str] | None = None,
+    methods: pd.DataFrame | None = None,
 ) -> str:
     """The report's HTML text: title, notes, Table 1 and its statistics in full, the cells
     without results, the selection funnel, the accuracy table, further `tables` (heading ->
@@ -139,6 +141,18 @@ def render_report(
             f'<li><a href="{e(href)}">{e(label)}</a></li>' for label, href in links.items()
         )
         parts += ["<h2>Circuit graphs: each cell's top edges, drawn</h2>", f"<ul>{items}</ul>"]
+    if methods is not None and len(methods):
+        verdicts = "".join(f"<li>{e(v)}</li>" for v in method_verdicts(methods))
+        cost = methods.groupby("method", sort=False)["seconds"].mean()
+        parts += [
+            "<h2>Attribution methods ranked by faithfulness (MIB's CPR and CMD)</h2>",
+            method_table(methods).to_html(classes="table1"),
+            f"<ul>{verdicts}</ul>",
+            "<p>Seconds of attribution per question: "
+            + e(", ".join(f"{m} {v:.3g}" for m, v in cost.items()))
+            + ". relp gives query and key inputs no relevance: they are not scored, which does "
+            "not make them unimportant.</p>",
+        ]
     for i, (name, figure) in enumerate(figures.items()):
         target = f"figure-{i}-{_slug(name)}"
         parts += [

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
@@ -19,12 +20,12 @@ import torch
 from jaxtyping import Bool, Float, Int
 from transformer_lens import HookedTransformer
 
-from rl_circuits.engine import counterfactual, efficient, heads, methods, tl_compat
+from rl_circuits.engine import counterfactual, efficient, heads, methods, relp, tl_compat
 from rl_circuits.engine.graph import Graph, build_graph
 from rl_circuits.engine.scores import EdgeScores
 from rl_circuits.errors import NumericalError
 
-Method = Literal["eap", "eap-ig", "eap-ig-activations", "clean-corrupted", "exact"]
+Method = Literal["eap", "eap-ig", "eap-ig-activations", "relp", "clean-corrupted", "exact"]
 METHODS: tuple[str, ...] = methods.METHOD_NAMES
 Metric = Callable[
     [Float[torch.Tensor, "batch pos vocab"], Int[torch.Tensor, "batch pos"], torch.Tensor],
@@ -62,6 +63,7 @@ def attribute(
     mean_mask: Bool[torch.Tensor, "mean_batch mean_pos"] | None = None,
     ig_steps: int = 8,
     ig_rule: str = "right",
+    relp_rules: Sequence[str] | None = None,
     metric: Metric = masked_nll,
     sample_ids: Sequence[str] | None = None,
     efficient_attention: bool = True,
@@ -84,8 +86,11 @@ def attribute(
     (one forward and one backward), `eap-ig` (gradients averaged over `ig_steps` inputs on the
     path from the counterfactual embedding to the real one, EAP-IG-inputs; `ig_rule` "right":
     t = 1, ..., 1/n, "left": t = 0, ..., (n-1)/n as EAP-IG), `eap-ig-activations` and
-    `clean-corrupted` (as EAP-IG defines them), `exact` (one forward per edge with O_u really
-    replaced by O'_u in H_d; for validation on small models).
+    `clean-corrupted` (as EAP-IG defines them), `relp` (one forward and one backward with
+    RelP's propagation rules, `relp_rules`, default all of `methods.RELP_RULES`; under the
+    attention-pattern rule q/k inputs get no relevance: their names are in `meta["unscored"]`),
+    `exact` (one forward per edge with O_u really replaced by O'_u in H_d; for validation on
+    small models).
 
     `graph="heads"` scores every attention head as a node (`rl_circuits.engine.heads`: no per-head
     copy of the residual stream is ever made; keys and values per query head).
@@ -101,6 +106,8 @@ def attribute(
     if isinstance(ig_steps, bool) or not isinstance(ig_steps, int) or ig_steps < 1:
         raise ValueError(f"ig_steps must be an integer >= 1, got {ig_steps!r}")
     methods.ig_points(1, ig_rule)  # refuses an unknown rule
+    if relp_rules is not None and method != "relp":
+        raise ValueError(f"relp_rules apply to method='relp' only, not method={method!r}")
     unsupported = [k for k in ("parallel_attn_mlp", "attn_only") if getattr(model.cfg, k, False)]
     if unsupported:
         raise ValueError(
@@ -134,9 +141,12 @@ def attribute(
             values, loss = exact(model, tokens, loss_mask, g, metric, cf)
         else:
             passes = entry.passes(model.cfg.n_layers, ig_steps, ig_rule)
+            if relp_rules is not None:
+                passes = [replace(p, rules=relp.check_rules(relp_rules)) for p in passes]
             gradient = heads.gradient_scores if per_head else _gradient_scores
             values, loss = gradient(model, tokens, loss_mask, g, metric, passes, cf)
     _check_finite(loss, values, ids, method)
+    rules = passes[0].rules if entry.passes is not None else ()
     return EdgeScores(
         values=values.float().cpu(),
         upstream=g.upstream,
@@ -146,6 +156,7 @@ def attribute(
         graph=graph,
         method=method,
         ids=ids,
+        meta={"unscored": relp.unscored(g, rules)} if rules else {},
     )
 
 
@@ -184,14 +195,18 @@ def _gradient_scores(
         return x
 
     clean_loss = None
-    if passes[0] != methods.CLEAN:
+    if not methods.runs_clean(passes[0]):
         with torch.no_grad(), _hooks(model, graph, record=slots, add=add):
             clean_loss = metric(model(tokens), tokens, loss_mask)
     for step in passes:
         record = clean_loss is None
-        with _hooks(
-            model, graph, transform=capture, record=slots if record else None, add=add
-        ) as hooks:
+        rules = relp.relp_rules(model, step.rules) if step.rules else nullcontext()
+        with (
+            rules,
+            _hooks(
+                model, graph, transform=capture, record=slots if record else None, add=add
+            ) as hooks,
+        ):
             hooks.embed_scale = step.t if step.node is None else 1.0
             if step.node is not None:
                 hooks.interpolate = (node_of[step.node], step.t, slots)

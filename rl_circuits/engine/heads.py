@@ -28,13 +28,13 @@ per query head and their gradients are each head's own.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from transformer_lens import HookedTransformer
 
-from rl_circuits.engine import counterfactual, methods, tl_compat
+from rl_circuits.engine import counterfactual, methods, relp, tl_compat
 from rl_circuits.engine.graph import Graph
 
 CHUNK = 4  # heads per transient [batch, CHUNK, pos, d_model] tensor
@@ -131,6 +131,8 @@ class _State:
         self.z_cf: torch.Tensor | None = None
         self.w_o_cf: list[torch.Tensor] | None = None
         self.interpolate: tuple[str, float] | None = None  # (output, t): see `methods.Pass`
+        # RelP's norm-scale rule: ln1's scale a constant, its Jacobian the diagonal part alone.
+        self.constant_scale = False
 
     def writers(self, model, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(z [b, H d_head, pos], W_O [H, d_head, d_model]) whose products give a layer's head
@@ -181,7 +183,7 @@ def gradient_scores(
     engine = _Engine(model, state, scores, layout, full_rows, weight)
     _fill(model, state, cf)
     clean_loss = None
-    if passes[0] != methods.CLEAN:
+    if not methods.runs_clean(passes[0]):
         with torch.no_grad(), _gradient_hooks(model, state, _NoEngine(), record=True):
             clean_loss = metric(model(tokens), tokens, loss_mask)
     for step in passes:
@@ -189,11 +191,13 @@ def gradient_scores(
         state.seen = set()
         state.embed_scale = step.t if step.node is None else 1.0
         state.interpolate = None if step.node is None else (step.node, step.t)
+        state.constant_scale = "norm-scale" in step.rules
         if step.node is not None:  # a constant output: sites before it may get no gradient
             state.grads.zero_()
             if state.has_norm:
                 state.t.zero_()
-        with _gradient_hooks(model, state, engine, record):
+        rules = relp.relp_rules(model, step.rules) if step.rules else nullcontext()
+        with rules, _gradient_hooks(model, state, engine, record):
             loss = metric(model(cf.tokens if step.corrupted else tokens), tokens, loss_mask)
             loss.sum().backward()
         engine.finish()
@@ -278,6 +282,7 @@ class _Engine:
                 a = a * st.rinv[:, layer, None, :, None]
                 if w_norm is not None:
                     a = a * w_norm
+            if kind != "none" and not st.constant_scale:  # the rank-1 part (else t stays 0)
                 xhat = st.xhat[:, layer, None]  # [batch, 1, pos, d_model]
                 t = (a * xhat).sum(-1) / self.d_model  # [batch, chunk, pos]
                 st.t[:, layer, part, start:stop] = t
@@ -341,7 +346,7 @@ class _Engine:
                     out = term if out is None else out - term
                 part = torch.bmm(out.flatten(2), grads.transpose(1, 2))  # [batch, c, n_g]
                 self.scores[:, rows[:, None], cols[None, :]] -= self.weight * part
-                if not st.has_norm or later == 0:
+                if not st.has_norm or later == 0 or st.constant_scale:
                     continue
                 alpha = torch.einsum("bcpm,bapm->bcap", out, st.xhat[:, source + 1 :])
                 rank1 = torch.einsum("bcap,baxhp->bcaxh", alpha, st.t[:, source + 1 :])

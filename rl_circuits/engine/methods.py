@@ -12,12 +12,15 @@ entry here (its passes) and its test.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 ABLATIONS: tuple[str, ...] = ("zero", "mean", "mean-positional", "patch")
 # Ablations that need no input beyond the clean tokens (the pipeline's circuits stage offers these).
 PLAIN_ABLATIONS: tuple[str, ...] = ("zero", "mean", "mean-positional")
 IG_RULES: tuple[str, ...] = ("right", "left")
+# RelP's propagation rules (`rl_circuits.engine.relp` applies them): a norm's scale, the
+# attention pattern constant; the gated product by the half rule, SiLU by the identity rule.
+RELP_RULES: tuple[str, ...] = ("norm-scale", "attention-pattern", "half", "identity")
 
 
 @dataclass(frozen=True)
@@ -28,15 +31,23 @@ class Pass:
     ablation). `node`: an output of the paper graph (`hook_embed`, `blocks.{l}.hook_attn_out`,
     `blocks.{l}.hook_mlp_out`) replaced by the constant O'_n + t (O_n - O'_n) instead (as
     EAP-IG-activations: no gradient flows back through it). `corrupted`: the pass reads
-    `corrupted_tokens` (the loss still scores the clean tokens).
+    `corrupted_tokens` (the loss still scores the clean tokens). `rules`: RelP's propagation
+    rules its backward pass applies (`RELP_RULES`; none: plain gradients).
     """
 
     t: float = 1.0
     node: str | None = None
     corrupted: bool = False
+    rules: tuple[str, ...] = ()
 
 
 CLEAN = Pass()
+
+
+def runs_clean(step: Pass) -> bool:
+    """Whether the pass's forward is the clean run (its rules change only the backward pass), so
+    it can record the clean outputs and loss."""
+    return replace(step, rules=()) == CLEAN
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,10 @@ def _eap_ig_activations(n_layers: int, steps: int, rule: str) -> list[Pass]:
     return [Pass(t=t, node=node) for node in paper_outputs(n_layers) for t in points]
 
 
+def _relp(n_layers: int, steps: int, rule: str) -> list[Pass]:
+    return [Pass(rules=RELP_RULES)]
+
+
 def _clean_corrupted(n_layers: int, steps: int, rule: str) -> list[Pass]:
     return [CLEAN, Pass(corrupted=True)]
 
@@ -110,6 +125,13 @@ METHODS: dict[str, Method] = {
             ABLATIONS,
             True,
             _eap_ig_activations,
+        ),
+        Method(
+            "relp",
+            "the clean pass with RelP's rules in the backward pass (no relevance reaches q or k)",
+            ABLATIONS,
+            True,
+            _relp,
         ),
         Method(
             "clean-corrupted",

@@ -9,8 +9,9 @@ import numpy as np
 
 from rl_circuits.analysis.diff import TABLE_THRESHOLD, diff_summary, gap_metric
 from rl_circuits.analysis.faithfulness import compare_circuit_sizes, faithfulness, overlap_curve
+from rl_circuits.analysis.method_ranking import method_markdown
 from rl_circuits.analysis.metrics import output_entropy
-from rl_circuits.analysis.reader import TABLE_METRICS, finished_cells, with_empty_note
+from rl_circuits.analysis.reader import TABLE_METRICS, Run, finished_cells, with_empty_note
 from rl_circuits.analysis.stats import METRICS, compare, table1_from_rows
 from rl_circuits.config import RunConfig
 from rl_circuits.errors import RLCircuitsError
@@ -51,6 +52,9 @@ def stage_analyze(cfg: RunConfig, store: RunStore, progress: bool = True) -> Non
         circuit_rows, curves = _circuit_comparisons(cfg, store)
         rows += circuit_rows
         store.write_json(RunLayout.CIRCUIT_CURVES, curves)
+        if cfg.circuits.methods:
+            ranked = Run(store.root, cfg, store).methods()
+            store.write_text(RunLayout.METHOD_TABLE, method_markdown(ranked))
     if cfg.diff.enabled:
         diff_rows, summaries = _diff_summaries(cfg, store)
         rows += diff_rows

@@ -5,7 +5,9 @@ model's mean score over the cell's questions (or, with `rank_by = "sample"`, eac
 its own scores); the top-k circuits on a log grid of k, plus the empty circuit, are run with
 `evaluate_circuit` on the same tokens and loss positions that were attributed. One JSON file per
 cell (`circuits/PAIR/ROLE/DATASET/alpha-A.json`) holds the per-question losses, so a killed
-stage resumes at the first cell without one.
+stage resumes at the first cell without one. With `methods`, each listed method is also ranked
+on the cell's questions (`rl_circuits.analysis.method_ranking`: MIB's curve, CPR, CMD,
+Spearman with exact): `methods/PAIR/ROLE/DATASET/alpha-A.json`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rl_circuits.analysis.method_ranking import rank_methods
 from rl_circuits.config import RunConfig
 from rl_circuits.engine.circuits import evaluate_circuit, log_grid, top_k_circuits
 from rl_circuits.models.pairs import ROLES, PairModel
@@ -36,6 +39,10 @@ def stage_circuits(cfg: RunConfig, store: RunStore, progress: bool = True) -> No
                 for dataset in cfg.run.datasets
                 for alpha in circuit_alphas(cfg)
                 if not store.exists(RunLayout.circuit(pair.name, role, dataset, alpha))
+                or (
+                    c.methods
+                    and not store.exists(RunLayout.method_ranking(pair.name, role, dataset, alpha))
+                )
             ]
             if not cells:
                 continue
@@ -46,6 +53,11 @@ def stage_circuits(cfg: RunConfig, store: RunStore, progress: bool = True) -> No
                     store.write_json(
                         RunLayout.circuit(pair.name, role, dataset, alpha), {"ids": []}
                     )
+                    if c.methods:
+                        store.write_json(
+                            RunLayout.method_ranking(pair.name, role, dataset, alpha),
+                            {"ids": [], "rows": []},
+                        )
                     continue
                 scores = store.read_scores(rel)
                 gens = by_id(store.records(RunLayout.generations(member.key, dataset)).load())
@@ -64,10 +76,53 @@ def stage_circuits(cfg: RunConfig, store: RunStore, progress: bool = True) -> No
             model = load_for_scoring(cfg, member, max_len)
             for dataset, alpha, scores, items in work:
                 desc = f"circuits {pair.name}/{role} {dataset} alpha={alpha:g}"
-                result = _cell_losses(model, scores, items, cfg, desc, progress)
-                store.write_json(RunLayout.circuit(pair.name, role, dataset, alpha), result)
+                rel = RunLayout.circuit(pair.name, role, dataset, alpha)
+                if not store.exists(rel):
+                    store.write_json(rel, _cell_losses(model, scores, items, cfg, desc, progress))
+                rel = RunLayout.method_ranking(pair.name, role, dataset, alpha)
+                if c.methods and not store.exists(rel):
+                    store.write_json(rel, _cell_methods(model, scores, items, cfg, desc, progress))
             del model
     store.mark_done("circuits", {"enabled": True})
+
+
+def _cell_methods(model, scores, items, cfg: RunConfig, desc: str, progress: bool) -> dict:
+    """{ids, rows}: each of `[circuits] methods` ranked on the cell's questions (MIB's curve,
+    CPR, CMD, Spearman with exact on `n_exact` edges; `rank_methods` at its default seed and
+    resamples, so the stage depends on the circuits section alone)."""
+    c, a = cfg.circuits, cfg.attribute
+    if len(items) < 2:  # intervals and ratios of means need two questions
+        return {"ids": list(scores.ids), "rows": [], "why": f"{len(items)} question(s)"}
+    groups = [
+        list(range(i, min(i + c.batch_size, len(items))))
+        for i in range(0, len(items), c.batch_size)
+    ]
+    rows = rank_methods(
+        model,
+        [_tokens(items, group) for group in groups],
+        c.methods,
+        a.graph,
+        ablation=c.ablation,
+        ranking=c.ranking,
+        n_exact=c.n_exact,
+        ig_steps=a.ig_steps,
+        efficient_attention=a.efficient_attention,
+        desc=f"methods {desc.removeprefix('circuits ')}",
+        progress=progress,
+    )
+    return {"ids": list(scores.ids), "rows": rows, "ranking": c.ranking, "ablation": c.ablation}
+
+
+def _tokens(items, group: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group's questions right-padded into one batch, with their loss positions."""
+    width = max(len(items[i][1]) for i in group)
+    tokens = torch.zeros(len(group), width, dtype=torch.long)
+    loss_mask = torch.zeros(len(group), width, dtype=torch.bool)
+    for row, i in enumerate(group):
+        _, toks, n_loss = items[i]
+        tokens[row, : len(toks)] = torch.tensor(toks)
+        loss_mask[row, len(toks) - n_loss : len(toks)] = True
+    return tokens, loss_mask
 
 
 def _cell_losses(model, scores, items, cfg: RunConfig, desc: str, progress: bool):
@@ -93,13 +148,7 @@ def _cell_losses(model, scores, items, cfg: RunConfig, desc: str, progress: bool
                 circuits = shared
             else:
                 circuits = torch.from_numpy(top_k_circuits(key[group[0]], mask, ks, c.ranking))
-            width = max(len(items[i][1]) for i in group)
-            tokens = torch.zeros(len(group), width, dtype=torch.long)
-            loss_mask = torch.zeros(len(group), width, dtype=torch.bool)
-            for row, i in enumerate(group):
-                _, toks, n_loss = items[i]
-                tokens[row, : len(toks)] = torch.tensor(toks)
-                loss_mask[row, len(toks) - n_loss : len(toks)] = True
+            tokens, loss_mask = _tokens(items, group)
             out = evaluate_circuit(
                 model,
                 tokens,

@@ -141,7 +141,10 @@ def plan(cfg: RunConfig, hashes: dict[str, str]) -> dict[str, StagePlan]:
     for pair, role, name, alpha, up in attribute_cells:
         if enabled and alpha in alphas:
             rel = RunLayout.circuit(pair, role, name, alpha)
-            plans["circuits"].cells[rel] = Cell(_hash(["circuits", values("circuits"), up]), (rel,))
+            ranked = RunLayout.method_ranking(pair, role, name, alpha)
+            plans["circuits"].cells[rel] = Cell(
+                _hash(["circuits", values("circuits"), up]), (rel, ranked)
+            )
     if cfg.diff.enabled:
         attributed = plans["attribute"].cells
         for pair in cfg.pairs.values():

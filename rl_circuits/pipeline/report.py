@@ -29,6 +29,7 @@ def stage_report(cfg: RunConfig, store: RunStore, progress: bool = True) -> Path
         skipped=run.skipped_cells(),
         tables=_diff_tables(run),
         links=_graph_views(run, cfg, store),
+        methods=run.methods(),
     )
     path = store.write_text(RunLayout.REPORT_HTML, html)
     for name, image in png_images(figures).items():

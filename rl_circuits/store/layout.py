@@ -37,11 +37,13 @@ class RunLayout:
             scores.safetensors                  the merged scores, in selection order
             curve.json                          the merged losses: ids, ks, per-question losses
         weights/<pair>.json                     each node's parameter update (weights stage)
+        methods/<pair>/<role>/<dataset>/alpha-<a>.json    each method's MIB curve, CPR, CMD
         analysis/compare.jsonl                  metric comparisons (Table 1 rows)
         analysis/output_entropy.json            output-edge entropy per cell
         analysis/skipped_cells.json             "pair|dataset|alpha" -> why it has no rows
         analysis/circuits.json                  faithfulness curves per cell
         analysis/diff.json                      diff circuit curves and edge counts per cell
+        analysis/methods.md                     the method table (CPR, CMD, Spearman)
         analysis/table1.md, analysis/table1.tex Table 1
         report/report.html, report/png/<name>   the report and its figures
         report/graphs/<pair>-<role>-<dataset>-alpha-<a>.html   a cell's top edges, drawn
@@ -62,6 +64,7 @@ class RunLayout:
     SKIPPED_CELLS = "analysis/skipped_cells.json"
     CIRCUIT_CURVES = "analysis/circuits.json"
     DIFF_CURVES = "analysis/diff.json"
+    METHOD_TABLE = "analysis/methods.md"
     TABLE1_MD = "analysis/table1.md"
     TABLE1_TEX = "analysis/table1.tex"
     REPORT = "report"
@@ -169,6 +172,11 @@ class RunLayout:
     def weights(pair: str) -> str:
         """The weights stage's per-node parameter update of one pair."""
         return f"weights/{pair}.json"
+
+    @staticmethod
+    def method_ranking(pair: str, role: str, dataset: str, alpha: float) -> str:
+        """The circuits stage's method ranking of one cell (`[circuits] methods`)."""
+        return f"methods/{pair}/{role}/{dataset}/alpha-{alpha:g}.json"
 
     @staticmethod
     def report_png(name: str) -> str:

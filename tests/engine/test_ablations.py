@@ -20,7 +20,8 @@ import torch
 from rl_circuits.engine.attribution import attribute, masked_nll
 from rl_circuits.engine.circuits import evaluate_circuit
 from rl_circuits.engine.graph import build_graph, parse_node
-from rl_circuits.engine.methods import ABLATIONS, METHODS, methods_for
+from rl_circuits.engine.methods import ABLATIONS, METHODS, RELP_RULES, methods_for
+from rl_circuits.engine.relp import relp_rules
 from rl_circuits.models.tiny import ARCHITECTURES
 
 STEPS = 3
@@ -136,15 +137,21 @@ def _counterfactuals(model, tokens, corrupted, mask, upstream, ablation, other=N
     return [(torch.einsum("bpm,bp->pm", o, w) / w.sum(0)[:, None]).expand_as(o) for o in clean]
 
 
-def eap_ig_reference(model, tokens, corrupted, mask, graph, method, ablation) -> torch.Tensor:
-    """EAP-IG's definition of `method` under `ablation`, as its attribute code computes it."""
+def eap_ig_reference(model, tokens, corrupted, mask, graph, method, ablation, rule) -> torch.Tensor:
+    """EAP-IG's definition of `method` under `ablation`, as its attribute code computes it
+    (its own step rule: `left` for EAP-IG-inputs, `right` for EAP-IG-activations; the other
+    rule of each is the same sum over k = 1..n or 0..n-1)."""
+    ks = range(STEPS) if rule == "left" else range(1, STEPS + 1)
     g = build_graph(graph, model.cfg.n_layers, model.cfg.n_heads)
     clean = _outputs(model, tokens, g.upstream)
     cf = _counterfactuals(model, tokens, corrupted, mask, g.upstream, ablation)
     deltas = [c - o for c, o in zip(cf, clean, strict=True)]
     if method == "eap":
         passes = [_gradients(model, tokens, tokens, mask)]
-    elif method == "eap-ig":  # EAP-IG-inputs: k = 0 .. n-1 (ig_rule="left")
+    elif method == "relp":  # EAP's pass with RelP's rules (tests/engine/test_relp.py checks them)
+        with relp_rules(model, RELP_RULES):
+            passes = [_gradients(model, tokens, tokens, mask)]
+    elif method == "eap-ig":  # EAP-IG-inputs
         embed, embed_cf = clean[0], cf[0]
         passes = [
             _gradients(
@@ -154,7 +161,7 @@ def eap_ig_reference(model, tokens, corrupted, mask, graph, method, ablation) ->
                 mask,
                 [("hook_embed", embed_cf + k / STEPS * (embed - embed_cf))],
             )
-            for k in range(STEPS)
+            for k in ks
         ]
     elif method == "eap-ig-activations":
         paper = build_graph("paper", model.cfg.n_layers).upstream
@@ -165,7 +172,7 @@ def eap_ig_reference(model, tokens, corrupted, mask, graph, method, ablation) ->
                 model, tokens, tokens, mask, [(name, k / STEPS * o[n] + (1 - k / STEPS) * o_cf[n])]
             )
             for n, name in enumerate(paper)
-            for k in range(1, STEPS + 1)
+            for k in ks
         ]
     else:  # clean-corrupted
         passes = [
@@ -178,6 +185,8 @@ def eap_ig_reference(model, tokens, corrupted, mask, graph, method, ablation) ->
 CASES = [
     (m, a) for m, entry in METHODS.items() if entry.passes is not None for a in entry.ablations
 ]
+# EAP-IG's rule first; the other one where a method integrates.
+RULES = {"eap-ig": ("left", "right"), "eap-ig-activations": ("right", "left")}
 
 
 @pytest.mark.parametrize("graph", GRAPHS)
@@ -188,20 +197,21 @@ def test_every_method_and_ablation_equals_eap_ig_definition(models64, graph, met
         model = models64[arch]
         tokens, corrupted, mask = _batch(seed=ARCHITECTURES.index(arch))
         kw = {"corrupted_tokens": corrupted} if ablation == "patch" else {}
-        got = attribute(
-            model,
-            tokens,
-            mask,
-            graph,
-            method,
-            ablation=ablation,
-            ig_steps=STEPS,
-            ig_rule="left" if method == "eap-ig" else "right",
-            **kw,
-        ).values.double()
-        want = eap_ig_reference(model, tokens, corrupted, mask, graph, method, ablation)
-        assert want.abs().max() > 1e-4  # a real signal
-        worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+        for rule in RULES.get(method, ("right",)):
+            got = attribute(
+                model,
+                tokens,
+                mask,
+                graph,
+                method,
+                ablation=ablation,
+                ig_steps=STEPS,
+                ig_rule=rule,
+                **kw,
+            ).values.double()
+            want = eap_ig_reference(model, tokens, corrupted, mask, graph, method, ablation, rule)
+            assert want.abs().max() > 1e-4  # a real signal
+            worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
     print(f"{method}/{ablation}/{graph}: worst relative error {worst:.1e}")
     assert worst <= 1e-6
 
@@ -391,7 +401,7 @@ def test_bad_combinations_name_what_works(models64, pairs64):
     model = models64["Qwen2ForCausalLM"]
     tokens, corrupted, mask = _batch()
     other = models64["LlamaForCausalLM"]
-    with pytest.raises(ValueError, match="eap, eap-ig-activations, exact"):
+    with pytest.raises(ValueError, match="eap, eap-ig-activations, relp, exact"):
         attribute(model, tokens, mask, method="eap-ig", ablation="patch", corrupted_model=model)
     with pytest.raises(ValueError, match="it works with patch"):
         attribute(model, tokens, mask, method="clean-corrupted")

@@ -86,3 +86,66 @@ def test_circuits_config_is_validated(tiny_run, tmp_path, capsys):
         bad = write_unchecked_config(tmp_path / "bad.toml", edits, base=config)
         assert main(["circuits", str(bad), "--run-dir", str(tmp_path / "r")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_methods_are_ranked_per_cell_into_the_method_table_and_report(tiny_run, tmp_path):
+    """`[circuits] methods`: one ranking file per cell, `load_run().methods()`, the method table
+    (analysis/methods.md) and its section of the report."""
+    from rl_circuits import load_run
+
+    base, config = tiny_run
+    run_dir = tmp_path / "run"
+    overrides = {
+        "run": {"run_dir": str(run_dir)},
+        "circuits": {
+            "enabled": True,
+            "points": 3,
+            "alphas": [1.0],
+            "methods": ["eap", "relp"],
+            "n_exact": 12,
+        },
+    }
+    config = write_config(tmp_path / "methods.toml", overrides, base=config)
+    assert main(["run", str(config)]) == 0
+    run = load_run(run_dir)
+    table = run.methods()
+    assert len(table) == 2 * 2  # roles x methods
+    assert list(table["method"].unique()) == ["eap", "relp"]
+    n_layers = run.scores("tiny", "before", "sevens", 1.0).upstream.__len__() // 2
+    for row in table.itertuples():
+        assert row.cpr_low <= row.cpr <= row.cpr_high and row.cmd_low <= row.cmd <= row.cmd_high
+        assert -1 <= row.spearman <= 1 and row.n_exact == 12 and row.seconds > 0
+        assert row.unscored == (2 * n_layers if row.method == "relp" else 0)
+        cell = json.loads(
+            (run_dir / "methods" / "tiny" / row.role / "sevens" / "alpha-1.json").read_text()
+        )
+        assert cell["ids"] == run.circuits("tiny", row.role, "sevens", 1.0)["ids"]
+        (curve,) = [r for r in cell["rows"] if r["method"] == row.method]
+        assert math.isclose(curve["f"][-1], 1.0, abs_tol=1e-5)  # all edges: the clean model
+    text = (run_dir / "analysis" / "methods.md").read_text()
+    assert "| method | tiny/before, sevens, alpha=1 | tiny/after, sevens, alpha=1 |" in text
+    assert "Seconds of attribution per question: eap" in text
+    html = (run_dir / "report" / "report.html").read_text()
+    assert "Attribution methods ranked by faithfulness" in html
+
+
+def test_ranked_methods_are_validated(tiny_run, tmp_path, capsys):
+    _, config = tiny_run
+    for methods in (["clean-corrupted"], ["eap", "eap"]):
+        edits = {"circuits": {"enabled": True, "methods": methods}}
+        bad = write_unchecked_config(tmp_path / "bad.toml", edits, base=config)
+        assert main(["circuits", str(bad), "--run-dir", str(tmp_path / "r")]) == 2
+        assert f"circuits.methods = {methods!r} is out of range" in capsys.readouterr().err
+
+
+def test_a_cell_of_one_question_gets_no_method_rows(tiny_run):
+    """Intervals over questions need two: the cell's file says why it has no rows."""
+    from types import SimpleNamespace
+
+    from rl_circuits.config import load_config
+    from rl_circuits.pipeline.circuits import _cell_methods
+
+    _, config = tiny_run
+    cfg = load_config(config)
+    out = _cell_methods(None, SimpleNamespace(ids=["q1"]), [("q1", [5, 6, 7], 1)], cfg, "x", False)
+    assert out == {"ids": ["q1"], "rows": [], "why": "1 question(s)"}
