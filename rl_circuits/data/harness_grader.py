@@ -355,8 +355,8 @@ def _equal(pred: Any, ref: Any, symbolic: Callable[[str, str], bool]) -> bool:
         return True
     if ref in CHOICES and _choice_letter(pred) == ref:
         return True
-    if _numbers_equal(pred, ref):
-        return True
+    if _as_number(pred) is not None and _as_number(ref) is not None:
+        return _numbers_equal(pred, ref)  # two numbers: no symbolic check after this one
     if not pred:
         return False
     ref, pred = str(ref).strip(), str(pred).strip()
@@ -365,23 +365,25 @@ def _equal(pred: Any, ref: Any, symbolic: Callable[[str, str], bool]) -> bool:
     bare_pred, bare_ref = pred, ref
     pred_square = pred.startswith("[") and pred.endswith("]")
     pred_round = pred.startswith("(") and pred.endswith(")")
-    ref_square = ref.startswith("[") and ref.endswith("]")
-    ref_round = ref.startswith("(") and ref.endswith(")")
-    if (pred_square and not ref_round) or (pred_round and not ref_square):
+    if (pred_square and not ref.startswith("(")) or (pred_round and not ref.startswith("[")):
         bare_pred, bare_ref = bare_pred.strip("[]()"), bare_ref.strip("[]()")
     if _without(bare_pred, "{}()").lower() == _without(bare_ref, "{}()").lower():
         return True
-    if _is_list(pred) and _is_list(ref):
-        return _lists_equal(pred, ref, symbolic)
-    if _is_matrix(pred) and _is_matrix(ref):
-        return _matrices_equal(pred, ref, symbolic)
+    # Each structural rule can only say "equal"; otherwise the whole texts still go to the
+    # symbolic check, as in the harness (which reads `a=b` with a different `a` as False = False).
+    if _is_list(pred) and _is_list(ref) and _lists_equal(pred, ref, symbolic):
+        return True
+    if _is_matrix(pred) and _is_matrix(ref) and _matrices_equal(pred, ref, symbolic):
+        return True
     if pred.count("=") == 1 and ref.count("=") == 1:
         a, b = _equation_difference(pred), _equation_difference(ref)
-        return symbolic(a, b) or symbolic(f"-({a})", b)
-    if _short_lhs(pred) and "=" not in ref:
-        return _equal(pred.split("=")[1], ref, symbolic)
-    if _short_lhs(ref) and "=" not in pred:
-        return _equal(pred, ref.split("=")[1], symbolic)
+        if symbolic(a, b) or symbolic(f"-({a})", b):
+            return True
+    elif _short_lhs(pred) and "=" not in ref:
+        if _equal(pred.split("=")[1], ref, symbolic):
+            return True
+    elif _short_lhs(ref) and "=" not in pred and _equal(pred, ref.split("=")[1], symbolic):
+        return True
     return symbolic(pred, ref)
 
 
@@ -457,11 +459,11 @@ def latex_grammar() -> tuple[Any, type, type, Any]:
     return antlr4, Lexer, Parser, grammar
 
 
-def parse_latex(text: str) -> Any:
+def parse_latex(text: str, *, whole: bool = False) -> Any:
     """LaTeX to sympy exactly as the harness's sympy 1.12 `parse_latex`: the same grammar and
     converter, which read the longest leading formula and ignore what follows it ("No.
     Consider x" reads as N*o, `\\mathbb{R}+1` as R*mathbb + 1); a syntax error in what it
-    reads raises."""
+    reads raises; with `whole`, so does text after it."""
     antlr4, lexer_class, parser_class, grammar = latex_grammar()
     errors = grammar.MathErrorListener(text)
     lexer = lexer_class(antlr4.InputStream(text))
@@ -470,16 +472,57 @@ def parse_latex(text: str) -> Any:
     parser = parser_class(antlr4.CommonTokenStream(lexer))
     parser.removeErrorListeners()
     parser.addErrorListener(errors)
-    return grammar.convert_relation(parser.math().relation())
+    relation = parser.math().relation()
+    if whole and parser.getCurrentToken().type != antlr4.Token.EOF:
+        raise ValueError(f"{text!r} holds more than one formula")
+    return grammar.convert_relation(relation)
+
+
+_LIST_CLOSE = {"{": "}", "[": "]"}
+_NESTING = {"{": "}", "[": "]", "(": ")"}
+
+
+def _leading_list_items(text: str) -> list[str] | None:
+    """The items of a leading `{a, b, ...}` or `[a, b, ...]` (two or more, split at commas or
+    semicolons outside nested brackets), else None; text after the closing bracket is ignored."""
+    if not text or text[0] not in _LIST_CLOSE:
+        return None
+    closers, items, start = [_LIST_CLOSE[text[0]]], [], 1
+    for i, char in enumerate(text[1:], start=1):
+        if char in _NESTING:
+            closers.append(_NESTING[char])
+        elif char in ")]}":
+            if char != closers.pop():
+                return None
+            if not closers:
+                items.append(text[start:i])
+                break
+        elif char in ",;" and len(closers) == 1:
+            items.append(text[start:i])
+            start = i + 1
+    else:
+        return None
+    return items if len(items) >= 2 and all(item.strip() for item in items) else None
+
+
+def parse_latex_list(text: str) -> list[Any]:
+    """The harness's third parser (latex2sympy2 1.9.0) where the first two fail on what it
+    reads differently: a leading bracketed list `{a, b}` / `[a, b]` becomes a list of its items
+    as formulas, and whatever follows the closing bracket is ignored (`{a, b}+1` reads as
+    [a, b]). Each item must be one formula of sympy's grammar. Anything else raises."""
+    items = _leading_list_items(text)
+    if items is None:
+        raise ValueError(f"not a bracketed list: {text!r}")
+    return [parse_latex(item, whole=True) for item in items]
 
 
 def _parse(text: str) -> Any:
-    """A sympy object from answer text, else the text: sympy's LaTeX grammar first, then plain
-    arithmetic, each on the text with `\\\\` read as `\\` and then as written (the harness's
-    order). Its third parser, latex2sympy2, is generated for antlr 4.7 and does not load on
-    the antlr4 4.11 that its pinned sympy 1.12 needs, so it never parses there: not tried."""
+    """A sympy object (or a list of them) from answer text, else the text: the harness's three
+    parsers in its order, sympy's LaTeX grammar, plain arithmetic, then latex2sympy2's reading
+    of bracketed lists (`parse_latex_list`), each on the text with `\\\\` read as `\\` and then
+    as written."""
     latex_grammar()  # a missing antlr4 is an install error, not a failed parse
-    for parser in (parse_latex, _parse_plain):
+    for parser in (parse_latex, _parse_plain, parse_latex_list):
         for variant in (text.replace("\\\\", "\\"), text):
             try:
                 return parser(variant)
