@@ -412,8 +412,8 @@ class Table1:
 
     `frame` holds the display strings (after values carry a marker: ↑/↓ for the direction of
     change, * when the bootstrap interval of the difference excludes 0, † when there is no
-    interval, its reason in `note` and `details`); `numbers` the same
-    cells as floats with columns (pair, before|after); `rows` the long input records.
+    interval: the reason is in `note` and `details`); `numbers` the same cells as floats with
+    columns (pair, before|after); `rows` the long input records.
     """
 
     frame: pd.DataFrame
@@ -499,7 +499,7 @@ class Table1:
             out[f"{level}interval"] = [
                 f"[{format_value(float(r['ci_low']))}, {format_value(float(r['ci_high']))}]"
                 if pd.notna(r["ci_low"])
-                else f"none: {interval_reason(r)}"
+                else f"none: {_interval_reason(r)}"
                 for r in long.to_dict("records")
             ]
         if "p_value" in long:
@@ -540,7 +540,7 @@ def _missing(value: object) -> bool:
     return value is None or bool(pd.isna(value))
 
 
-def interval_reason(record: Mapping) -> str:
+def _interval_reason(record: Mapping) -> str:
     """Why a row (a `compare` record) has no interval of its difference; "" when it has one or
     carries no interval at all (rows without `ci_low`)."""
     if "ci_low" not in record or not _missing(record["ci_low"]):
@@ -563,7 +563,7 @@ def _after_cell(record: Mapping) -> str:
     significant = record.get("significant")
     if not _missing(significant) and bool(significant):
         marker += "*"
-    if interval_reason(record):
+    if _interval_reason(record):
         marker += NO_INTERVAL
     return f"{format_value(record['after'])} {marker}".rstrip()
 
@@ -587,7 +587,7 @@ def _small_n_note(long: pd.DataFrame) -> str:
 
 def _no_interval_note(long: pd.DataFrame) -> str:
     """The legend's line for "†": each distinct reason why a cell has no interval."""
-    reasons = dict.fromkeys(r for r in map(interval_reason, long.to_dict("records")) if r)
+    reasons = dict.fromkeys(r for r in map(_interval_reason, long.to_dict("records")) if r)
     if not reasons:
         return ""
     return f" {NO_INTERVAL}: no interval of the difference: {'; '.join(reasons)}."
