@@ -1,8 +1,9 @@
 """The authors' grader: the Qwen2.5-Math evaluation harness's answer extraction and equality.
 
 The paper's accuracies and its both-correct question sets come from that harness
-(`evaluation/parser.py`, `evaluation/grader.py` of QwenLM/Qwen2.5-Math, as used by
-holimario/llm_rl_probing_analysis). This module reproduces its decisions rule by rule,
+(`evaluation/parser.py`, `evaluation/grader.py` of QwenLM/Qwen2.5-Math, in the copy that
+holimario/llm_rl_probing_analysis vendors with latex2sympy2 1.9.0, sympy 1.12 and antlr4
+4.11.1). This module reproduces its decisions rule by rule,
 including the odd ones (the last number of a text is its answer; 50 equals 0.5 and 5000;
 unit words are deleted), because a different verdict changes which questions are selected.
 Model output is never evaluated as Python: where the harness calls sympy's `parse_expr` on an
@@ -348,7 +349,10 @@ def _without(text: str, chars: str) -> str:
 
 
 def _equal(pred: Any, ref: Any, symbolic: Callable[[str, str], bool]) -> bool:
-    """The harness's `math_equal` (percent rule and relative tolerance on)."""
+    """The harness's `math_equal` (percent rule and relative tolerance on) as the authors'
+    copy has it (holimario/llm_rl_probing_analysis `evaluation/grader.py`): a failed list,
+    matrix or equation rule falls through to the symbolic check of the whole texts (today's
+    QwenLM/Qwen2.5-Math grader returns False there instead)."""
     if pred is None or ref is None:
         return False
     if pred.strip().lower() == ref.strip().lower():
