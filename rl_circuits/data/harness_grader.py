@@ -486,44 +486,60 @@ _LIST_CLOSE = {"{": "}", "[": "]"}
 _NESTING = {"{": "}", "[": "]", "(": ")"}
 
 
-def _leading_list_items(text: str) -> list[str] | None:
-    """The items of a leading `{a, b, ...}` or `[a, b, ...]` (two or more, split at commas or
-    semicolons outside nested brackets), else None; text after the closing bracket is ignored."""
-    if not text or text[0] not in _LIST_CLOSE:
-        return None
-    closers, items, start = [_LIST_CLOSE[text[0]]], [], 1
-    for i, char in enumerate(text[1:], start=1):
+def _list_items(text: str) -> list[str] | None:
+    """The items of a list as latex2sympy2 reads one: a leading `{a, b, ...}` or `[a, b, ...]`
+    (text after the closing bracket ignored) or a bare `a, b, ...` (up to a stray closing
+    bracket or the other separator); two or more items, split at the first separator kind
+    (comma or semicolon) outside nested brackets; else None."""
+    bracketed = bool(text) and text[0] in _LIST_CLOSE
+    closers = [_LIST_CLOSE[text[0]]] if bracketed else []
+    level, start = len(closers), len(closers)
+    items: list[str] = []
+    separator = None
+    for i in range(start, len(text)):
+        char = text[i]
+        ends_bare_list = (
+            not bracketed
+            and not closers
+            and (char in ")]}" or (char in ",;" and separator not in (None, char)))
+        )
+        if ends_bare_list:  # a stray closing bracket or the other separator: the rest is ignored
+            items.append(text[start:i])
+            break
         if char in _NESTING:
             closers.append(_NESTING[char])
         elif char in ")]}":
             if char != closers.pop():
                 return None
-            if not closers:
+            if bracketed and not closers:
                 items.append(text[start:i])
                 break
-        elif char in ",;" and len(closers) == 1:
+        elif char in ",;" and len(closers) == level and separator in (None, char):
+            separator = char
             items.append(text[start:i])
             start = i + 1
     else:
-        return None
+        if bracketed:
+            return None
+        items.append(text[start:])
     return items if len(items) >= 2 and all(item.strip() for item in items) else None
 
 
 def parse_latex_list(text: str) -> list[Any]:
     """The harness's third parser (latex2sympy2 1.9.0) where the first two fail on what it
-    reads differently: a leading bracketed list `{a, b}` / `[a, b]` becomes a list of its items
-    as formulas, and whatever follows the closing bracket is ignored (`{a, b}+1` reads as
-    [a, b]). Each item must be one formula of sympy's grammar. Anything else raises."""
-    items = _leading_list_items(text)
+    reads differently: a list, `{a, b}`, `[a; b]` or `a; b`, becomes a list of its items as
+    formulas; after a closing bracket the text is ignored (`{a, b}+1` reads as [a, b]). Each
+    item must be one formula of sympy's grammar. Anything else raises."""
+    items = _list_items(text)
     if items is None:
-        raise ValueError(f"not a bracketed list: {text!r}")
+        raise ValueError(f"not a list: {text!r}")
     return [parse_latex(item, whole=True) for item in items]
 
 
 def _parse(text: str) -> Any:
     """A sympy object (or a list of them) from answer text, else the text: the harness's three
     parsers in its order, sympy's LaTeX grammar, plain arithmetic, then latex2sympy2's reading
-    of bracketed lists (`parse_latex_list`), each on the text with `\\\\` read as `\\` and then
+    of lists (`parse_latex_list`), each on the text with `\\\\` read as `\\` and then
     as written."""
     latex_grammar()  # a missing antlr4 is an install error, not a failed parse
     for parser in (parse_latex, _parse_plain, parse_latex_list):

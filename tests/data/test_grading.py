@@ -293,6 +293,12 @@ def test_authors_grader_follows_the_harness_rules(text, gold, dataset, correct):
             True,
         ),
         ("The answer is \\{e^{x}, e^{x} / 2\\}", "$\\{e^{x}, e^{x} / x\\}$", "college_math", False),
+        (
+            "\\boxed{1/4 ;\\left(y-1/2\\right)^{2}}",
+            "$\\frac{1}{4} ;\\left(y-\\frac{1}{2}\\right)^{2}$",
+            "college_math",
+            True,
+        ),
         # ... only when every item is one formula (`x^{}` is none)
         (
             "\\boxed{\\left\\{x^{a}, x^{a} \\ln x\\right\\}+1}",
@@ -354,6 +360,10 @@ def test_latex_parser_matches_sympys_parse_latex(latex, expected, capsys):
         ("{\\sin\\sqrt{x},\\cos\\sqrt{x}}+1", ["sin(sqrt(x))", "cos(sqrt(x))"]),
         ("[a;b^{2}]\\cdot3", ["a", "b**2"]),
         ("{\\frac{1}{2},x}", ["1/2", "x"]),  # inner braces do not split
+        ("1/4;(y-1/2)^{2}", ["1/4", "(y - 1/2)**2"]),  # bare lists too
+        ("a,b;c", ["a", "b"]),  # ... up to the other separator
+        ("a,b)x", ["a", "b"]),  # ... or a stray closing bracket
+        ("{a,b;c}", None),
         ("{x^{},x}", None),  # an item that is not one formula
         ("{(1,2),x}", None),
         ("(a,b)", None),  # parentheses are not a list to latex2sympy2
