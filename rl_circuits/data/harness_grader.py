@@ -374,7 +374,8 @@ def _equal(pred: Any, ref: Any, symbolic: Callable[[str, str], bool]) -> bool:
     if _without(bare_pred, "{}()").lower() == _without(bare_ref, "{}()").lower():
         return True
     # Each structural rule can only say "equal"; otherwise the whole texts still go to the
-    # symbolic check, as in the harness (which reads `a=b` with a different `a` as False = False).
+    # symbolic check, as in the harness (sympy reads `\log 8 = -6` and `\log 1 = -6` both as
+    # False, so they are equal there).
     if _is_list(pred) and _is_list(ref) and _lists_equal(pred, ref, symbolic):
         return True
     if _is_matrix(pred) and _is_matrix(ref) and _matrices_equal(pred, ref, symbolic):
