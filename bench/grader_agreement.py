@@ -1,9 +1,15 @@
 """Agreement of the "authors" grader with the Qwen2.5-Math harness itself, per dataset.
 
-The harness is not a dependency: give a Python interpreter whose environment runs it and a
-directory holding a module `ref` with `harness_verdict(output, example, data_name) -> bool`
-(the harness's math_eval.py + evaluate.py path: stop words, run_execute, parse_ground_truth,
-math_equal). Cases are tests/grading_corpus.py's answer styles over the local golds.
+The harness is not a dependency: give a Python interpreter whose environment runs it (the
+authors' pin: sympy 1.12, antlr4-python3-runtime 4.11.1, their vendored latex2sympy2 1.9.0 on
+the path) and a directory holding a module `ref` with
+`harness_verdict(output, example, data_name) -> bool` that calls the harness's own functions
+the way its math_eval.py + evaluate.py do: stop words, run_execute, parse_ground_truth twice
+(math_eval.py, then evaluate.py on the saved sample), math_equal. latex2sympy2 keeps `x = ...`
+assignments in module globals across calls (and rebinds its `var` to a Symbol after reading a
+differential), so `ref` sets its globals back to their import-time values before each answer:
+every verdict is the one a fresh harness process gives. Cases are tests/grading_corpus.py's answer
+styles over the local golds.
 
   python bench/grader_agreement.py --data-dir DATA --harness-python PY --harness-dir DIR
 """

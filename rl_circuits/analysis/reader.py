@@ -244,7 +244,7 @@ class Run:
 
     def funnel(self) -> pd.DataFrame:
         """Per pair x dataset: questions entering selection, removed by each filter (in order),
-        and kept, from the select stage's reports."""
+        requested (select.n) and kept, from the select stage's reports."""
         rows = []
         for pair in self.config.pairs:
             for dataset in self.config.run.datasets:
@@ -255,6 +255,7 @@ class Run:
                 row = {"pair": pair, "dataset": dataset, "questions": report.get("entering")}
                 for step in report.get("filters", []):
                     row[f"− {step['filter'].replace('_', ' ')}"] = step["removed"]
+                row["requested"] = report.get("params", {}).get("n")
                 row["kept"] = report.get("kept")
                 rows.append(row)
         return pd.DataFrame(rows)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import html
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -41,7 +42,19 @@ from rl_circuits.analysis.metrics import (
     sample_diversity,
 )
 
-__all__ = ["METRIC_LABELS", "Table1", "compare", "format_value", "table1_from_rows"]
+__all__ = [
+    "METRIC_LABELS",
+    "MIN_PAIRED_N",
+    "Table1",
+    "compare",
+    "format_value",
+    "table1_from_rows",
+]
+
+MIN_PAIRED_N = 20
+"""Fewest paired questions for which `compare`'s two tests are trusted: below it the percentile
+bootstrap interval is too narrow (it undercovers) and the permutation test has few distinct
+sign flips (2^n; at n = 4 no two-sided p below 0.125 exists). Smaller n warns (docs/metrics.md)."""
 
 METRIC_LABELS: Mapping[str, str] = MappingProxyType(
     {
@@ -81,6 +94,7 @@ COLUMNS = (
     "n",
     "n_resamples",
     "ci",
+    "ci_note",
 )
 
 Weights = np.ndarray  # [R, 2n] how often each pooled sample (before ones, then after) is drawn
@@ -235,6 +249,34 @@ def _direction(diff: float) -> str:
     return "up" if diff > 0 else "down" if diff < 0 else "flat"
 
 
+def _interval(resampled: np.ndarray, tail: float) -> tuple[float, float]:
+    """The percentile interval over the resamples where the statistic is defined; NaN when
+    fewer than half of them are (`_interval_note` says why)."""
+    finite = resampled[np.isfinite(resampled)]
+    if 2 * len(finite) < len(resampled) or not len(finite):
+        return np.nan, np.nan
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _interval_note(before: float, after: float, resampled: np.ndarray) -> str:
+    """Why a difference has no interval, or which resamples its interval leaves out; "" when
+    every resample gave a value."""
+    for role, value in (("before", before), ("after", after)):
+        if not np.isfinite(value):
+            return f"no interval: the metric is undefined on the {role} samples ({value})"
+    undefined = int(np.count_nonzero(~np.isfinite(resampled)))
+    if not undefined:
+        return ""
+    what = (
+        f"{undefined} of {len(resampled)} bootstrap resamples leave the metric undefined (e.g. "
+        "sample diversity on a resample that draws one question only)"
+    )
+    if 2 * undefined > len(resampled):
+        return f"no interval: {what}; an interval needs at least half of them defined"
+    return f"interval over the other {len(resampled) - undefined}: {what}"
+
+
 def compare(
     before: ScoreArray,
     after: ScoreArray,
@@ -249,7 +291,10 @@ def compare(
     Rows follow `metrics` (default: `METRICS`); columns are `COLUMNS`: the two values, `diff`
     (after - before), its percentile interval `ci_low`/`ci_high` from a paired bootstrap, the
     two-sided paired permutation `p_value` ((1 + #|d*| >= |d|) / (1 + R)), `direction`
-    (up/down/flat), `significant` (the interval excludes 0), and each model's own interval.
+    (up/down/flat), `significant` (the interval excludes 0), each model's own interval, and
+    `ci_note`: why the interval is NaN, or which resamples it leaves out ("" when none).
+    Resamples where a metric is undefined (sample diversity of a resample drawing one question)
+    are left out of intervals and p-values; fewer than `MIN_PAIRED_N` pairs warn.
     """
     # One float64 copy of both models' scores (at 7B heads-graph size each model's is GBs):
     # `b` and `a` become views of the pool that the bootstrap resamples.
@@ -283,6 +328,12 @@ def compare(
     boot_before, boot_after = np.hstack([counts, none]), np.hstack([none, counts])
     perm_after, perm_before = np.hstack([swap, 1 - swap]), np.hstack([1 - swap, swap])
 
+    if n < MIN_PAIRED_N:
+        warnings.warn(
+            f"compare: {n} paired samples, fewer than MIN_PAIRED_N = {MIN_PAIRED_N}: the "
+            "bootstrap intervals and permutation p-values are unreliable at this size",
+            stacklevel=2,
+        )
     tail = 100 * (1 - ci) / 2
     records = []
     for name, metric in chosen.items():
@@ -291,28 +342,35 @@ def compare(
         evaluate = _batched(metric, pool, mask)
         star_before, star_after = evaluate(boot_before), evaluate(boot_after)
         null = evaluate(perm_after) - evaluate(perm_before)
+        null = null[np.isfinite(null)]
         tol = 1e-9 * (abs(value_before) + abs(value_after))
         extreme = np.count_nonzero(np.abs(null) >= abs(diff) - tol)
-        p_value = (1 + extreme) / (1 + n_resamples) if np.isfinite(diff) else np.nan
-        low, high = np.percentile(star_after - star_before, [tail, 100 - tail])
+        defined = np.isfinite(diff) and len(null) > 0
+        p_value = (1 + extreme) / (1 + len(null)) if defined else np.nan
+        low, high = _interval(star_after - star_before, tail)
+        own = {
+            role: _interval(star, tail)
+            for role, star in (("before", star_before), ("after", star_after))
+        }
         records.append(
             {
                 "metric": name,
                 "before": value_before,
                 "after": value_after,
                 "diff": diff,
-                "ci_low": float(low),
-                "ci_high": float(high),
+                "ci_low": low,
+                "ci_high": high,
                 "p_value": float(p_value),
                 "direction": _direction(diff),
                 "significant": bool(low > 0 or high < 0),
-                "before_ci_low": float(np.percentile(star_before, tail)),
-                "before_ci_high": float(np.percentile(star_before, 100 - tail)),
-                "after_ci_low": float(np.percentile(star_after, tail)),
-                "after_ci_high": float(np.percentile(star_after, 100 - tail)),
+                "before_ci_low": own["before"][0],
+                "before_ci_high": own["before"][1],
+                "after_ci_low": own["after"][0],
+                "after_ci_high": own["after"][1],
                 "n": n,
                 "n_resamples": n_resamples,
                 "ci": ci,
+                "ci_note": _interval_note(value_before, value_after, star_after - star_before),
             }
         )
     return pd.DataFrame.from_records(records, columns=list(COLUMNS))
@@ -338,11 +396,13 @@ _TEX = {
     "↑": r"$\uparrow$",
     "↓": r"$\downarrow$",
     "→": r"$\rightarrow$",
+    "†": r"\textdagger{}",
     "α": r"$\alpha$",
     "−": "$-$",
 }
 _REQUIRED = ("pair", "algorithm", "dataset", "alpha", "metric", "before", "after")
 MISSING = "-"
+NO_INTERVAL = "†"
 
 
 def _tex(text: str) -> str:
@@ -355,8 +415,9 @@ class Table1:
     """Table 1: rows dataset x metric x alpha, columns pair x (before, +algorithm).
 
     `frame` holds the display strings (after values carry a marker: ↑/↓ for the direction of
-    change, * when the bootstrap interval of the difference excludes 0); `numbers` the same
-    cells as floats with columns (pair, before|after); `rows` the long input records.
+    change, * when the bootstrap interval of the difference excludes 0, † when there is no
+    interval: the reason is in `note` and `details`); `numbers` the same cells as floats with
+    columns (pair, before|after); `rows` the long input records.
     """
 
     frame: pd.DataFrame
@@ -440,10 +501,10 @@ class Table1:
         if "ci_low" in long and "ci_high" in long:
             level = f"{float(long['ci'].dropna().iloc[0]):.0%} " if "ci" in long else ""
             out[f"{level}interval"] = [
-                f"[{format_value(float(lo))}, {format_value(float(hi))}]"
-                if pd.notna(lo)
-                else MISSING
-                for lo, hi in zip(long["ci_low"], long["ci_high"], strict=True)
+                f"[{format_value(float(r['ci_low']))}, {format_value(float(r['ci_high']))}]"
+                if pd.notna(r["ci_low"])
+                else f"none: {_interval_reason(r)}"
+                for r in long.to_dict("records")
             ]
         if "p_value" in long:
             out["p"] = [f"{float(p):.3g}" if pd.notna(p) else MISSING for p in long["p_value"]]
@@ -479,16 +540,61 @@ class Table1:
         )
 
 
+def _missing(value: object) -> bool:
+    return value is None or bool(pd.isna(value))
+
+
+def _interval_reason(record: Mapping) -> str:
+    """Why a row (a `compare` record) has no interval of its difference; "" when it has one or
+    carries no interval at all (rows without `ci_low`)."""
+    if "ci_low" not in record or not _missing(record["ci_low"]):
+        return ""
+    note = record.get("ci_note")
+    if isinstance(note, str) and note.startswith("no interval"):
+        return note.removeprefix("no interval: ")
+    for role in ("before", "after"):
+        if _missing(record[role]) or not np.isfinite(float(record[role])):
+            return f"the {role} value is undefined"
+    return "no bootstrap resample gave a value"
+
+
 def _after_cell(record: Mapping) -> str:
-    """The after value with its marker, e.g. "2.64e-3 ↑*"."""
+    """The after value with its marker, e.g. "2.64e-3 ↑*" ("†": no interval)."""
     diff = record.get("diff")
-    if diff is None or pd.isna(diff):
+    if _missing(diff):
         diff = record["after"] - record["before"]
     marker = _ARROWS[_direction(diff)] if np.isfinite(diff) else ""
     significant = record.get("significant")
-    if significant is not None and not pd.isna(significant) and bool(significant):
+    if not _missing(significant) and bool(significant):
         marker += "*"
+    if _interval_reason(record):
+        marker += NO_INTERVAL
     return f"{format_value(record['after'])} {marker}".rstrip()
+
+
+def _small_n_note(long: pd.DataFrame) -> str:
+    """The legend's warning naming the pair x dataset cells with fewer than MIN_PAIRED_N."""
+    if "n" not in long.columns:
+        return ""
+    small = long[long["n"].notna() & (long["n"] < MIN_PAIRED_N)]
+    cells = dict.fromkeys(
+        f"{pair}, {dataset}: n = {int(n)}"
+        for pair, dataset, n in zip(small["pair"], small["dataset"], small["n"], strict=True)
+    )
+    if not cells:
+        return ""
+    return (
+        f" Warning: fewer than {MIN_PAIRED_N} paired questions ({'; '.join(cells)}): "
+        "there neither the bootstrap interval nor the permutation p-value is reliable."
+    )
+
+
+def _no_interval_note(long: pd.DataFrame) -> str:
+    """The legend's line for "†": each distinct reason why a cell has no interval."""
+    reasons = dict.fromkeys(r for r in map(_interval_reason, long.to_dict("records")) if r)
+    if not reasons:
+        return ""
+    return f" {NO_INTERVAL}: no interval of the difference: {'; '.join(reasons)}."
 
 
 def table1_from_rows(
@@ -571,6 +677,10 @@ def table1_from_rows(
     level = f"{levels[0]:.0%} " if len(levels) == 1 else ""
     note = (
         "↑/↓/→: after − before is positive/negative/zero; "
-        f"*: the {level}paired bootstrap interval of the difference excludes 0."
+        f"*: the {level}paired bootstrap interval of the difference excludes 0 (the star is the "
+        "bootstrap's; the paired permutation p-value, a second test, is listed with the "
+        "intervals and can disagree near the boundary)."
+        + _no_interval_note(long)
+        + _small_n_note(long)
     )
     return Table1(frame=frame, numbers=numbers, rows=long, note=note)

@@ -1,8 +1,9 @@
 """The authors' grader: the Qwen2.5-Math evaluation harness's answer extraction and equality.
 
 The paper's accuracies and its both-correct question sets come from that harness
-(`evaluation/parser.py`, `evaluation/grader.py` of QwenLM/Qwen2.5-Math, as used by
-holimario/llm_rl_probing_analysis). This module reproduces its decisions rule by rule,
+(`evaluation/parser.py`, `evaluation/grader.py` of QwenLM/Qwen2.5-Math, in the copy that
+holimario/llm_rl_probing_analysis vendors with latex2sympy2 1.9.0, sympy 1.12 and antlr4
+4.11.1). This module reproduces its decisions rule by rule,
 including the odd ones (the last number of a text is its answer; 50 equals 0.5 and 5000;
 unit words are deleted), because a different verdict changes which questions are selected.
 Model output is never evaluated as Python: where the harness calls sympy's `parse_expr` on an
@@ -348,15 +349,18 @@ def _without(text: str, chars: str) -> str:
 
 
 def _equal(pred: Any, ref: Any, symbolic: Callable[[str, str], bool]) -> bool:
-    """The harness's `math_equal` (percent rule and relative tolerance on)."""
+    """The harness's `math_equal` (percent rule and relative tolerance on) as the authors'
+    copy has it (holimario/llm_rl_probing_analysis `evaluation/grader.py`): a failed list,
+    matrix or equation rule falls through to the symbolic check of the whole texts (today's
+    QwenLM/Qwen2.5-Math grader returns False there instead)."""
     if pred is None or ref is None:
         return False
     if pred.strip().lower() == ref.strip().lower():
         return True
     if ref in CHOICES and _choice_letter(pred) == ref:
         return True
-    if _numbers_equal(pred, ref):
-        return True
+    if _as_number(pred) is not None and _as_number(ref) is not None:
+        return _numbers_equal(pred, ref)  # two numbers: no symbolic check after this one
     if not pred:
         return False
     ref, pred = str(ref).strip(), str(pred).strip()
@@ -365,23 +369,26 @@ def _equal(pred: Any, ref: Any, symbolic: Callable[[str, str], bool]) -> bool:
     bare_pred, bare_ref = pred, ref
     pred_square = pred.startswith("[") and pred.endswith("]")
     pred_round = pred.startswith("(") and pred.endswith(")")
-    ref_square = ref.startswith("[") and ref.endswith("]")
-    ref_round = ref.startswith("(") and ref.endswith(")")
-    if (pred_square and not ref_round) or (pred_round and not ref_square):
+    if (pred_square and not ref.startswith("(")) or (pred_round and not ref.startswith("[")):
         bare_pred, bare_ref = bare_pred.strip("[]()"), bare_ref.strip("[]()")
     if _without(bare_pred, "{}()").lower() == _without(bare_ref, "{}()").lower():
         return True
-    if _is_list(pred) and _is_list(ref):
-        return _lists_equal(pred, ref, symbolic)
-    if _is_matrix(pred) and _is_matrix(ref):
-        return _matrices_equal(pred, ref, symbolic)
+    # Each structural rule can only say "equal"; otherwise the whole texts still go to the
+    # symbolic check, as in the harness (sympy reads `\log 8 = -6` and `\log 1 = -6` both as
+    # False, so they are equal there).
+    if _is_list(pred) and _is_list(ref) and _lists_equal(pred, ref, symbolic):
+        return True
+    if _is_matrix(pred) and _is_matrix(ref) and _matrices_equal(pred, ref, symbolic):
+        return True
     if pred.count("=") == 1 and ref.count("=") == 1:
         a, b = _equation_difference(pred), _equation_difference(ref)
-        return symbolic(a, b) or symbolic(f"-({a})", b)
-    if _short_lhs(pred) and "=" not in ref:
-        return _equal(pred.split("=")[1], ref, symbolic)
-    if _short_lhs(ref) and "=" not in pred:
-        return _equal(pred, ref.split("=")[1], symbolic)
+        if symbolic(a, b) or symbolic(f"-({a})", b):
+            return True
+    elif _short_lhs(pred) and "=" not in ref:
+        if _equal(pred.split("=")[1], ref, symbolic):
+            return True
+    elif _short_lhs(ref) and "=" not in pred and _equal(pred, ref.split("=")[1], symbolic):
+        return True
     return symbolic(pred, ref)
 
 
@@ -457,11 +464,11 @@ def latex_grammar() -> tuple[Any, type, type, Any]:
     return antlr4, Lexer, Parser, grammar
 
 
-def parse_latex(text: str) -> Any:
+def parse_latex(text: str, *, whole: bool = False) -> Any:
     """LaTeX to sympy exactly as the harness's sympy 1.12 `parse_latex`: the same grammar and
     converter, which read the longest leading formula and ignore what follows it ("No.
     Consider x" reads as N*o, `\\mathbb{R}+1` as R*mathbb + 1); a syntax error in what it
-    reads raises."""
+    reads raises; with `whole`, so does text after it."""
     antlr4, lexer_class, parser_class, grammar = latex_grammar()
     errors = grammar.MathErrorListener(text)
     lexer = lexer_class(antlr4.InputStream(text))
@@ -470,16 +477,73 @@ def parse_latex(text: str) -> Any:
     parser = parser_class(antlr4.CommonTokenStream(lexer))
     parser.removeErrorListeners()
     parser.addErrorListener(errors)
-    return grammar.convert_relation(parser.math().relation())
+    relation = parser.math().relation()
+    if whole and parser.getCurrentToken().type != antlr4.Token.EOF:
+        raise ValueError(f"{text!r} holds more than one formula")
+    return grammar.convert_relation(relation)
+
+
+_LIST_CLOSE = {"{": "}", "[": "]"}
+_NESTING = {"{": "}", "[": "]", "(": ")"}
+
+
+def _list_items(text: str) -> list[str] | None:
+    """The items of a list as latex2sympy2 reads one: a leading `{a, b, ...}` or `[a, b, ...]`
+    (text after the closing bracket ignored) or a bare `a, b, ...` (up to a stray closing
+    bracket or the other separator); two or more items, split at the first separator kind
+    (comma or semicolon) outside nested brackets; else None."""
+    bracketed = bool(text) and text[0] in _LIST_CLOSE
+    closers = [_LIST_CLOSE[text[0]]] if bracketed else []
+    level, start = len(closers), len(closers)
+    items: list[str] = []
+    separator = None
+    for i in range(start, len(text)):
+        char = text[i]
+        ends_bare_list = (
+            not bracketed
+            and not closers
+            and (char in ")]}" or (char in ",;" and separator not in (None, char)))
+        )
+        if ends_bare_list:  # a stray closing bracket or the other separator: the rest is ignored
+            items.append(text[start:i])
+            break
+        if char in _NESTING:
+            closers.append(_NESTING[char])
+        elif char in ")]}":
+            if char != closers.pop():
+                return None
+            if bracketed and not closers:
+                items.append(text[start:i])
+                break
+        elif char in ",;" and len(closers) == level and separator in (None, char):
+            separator = char
+            items.append(text[start:i])
+            start = i + 1
+    else:
+        if bracketed:
+            return None
+        items.append(text[start:])
+    return items if len(items) >= 2 and all(item.strip() for item in items) else None
+
+
+def parse_latex_list(text: str) -> list[Any]:
+    """The harness's third parser (latex2sympy2 1.9.0) where the first two fail on what it
+    reads differently: a list, `{a, b}`, `[a; b]` or `a; b`, becomes a list of its items as
+    formulas; after a closing bracket the text is ignored (`{a, b}+1` reads as [a, b]). Each
+    item must be one formula of sympy's grammar. Anything else raises."""
+    items = _list_items(text)
+    if items is None:
+        raise ValueError(f"not a list: {text!r}")
+    return [parse_latex(item, whole=True) for item in items]
 
 
 def _parse(text: str) -> Any:
-    """A sympy object from answer text, else the text: sympy's LaTeX grammar first, then plain
-    arithmetic, each on the text with `\\\\` read as `\\` and then as written (the harness's
-    order). Its third parser, latex2sympy2, is generated for antlr 4.7 and does not load on
-    the antlr4 4.11 that its pinned sympy 1.12 needs, so it never parses there: not tried."""
+    """A sympy object (or a list of them) from answer text, else the text: the harness's three
+    parsers in its order, sympy's LaTeX grammar, plain arithmetic, then latex2sympy2's reading
+    of lists (`parse_latex_list`), each on the text with `\\\\` read as `\\` and then
+    as written."""
     latex_grammar()  # a missing antlr4 is an install error, not a failed parse
-    for parser in (parse_latex, _parse_plain):
+    for parser in (parse_latex, _parse_plain, parse_latex_list):
         for variant in (text.replace("\\\\", "\\"), text):
             try:
                 return parser(variant)

@@ -77,6 +77,11 @@ class Selection:
             report=dict(data.get("report", {})),
         )
 
+    @property
+    def shortfall(self) -> str:
+        """Why fewer questions than `n` were selected ("" when `n` were): the report says it."""
+        return str(self.report.get("shortfall", ""))
+
 
 def t_cut(alpha: float, refer: float) -> int:
     """Truncation length for one alpha: `max(int(alpha * refer), 1)`."""
@@ -246,7 +251,8 @@ def select(
     """Select questions as in Section 3.3 and compute T_cut per alpha.
 
     Filters, in order: the subset (both correct by default); equal prompt lengths; length
-    window around the reference length; balance; a seeded sample of `n`.
+    window around the reference length; balance; a seeded sample of `n` (when fewer pass,
+    all are kept and the report's "shortfall" says so).
 
     `rules="paper-text"`: the reference is computed after the prompt-length filter, the window
     bounds are real numbers and the sample is numpy's, kept in input order.
@@ -306,7 +312,7 @@ def select(
     for alpha, cut in cuts.items():
         too_short = [r.id for r in current if min(r.before, r.after) < cut]
         short[str(alpha)] = {"count": len(too_short), "ids": too_short}
-    report = {
+    report: dict[str, Any] = {
         "params": {
             "n": n,
             "seed": seed,
@@ -331,4 +337,9 @@ def select(
         "t_cut": {str(alpha): cut for alpha, cut in cuts.items()},
         "shorter_than_t_cut": short,
     }
+    if len(current) < n:
+        report["shortfall"] = (
+            f"select.n = {n} questions requested, but only {len(current)} passed the filters "
+            f"(of {len(parsed)}): all {len(current)} are used"
+        )
     return Selection(tuple(r.id for r in current), refer, cuts, report)

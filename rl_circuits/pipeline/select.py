@@ -3,6 +3,8 @@ sampled (`rl_circuits.data.selection`), with T_cut per alpha."""
 
 from __future__ import annotations
 
+import sys
+
 from rl_circuits.config import RunConfig
 from rl_circuits.data.selection import select
 from rl_circuits.errors import RLCircuitsError
@@ -58,4 +60,9 @@ def stage_select(cfg: RunConfig, store: RunStore, progress: bool = True) -> None
             except RLCircuitsError as exc:
                 raise type(exc)(f"pair {pair.name}, dataset {dataset}: {exc}") from exc
             store.write_json(rel, selection.to_dict())
+            if selection.shortfall:
+                print(
+                    f"warning: pair {pair.name}, dataset {dataset}: {selection.shortfall}",
+                    file=sys.stderr,
+                )
     store.mark_done("select", {})

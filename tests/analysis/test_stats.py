@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -23,8 +24,10 @@ from rl_circuits.analysis.metrics import (
     information_complexity,
     sample_diversity,
 )
+from rl_circuits.analysis.report import render_report
 from rl_circuits.analysis.stats import (
     COLUMNS,
+    MIN_PAIRED_N,
     compare,
     format_value,
     table1_from_rows,
@@ -72,7 +75,7 @@ def test_batched_resampling_equals_materialised_resamples(use_mask):
         n_resamples=40,
         seed=3,
     )
-    numeric = [c for c in COLUMNS if c not in ("metric", "direction", "significant")]
+    numeric = [c for c in COLUMNS if c not in ("metric", "direction", "significant", "ci_note")]
     same = fast.metric != "sample_diversity"  # its bootstrap skips duplicate pairs (below)
     np.testing.assert_allclose(
         fast.loc[same, numeric].to_numpy(float),
@@ -184,6 +187,70 @@ def test_compare_rejects_bad_input():
         compare(before, after, metrics=["nope"])
     with pytest.raises(ValueError, match="at least 2"):
         compare(before[:1], after[:1])
+
+
+def _few(n, seed=0):
+    rng = np.random.default_rng(seed)
+    before = rng.standard_normal((n, 3, 5))
+    return before, before + 0.3 * rng.standard_normal((n, 3, 5))
+
+
+def test_small_n_diversity_interval_is_a_number_or_a_stated_reason():
+    # n = 4: 3 of 200 resamples draw one question four times (P = 1/64 each) and have no pair.
+    with pytest.warns(UserWarning, match="MIN_PAIRED_N"):
+        row = compare(*_few(4), metrics=["sample_diversity"], n_resamples=200).iloc[0]
+    assert row.ci_low < row["diff"] < row.ci_high and not np.isnan(row.before_ci_low)
+    assert row.ci_note.startswith("interval over the other 197: 3 of 200 bootstrap resamples")
+    # n = 2: half the resamples draw one question: no interval, and the reason says so.
+    with pytest.warns(UserWarning, match="MIN_PAIRED_N"):
+        row = compare(*_few(2), metrics=["sample_diversity"], n_resamples=200).iloc[0]
+    assert np.isnan(row.ci_low) and not row.significant
+    assert row.ci_note.startswith("no interval: ") and "draws one question" in row.ci_note
+    # Every resample defined: no note.
+    row = compare(*_few(30), metrics=["activation_intensity"], n_resamples=200).iloc[0]
+    assert row.ci_note == "" and np.isfinite(row.ci_low)
+
+
+def test_compare_warns_below_the_documented_minimum_n_only():
+    assert MIN_PAIRED_N == 20
+    with pytest.warns(UserWarning, match="19 paired samples, fewer than MIN_PAIRED_N = 20"):
+        compare(*_few(19), metrics=["activation_intensity"], n_resamples=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compare(*_few(20), metrics=["activation_intensity"], n_resamples=50)
+
+
+def test_table1_and_report_state_the_star_test_missing_intervals_and_small_n():
+    rows = []
+    for pair, n in (("Two", 2), ("Four", 4)):
+        with pytest.warns(UserWarning):
+            result = compare(*_few(n), n_resamples=200)
+        rows += result.assign(pair=pair, algorithm="GRPO", dataset="MATH", alpha=0.5).to_dict(
+            "records"
+        )
+    table = table1_from_rows(rows)
+    no_interval = table.frame.loc[("MATH", "Sample Div.", 0.5), ("Two", "+GRPO")]
+    assert no_interval.endswith("†")
+    assert not table.frame.loc[("MATH", "Sample Div.", 0.5), ("Four", "+GRPO")].endswith("†")
+    note = table.note
+    assert "the star is the bootstrap's" in note and "permutation p-value" in note
+    assert "†: no interval of the difference: 1" in note and "draws one question only" in note
+    assert "Warning: fewer than 20 paired questions (Two, MATH: n = 2; Four, MATH: n = 4)" in note
+    details = table.details().set_index(["metric", "pair"])
+    interval = details.loc[("Sample Div.", "Two"), "95% interval"]
+    assert interval.startswith("none: ") and "draws one question only" in interval
+    assert details.loc[("Sample Div.", "Four"), "95% interval"].startswith("[")
+    assert "\\textdagger{}" in table.to_latex() and "Warning: fewer than 20" in table.to_markdown()
+    page = render_report(title="t", table=table, figures={})
+    assert "no interval of the difference" in page and "none: " in page
+    # Stored rows (compare.jsonl) lose NaN to null and may predate ci_note: still a reason.
+    old = [
+        {**r, "ci_low": None, "ci_high": None} for r in rows if r["metric"] == "sample_diversity"
+    ]
+    for r in old:
+        r.pop("ci_note")
+    reasons = table1_from_rows(old).details()["95% interval"]
+    assert (reasons == "none: no bootstrap resample gave a value").all()
 
 
 def test_format_value_matches_paper():

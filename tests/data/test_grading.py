@@ -269,6 +269,41 @@ def test_authors_grader_follows_the_harness_rules(text, gold, dataset, correct):
             "\\exp \\{-100 / 1000\\}}",
             "$P(X=5) \\approx\\left((100 / 1000)^{5} / 5\\right.$ ! $) \\exp \\{-100 / 1000\\}$",
             "college_math",
+            True,  # the equations differ, then the whole texts both read as P
+        ),
+        # one `=` each: when the difference check fails the whole equations are still compared,
+        # and sympy reads each `log(c) = -6` as False
+        (
+            "\\boxed{\\log \\frac{8}{1000000}=-6}",
+            "$\\log \\frac{1}{1000000}=-6$",
+            "college_math",
+            True,
+        ),
+        # latex2sympy2 reads a leading {a, b} as a list and ignores what follows it
+        (
+            "\\boxed{\\{\\sin \\sqrt{x}, \\cos \\sqrt{x}\\}+1}",
+            "$\\{\\sin \\sqrt{x}, \\cos \\sqrt{x}\\}$",
+            "college_math",
+            True,
+        ),
+        (
+            "The answer is \\{e^{x}, e^{x} / x\\}+1",
+            "$\\{e^{x}, e^{x} / x\\}$",
+            "college_math",
+            True,
+        ),
+        ("The answer is \\{e^{x}, e^{x} / 2\\}", "$\\{e^{x}, e^{x} / x\\}$", "college_math", False),
+        (
+            "\\boxed{1/4 ;\\left(y-1/2\\right)^{2}}",
+            "$\\frac{1}{4} ;\\left(y-\\frac{1}{2}\\right)^{2}$",
+            "college_math",
+            True,
+        ),
+        # ... only when every item is one formula (`x^{}` is none)
+        (
+            "\\boxed{\\left\\{x^{a}, x^{a} \\ln x\\right\\}+1}",
+            "$\\left\\{x^{a}, x^{a} \\ln x\\right\\}$",
+            "college_math",
             False,
         ),
         # bracketed matrices: the grammar has no \begin{pmatrix}, each side fails to parse
@@ -317,6 +352,34 @@ def test_latex_parser_matches_sympys_parse_latex(latex, expected, capsys):
     else:
         assert str(parse_latex(latex)) == expected
     assert capsys.readouterr().out == ""  # the generated code's version notice is silenced
+
+
+@pytest.mark.parametrize(
+    ("latex", "expected"),
+    [
+        ("{\\sin\\sqrt{x},\\cos\\sqrt{x}}+1", ["sin(sqrt(x))", "cos(sqrt(x))"]),
+        ("[a;b^{2}]\\cdot3", ["a", "b**2"]),
+        ("{\\frac{1}{2},x}", ["1/2", "x"]),  # inner braces do not split
+        ("1/4;(y-1/2)^{2}", ["1/4", "(y - 1/2)**2"]),  # bare lists too
+        ("a,b;c", ["a", "b"]),  # ... up to the other separator
+        ("a,b)x", ["a", "b"]),  # ... or a stray closing bracket
+        ("{a,b;c}", None),
+        ("{x^{},x}", None),  # an item that is not one formula
+        ("{(1,2),x}", None),
+        ("(a,b)", None),  # parentheses are not a list to latex2sympy2
+        ("{a,b", None),
+        ("{a,b)", None),
+    ],
+)
+def test_third_parser_reads_a_leading_list_as_latex2sympy2_does(latex, expected):
+    """latex2sympy2 1.9.0's verdicts in the authors' environment: lists, or a parse error."""
+    from rl_circuits.data.harness_grader import parse_latex_list
+
+    if expected is None:
+        with pytest.raises(Exception):  # noqa: B017 - any parse error, as the harness catches
+            parse_latex_list(latex)
+    else:
+        assert [str(item) for item in parse_latex_list(latex)] == expected
 
 
 def test_authors_grader_without_antlr4_says_what_to_install(monkeypatch):

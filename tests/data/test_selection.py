@@ -124,8 +124,20 @@ def test_seeded_sample_is_reproducible_and_in_input_order():
     assert first.report["filters"][-1] == {"filter": "sample", "entering": 50, "removed": 40}
 
 
-def test_fewer_than_n_keeps_all():
-    assert select(many_rows(12), n=100).ids == tuple(f"r{i}" for i in range(12))
+def test_fewer_than_n_keeps_all_and_the_report_says_so():
+    short = select(many_rows(12), n=100)
+    assert short.ids == tuple(f"r{i}" for i in range(12))
+    assert (
+        short.shortfall
+        == short.report["shortfall"]
+        == (
+            "select.n = 100 questions requested, but only 12 passed the filters (of 12): all 12 "
+            "are used"
+        )
+    )
+    assert Selection.from_dict(json.loads(json.dumps(short.to_dict()))).shortfall
+    assert select(many_rows(12), n=12).shortfall == ""
+    assert "shortfall" not in select(many_rows(12), n=5).report
 
 
 @pytest.mark.parametrize(

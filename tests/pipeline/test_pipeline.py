@@ -139,6 +139,26 @@ def test_ids_option_keeps_only_those_questions(tiny_run, tmp_path):
     assert kept == ["sevens-1", "sevens-4"]
 
 
+def test_select_n_above_the_questions_left_says_so_on_terminal_and_in_funnel(
+    tiny_run, tmp_path, capsys
+):
+    from rl_circuits import load_run
+
+    base, config = tiny_run
+    path = write_config(tmp_path / "n50.toml", {"select": {"n": 50}}, base=config)
+    run = tmp_path / "run"
+    for stage in ("datasets", "generate", "grade", "select"):
+        assert main([stage, str(path), "--run-dir", str(run)]) == 0
+    kept = json.loads((run / "select/tiny/sevens.json").read_text())["report"]["kept"]
+    assert kept < 50
+    assert (
+        f"warning: pair tiny, dataset sevens: select.n = 50 questions requested, but only {kept} "
+        "passed the filters (of 6)"
+    ) in capsys.readouterr().err
+    row = load_run(run).funnel().iloc[0]
+    assert (row["requested"], row["kept"]) == (50, kept)
+
+
 def test_run_writes_the_tiny_models_it_names_when_absent(tmp_path, capsys):
     overrides, pairs = tiny_models_overrides(tmp_path / "models")
     overrides = merge(overrides, {"run": {"run_dir": str(tmp_path / "run")}})
