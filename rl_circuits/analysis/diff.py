@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Bool, Float
 
-from rl_circuits.analysis.faithfulness import circuit_size
+from rl_circuits.analysis.faithfulness import circuit_size, cmd, cpr
 
 THRESHOLDS = (0.5, 0.8, 0.9)  # shares of the gap whose edge counts are reported
 TABLE_THRESHOLD = 0.8  # the one Table 1 shows
@@ -56,7 +56,8 @@ def diff_summary(
     `losses[i]` is each question's loss with the top `ks[i]` edges patched (the last k is every
     edge: the fully patched run), `clean` its model's own loss, `source` the other model's.
     Returns ks, curve, curve_low/high, gap (mean clean - source), patched (mean fully patched
-    loss), patched_share (the curve at k = all), n, n_edges and per threshold "edges" {pct:
+    loss), patched_share (the curve at k = all), MIB's `cpr` and `cmd` of the curve over the
+    fraction of edges k / n_edges, n, n_edges and per threshold "edges" {pct:
     [k, low, high, fraction of all edges]}; a k is NaN where the curve never reaches it
     (resamples without one are left out of its interval).
     """
@@ -94,6 +95,8 @@ def diff_summary(
         "gap": float(np.mean(clean - source)),
         "patched": float(np.mean(losses[-1])),
         "patched_share": float(curve[-1]),
+        "cpr": float(cpr(np.asarray(ks) / n_edges, curve)),
+        "cmd": float(cmd(np.asarray(ks) / n_edges, curve)),
         "n": n,
         "n_edges": n_edges,
         "edges": edges,

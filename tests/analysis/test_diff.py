@@ -41,6 +41,12 @@ def test_diff_summary_counts_the_edges_for_each_share_of_the_gap():
     assert math.isclose(s["gap"], float(np.mean(clean - source)))
     assert math.isclose(s["patched"], float(np.mean(losses[-1])))
     assert math.isclose(s["patched_share"], s["curve"][-1])
+    # MIB's areas of the curve over the fraction of edges, by the trapezoid rule written out
+    x, f = np.asarray(ks) / 16, np.asarray(s["curve"])
+    area = sum((x[i + 1] - x[i]) * (f[i] + f[i + 1]) / 2 for i in range(len(ks) - 1))
+    assert math.isclose(s["cpr"], area)
+    g = np.abs(1 - f)
+    assert math.isclose(s["cmd"], sum((x[i + 1] - x[i]) * (g[i] + g[i + 1]) / 2 for i in range(4)))
 
 
 def test_a_share_never_reached_has_no_edge_count_and_noise_widens_the_interval():
