@@ -101,7 +101,7 @@ def test_flags_restored_after_an_error_and_bad_names_refused(models64):
         model.cfg.use_hook_mlp_in = False
     with pytest.raises(ValueError, match="set both ways"):
         with hooks_enabled(model, ["blocks.0.hook_attn_in", "blocks.0.hook_q_input"]):
-            pass
+            pytest.fail("hooks_enabled entered with a conflicting pair of names")
     with pytest.raises(ValueError, match="out of range"):
         hook_point(model, f"blocks.0.hook_q_input[{model.cfg.n_heads}]")
     with pytest.raises(ValueError, match="no head axis"):

@@ -250,7 +250,7 @@ def test_bad_rules_are_refused(models64):
         attribute(model, tokens, mask, method="eap", relp_rules=ALL)
     with pytest.raises(ValueError, match="sequence of rule names"):
         with relp_rules(model, "half"):
-            pass
+            pytest.fail("relp_rules entered with a bare string of rules")
 
 
 def test_mlps_the_rules_are_not_written_for_are_refused():
