@@ -1,5 +1,5 @@
 """Which attribution method to trust on a model: each method's MIB faithfulness curve, CPR, CMD
-and its rank agreement with `exact` on a subsample of edges (issue 25).
+and its rank agreement with `exact` on a subsample of edges.
 
 For one batch of questions and each method: attribute, rank the edges by the mean score over
 the questions, run the top int(x n_edges) edges for x in MIB's grid (`MIB_FRACTIONS`) with
