@@ -17,11 +17,12 @@ FORCE_HELP = (
     "them (a directory that is not a run is refused even so)"
 )
 CHECK_PROMPT = "Natalia sold clips to 48 of her friends in April. 48 / 2 = 24. \\boxed{72}"
-# check-model's bound on max |logit difference| / max |logit| per dtype. Measured (CPU, the
-# prompt above): SmolLM2-135M (30 layers) 6.2e-7 in float64 (Hugging Face keeps rotary in
-# float32), 2.9e-6 in float32, 2.6e-2 in bfloat16; the zoo's SFT/GRPO models 7.4e-7, 1.2e-6,
-# 1.3e-2. Each bound leaves a margin of about 4x or more for deeper models.
-CHECK_TOLERANCES = {"float64": 1e-5, "float32": 1e-4, "bfloat16": 1e-1}
+# check-model's bound on max |logit difference| / max |logit| per dtype, against Hugging Face in
+# float32 (float64 for float64). Measured (CPU, the prompt above): SmolLM2-135M (30 layers)
+# 8.7e-7 in float64 (Hugging Face keeps rotary in float32), 3.6e-6 in float32, 6.1e-2 in
+# bfloat16; the zoo's SFT model 1.1e-6, 1.8e-6, 9.6e-3. A conversion error moves logits by
+# O(1) of their scale; each bound leaves a margin of about 4x for deeper models.
+CHECK_TOLERANCES = {"float64": 1e-5, "float32": 1e-4, "bfloat16": 0.25}
 
 
 def _threads() -> None:
@@ -57,7 +58,13 @@ def cmd_check_model(args) -> int:
     note = tokenizer_size_note(len(model.tokenizer), model.cfg.d_vocab)
     if note:
         print(f"warning: {ckpt.path}: {note}", file=sys.stderr)
-    hf = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=dtype, use_safetensors=True)
+    # The reference: Hugging Face's plain (eager) attention in float32 (float64 for float64), so
+    # a bfloat16 check measures the converted model's distance from the checkpoint's function
+    # (its fused CPU kernels also refuse bfloat16 under some forced ATen capabilities).
+    reference_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    hf = AutoModelForCausalLM.from_pretrained(
+        str(ckpt.path), dtype=reference_dtype, use_safetensors=True, attn_implementation="eager"
+    )
     hf.to(args.device)
     tokens = load_tokenizer(ckpt.path)(CHECK_PROMPT, return_tensors="pt").input_ids
     tokens = tokens.to(args.device)
@@ -68,7 +75,8 @@ def cmd_check_model(args) -> int:
     relative = diff / scale if scale > 0 else float("inf")
     print(f"checkpoint: {ckpt.path} ({ckpt.architecture}, {model.cfg.n_layers} layers)")
     print(
-        f"max |logit difference| vs Hugging Face ({args.dtype}, {tokens.shape[1]} tokens): "
+        f"max |logit difference| of {args.dtype} vs Hugging Face "
+        f"({str(reference_dtype).removeprefix('torch.')}, {tokens.shape[1]} tokens): "
         f"{diff:.3e}, {relative:.2e} of the largest |logit| ({scale:.3e})"
     )
     for name in GRAPHS:

@@ -101,17 +101,17 @@ def test_check_model_command(tiny_checkpoints, capsys):
 
 
 def test_check_model_judges_each_dtype_by_its_own_tolerance(tiny_checkpoints, capsys):
-    """bfloat16 logits differ from Hugging Face's by bfloat16 rounding (4.5e-3 of the largest
-    logit here), far above float32's bound and well within bfloat16's; a failing check says
-    FAIL, naming the tolerance it failed."""
+    """bfloat16 logits differ from Hugging Face's float32 ones by bfloat16 rounding (about 1e-2
+    of the largest logit here), far above float32's bound and well within bfloat16's; a failing
+    check says FAIL, naming the tolerance it failed."""
     from rl_circuits.cli.main import main
 
     path = str(tiny_checkpoints["Qwen2ForCausalLM"])
     assert main(["check-model", path, "--dtype", "bfloat16"]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
-    assert last.startswith("PASS: ") and last.endswith("<= the bfloat16 tolerance 0.1")
+    assert last.startswith("PASS: ") and last.endswith("<= the bfloat16 tolerance 0.25")
     relative = float(last.split("logit difference ")[1].split()[0])
-    assert 1e-4 < relative < 0.1  # bfloat16 rounding: fails a float32 bound, passes its own
+    assert 1e-4 < relative < 0.25  # bfloat16 rounding: fails a float32 bound, passes its own
     assert main(["check-model", path, "--dtype", "bfloat16", "--tolerance", "1e-4"]) == 1
     last = capsys.readouterr().out.splitlines()[-1]
     assert last.startswith(f"FAIL: logit difference {relative:.2e} of the largest |logit| > ")
