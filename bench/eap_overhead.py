@@ -469,5 +469,40 @@ def _targets(ratios: dict, lengths: list[int]) -> dict[str, bool | None]:
     }
 
 
+def write_pair_report(
+    rows: dict, methods: list[str], lengths: list[int], new: str, old: str, out: Path
+) -> None:
+    """Print and write (JSON at `out`) the CPU time and extra peak memory of each method per
+    length, with `new` / `old` ratios: the report of patch_overhead.py and relp_overhead.py."""
+    nan = float("nan")
+    lines = [f"{'len':>5} " + " ".join(f"{m:>20}" for m in methods) + f"   {new}/{old}"]
+    lines.append("(CPU s, extra peak MB)")
+    for length in lengths:
+        cells = []
+        for m in methods:
+            time_s, peak = rows[m, length].get("cpu_s", nan), rows[m, length].get("peak_mb", nan)
+            cells.append(f"{time_s:7.3f} s {peak:7.1f} MB")
+        o, n = rows[old, length], rows[new, length]
+        ratios = (
+            f"cpu {n['cpu_s'] / o['cpu_s']:.2f}x, wall {n['time_s'] / o['time_s']:.2f}x, "
+            f"memory {n['peak_mb'] / o['peak_mb']:.2f}x"
+            if "cpu_s" in n and "cpu_s" in o
+            else "-"
+        )
+        lines.append(f"{length:>5} " + " ".join(f"{c:>20}" for c in cells) + f"   {ratios}")
+    table = "\n".join(lines)
+    print(table)
+    report = dict(
+        machine=platform.processor() or platform.machine(),
+        torch=torch.__version__,
+        model=MODEL,
+        rows=[rows[m, n] for n in lengths for m in methods],
+        table=table,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 if __name__ == "__main__":
     main()

@@ -22,9 +22,7 @@ Writes bench/results/patch_overhead.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -149,34 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             for method in METHODS:
                 rows[method, length].update(timed.get(method, {"error": timed.get("error")}))
-    nan = float("nan")
-    lines = [f"{'len':>5} " + " ".join(f"{m:>20}" for m in METHODS) + "   patch_model/zero"]
-    lines.append("(CPU s, extra peak MB)")
-    for length in args.lengths:
-        cells = []
-        for m in METHODS:
-            time_s, peak = rows[m, length].get("cpu_s", nan), rows[m, length].get("peak_mb", nan)
-            cells.append(f"{time_s:7.3f} s {peak:7.1f} MB")
-        z, p = rows["zero", length], rows["patch_model", length]
-        ratio = (
-            f"cpu {p['cpu_s'] / z['cpu_s']:.2f}x, wall {p['time_s'] / z['time_s']:.2f}x, "
-            f"memory {p['peak_mb'] / z['peak_mb']:.2f}x"
-            if "cpu_s" in p and "cpu_s" in z
-            else "-"
-        )
-        lines.append(f"{length:>5} " + " ".join(f"{c:>20}" for c in cells) + f"   {ratio}")
-    table = "\n".join(lines)
-    print(table)
-    report = dict(
-        machine=platform.processor() or platform.machine(),
-        torch=torch.__version__,
-        model=base.MODEL,
-        rows=[rows[m, n] for n in args.lengths for m in METHODS],
-        table=table,
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    base.write_pair_report(rows, list(METHODS), args.lengths, "patch_model", "zero", args.out)
 
 
 if __name__ == "__main__":

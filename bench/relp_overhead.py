@@ -18,9 +18,7 @@ Writes bench/results/relp_overhead.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -117,34 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             for method in METHODS:
                 rows[method, length].update(timed.get(method, {"error": timed.get("error")}))
-    nan = float("nan")
-    lines = [f"{'len':>5} " + " ".join(f"{m:>20}" for m in METHODS) + "   relp/eap"]
-    lines.append("(CPU s, extra peak MB)")
-    for length in args.lengths:
-        cells = []
-        for m in METHODS:
-            time_s, peak = rows[m, length].get("cpu_s", nan), rows[m, length].get("peak_mb", nan)
-            cells.append(f"{time_s:7.3f} s {peak:7.1f} MB")
-        e, r = rows["eap", length], rows["relp", length]
-        ratio = (
-            f"cpu {r['cpu_s'] / e['cpu_s']:.2f}x, wall {r['time_s'] / e['time_s']:.2f}x, "
-            f"memory {r['peak_mb'] / e['peak_mb']:.2f}x"
-            if "cpu_s" in r and "cpu_s" in e
-            else "-"
-        )
-        lines.append(f"{length:>5} " + " ".join(f"{c:>20}" for c in cells) + f"   {ratio}")
-    table = "\n".join(lines)
-    print(table)
-    report = dict(
-        machine=platform.processor() or platform.machine(),
-        torch=torch.__version__,
-        model=base.MODEL,
-        rows=[rows[m, n] for n in args.lengths for m in METHODS],
-        table=table,
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    base.write_pair_report(rows, list(METHODS), args.lengths, "relp", "eap", args.out)
 
 
 if __name__ == "__main__":
