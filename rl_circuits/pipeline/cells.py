@@ -35,6 +35,14 @@ class StagePlan:
     cells: dict[str, Cell] = field(default_factory=dict)
     fingerprint: str = ""
 
+    @classmethod
+    def of(cls, stage: str, values: dict, cells: dict[str, Cell], *extra: Any) -> StagePlan:
+        """A stage's plan, fingerprinted by its config values and its cells' fingerprints;
+        `extra`: whether an optional stage is enabled (None for the others, as ever)."""
+        return cls(
+            cells, digest([stage, values, *extra, {k: c.fingerprint for k, c in cells.items()}])
+        )
+
 
 @dataclass(frozen=True)
 class PlanInputs:
@@ -49,8 +57,3 @@ class PlanInputs:
     def fingerprints(self, required: tuple[str, ...]) -> list[str]:
         """The fingerprints of the stages `required`, in that order: the stage's links."""
         return [self.upstream[name].fingerprint for name in required]
-
-
-def cells_fingerprint(stage: str, values: dict, cells: dict[str, Cell], *extra: Any) -> str:
-    """A stage's fingerprint from its config values and its cells' fingerprints."""
-    return digest([stage, values, *extra, {k: c.fingerprint for k, c in cells.items()}])

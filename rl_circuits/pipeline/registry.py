@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from rl_circuits.config import SECTIONS
 from rl_circuits.errors import ConfigError
 from rl_circuits.models.pairs import ROLES, PairModel, direction_roles, pair_models
-from rl_circuits.pipeline.cells import Cell, PlanInputs, StagePlan, cells_fingerprint, digest
+from rl_circuits.pipeline.cells import Cell, PlanInputs, StagePlan, digest
 from rl_circuits.store.layout import RunLayout
 
 if TYPE_CHECKING:
@@ -128,39 +128,36 @@ class Stage:
 
 def _plan_datasets(cfg: RunConfig, given: PlanInputs) -> StagePlan:
     """One cell per dataset; a local data file enters as its sha256 (else where it is read)."""
-    stage = StagePlan()
+    cells: dict[str, Cell] = {}
     for name in cfg.run.datasets:
         source = given.data_hashes.get(name) or cfg.run.data_dir or "hub"
         ids = [i for i in cfg.run.ids if i.startswith(f"{name}-")]
         fp = digest(["datasets", name, source, {**given.values, "run.ids": ids}])
-        stage.cells[name] = Cell(fp, (RunLayout.dataset(name),))
-    stage.fingerprint = cells_fingerprint("datasets", given.values, stage.cells, None)
-    return stage
+        cells[name] = Cell(fp, (RunLayout.dataset(name),))
+    return StagePlan.of("datasets", given.values, cells, None)
 
 
 def _plan_generate(cfg: RunConfig, given: PlanInputs) -> StagePlan:
     """One record table per model x dataset."""
-    stage = StagePlan()
+    cells: dict[str, Cell] = {}
     for model in pair_models(cfg.pairs.values()):
         for name in cfg.run.datasets:
             up = given.upstream["datasets"].cells[name].fingerprint
             fp = digest(["generate", model.key, given.values, up])
             records = (RunLayout.generations(model.key, name),)
-            stage.cells[f"{model.key}/{name}"] = Cell(fp, (), records)
-    stage.fingerprint = cells_fingerprint("generate", given.values, stage.cells, None)
-    return stage
+            cells[f"{model.key}/{name}"] = Cell(fp, (), records)
+    return StagePlan.of("generate", given.values, cells, None)
 
 
 def _plan_grade(cfg: RunConfig, given: PlanInputs) -> StagePlan:
     """One record table per model x dataset, from that model's generations."""
-    stage = StagePlan()
+    cells: dict[str, Cell] = {}
     for model in pair_models(cfg.pairs.values()):
         for name in cfg.run.datasets:
             cell = f"{model.key}/{name}"
             fp = digest(["grade", given.values, given.upstream["generate"].cells[cell].fingerprint])
-            stage.cells[cell] = Cell(fp, (), (RunLayout.grades(model.key, name),))
-    stage.fingerprint = cells_fingerprint("grade", given.values, stage.cells, None)
-    return stage
+            cells[cell] = Cell(fp, (), (RunLayout.grades(model.key, name),))
+    return StagePlan.of("grade", given.values, cells, None)
 
 
 def _graded(given: PlanInputs, pair, dataset: str) -> list[str]:
@@ -171,19 +168,18 @@ def _graded(given: PlanInputs, pair, dataset: str) -> list[str]:
 
 def _plan_select(cfg: RunConfig, given: PlanInputs) -> StagePlan:
     """One selection per pair x dataset, from both models' grades."""
-    stage = StagePlan()
+    cells: dict[str, Cell] = {}
     for pair in cfg.pairs.values():
         for name in cfg.run.datasets:
             fp = digest(["select", pair.name, given.values, _graded(given, pair, name)])
-            stage.cells[f"{pair.name}/{name}"] = Cell(fp, (RunLayout.selection(pair.name, name),))
-    stage.fingerprint = cells_fingerprint("select", given.values, stage.cells, None)
-    return stage
+            cells[f"{pair.name}/{name}"] = Cell(fp, (RunLayout.selection(pair.name, name),))
+    return StagePlan.of("select", given.values, cells, None)
 
 
 def _plan_attribute(cfg: RunConfig, given: PlanInputs) -> StagePlan:
     """One score directory per pair x model x dataset x alpha (the selection's keys are among
     its values, so it links to the grades the selection read)."""
-    stage = StagePlan()
+    cells: dict[str, Cell] = {}
     for pair in cfg.pairs.values():
         for name in cfg.run.datasets:
             up = _graded(given, pair, name)
@@ -191,16 +187,16 @@ def _plan_attribute(cfg: RunConfig, given: PlanInputs) -> StagePlan:
                 for alpha in cfg.alphas:
                     rel = RunLayout.attribution(pair.name, role, name, alpha)
                     fp = digest(["attribute", pair.name, role, alpha, given.values, up])
-                    stage.cells[rel] = Cell(fp, (rel,))
-    stage.fingerprint = cells_fingerprint("attribute", given.values, stage.cells, None)
-    return stage
+                    cells[rel] = Cell(fp, (rel,))
+    return StagePlan.of("attribute", given.values, cells, None)
 
 
 def _plan_circuits(cfg: RunConfig, given: PlanInputs) -> StagePlan:
     """When enabled, one curve and one method ranking per attributed cell of its alphas."""
     from rl_circuits.pipeline.common import circuit_alphas
 
-    stage, alphas = StagePlan(), set(circuit_alphas(cfg))
+    cells: dict[str, Cell] = {}
+    alphas = set(circuit_alphas(cfg))
     attributed = given.upstream["attribute"].cells
     for pair in cfg.pairs.values() if cfg.circuits.enabled else ():
         for name in cfg.run.datasets:
@@ -210,10 +206,8 @@ def _plan_circuits(cfg: RunConfig, given: PlanInputs) -> StagePlan:
                     rel = RunLayout.circuit(pair.name, role, name, alpha)
                     ranked = RunLayout.method_ranking(pair.name, role, name, alpha)
                     fp = digest(["circuits", given.values, up.fingerprint])
-                    stage.cells[rel] = Cell(fp, (rel, ranked))
-    own = cfg.circuits.enabled
-    stage.fingerprint = cells_fingerprint("circuits", given.values, stage.cells, own)
-    return stage
+                    cells[rel] = Cell(fp, (rel, ranked))
+    return StagePlan.of("circuits", given.values, cells, cfg.circuits.enabled)
 
 
 def _plan_diff(cfg: RunConfig, given: PlanInputs) -> StagePlan:
@@ -221,7 +215,7 @@ def _plan_diff(cfg: RunConfig, given: PlanInputs) -> StagePlan:
     scores of the model whose answers it reads."""
     from rl_circuits.pipeline.common import diff_alphas
 
-    stage = StagePlan()
+    cells: dict[str, Cell] = {}
     attributed = given.upstream["attribute"].cells
     for pair in cfg.pairs.values() if cfg.diff.enabled else ():
         for direction in cfg.diff.directions:
@@ -230,9 +224,8 @@ def _plan_diff(cfg: RunConfig, given: PlanInputs) -> StagePlan:
                 for alpha in diff_alphas(cfg):
                     up = attributed[RunLayout.attribution(pair.name, reads, name, alpha)]
                     rel = RunLayout.diff(pair.name, direction, name, alpha)
-                    stage.cells[rel] = Cell(digest(["diff", given.values, up.fingerprint]), (rel,))
-    stage.fingerprint = cells_fingerprint("diff", given.values, stage.cells, cfg.diff.enabled)
-    return stage
+                    cells[rel] = Cell(digest(["diff", given.values, up.fingerprint]), (rel,))
+    return StagePlan.of("diff", given.values, cells, cfg.diff.enabled)
 
 
 def _plan_analyze(cfg: RunConfig, given: PlanInputs) -> StagePlan:
@@ -246,13 +239,12 @@ def _plan_analyze(cfg: RunConfig, given: PlanInputs) -> StagePlan:
 
 def _plan_weights(cfg: RunConfig, given: PlanInputs) -> StagePlan:
     """When enabled, one table per pair, from its two checkpoints (no upstream stage)."""
-    stage = StagePlan()
+    cells: dict[str, Cell] = {}
     for pair in cfg.pairs.values() if cfg.weights.enabled else ():
         models = [[m.path, m.revision] for m in (PairModel(pair, r) for r in ROLES)]
         fp = digest(["weights", models, given.values])
-        stage.cells[pair.name] = Cell(fp, (RunLayout.weights(pair.name),))
-    stage.fingerprint = cells_fingerprint("weights", given.values, stage.cells)
-    return stage
+        cells[pair.name] = Cell(fp, (RunLayout.weights(pair.name),))
+    return StagePlan.of("weights", given.values, cells)
 
 
 def _plan_report(cfg: RunConfig, given: PlanInputs) -> StagePlan:
