@@ -100,7 +100,7 @@ def _question(cfg: RunConfig, record: dict) -> str:
 
 
 def merge_generate(cfg: RunConfig, store: RunStore) -> bool:
-    """Finalise each generation record stage whose questions all have an answer (in dataset
+    """Finalise each generation record table whose questions all have an answer (in dataset
     order, whoever wrote them); mark `generate` done and return True once all are."""
     complete = True
     for model in pair_models(cfg.pairs.values()):
