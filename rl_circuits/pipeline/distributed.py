@@ -103,7 +103,7 @@ def merge_finished(
     """Merge what the shard workers of `stage` finished, if no worker still runs.
 
     Returns None when the lock is held (other workers still run: the last one to finish
-    merges), False when it merged part of the stage (some shards' questions are missing), True
+    merges), False when it merged some of the stage (some shards' questions are missing), True
     when the stage is complete and marked done.
     """
     from rl_circuits.config import load_config

@@ -97,12 +97,12 @@ class Changes:
     def describe(self) -> str:
         lines = []
         for stage in self.stages:
-            parts = []
+            actions = []
             if self.stale.get(stage):
-                parts.append(f"recompute {_cells(self.stale[stage])}")
+                actions.append(f"recompute {_cells(self.stale[stage])}")
             if self.new.get(stage):
-                parts.append(f"compute new {_cells(self.new[stage])}")
-            lines.append(f"  {stage}: {'; '.join(parts) or 'rerun'}")
+                actions.append(f"compute new {_cells(self.new[stage])}")
+            lines.append(f"  {stage}: {'; '.join(actions) or 'rerun'}")
         return "\n".join(lines)
 
 

@@ -391,9 +391,9 @@ class RunStore:
         has them. Needs the exclusive lock (no shard workers)."""
         self.require_exclusive("merging score files")
         target = self._resolve(out_rel_path, for_write=True)
-        parts = [self.read_scores(rel) for rel in rel_paths]
+        sources = [self.read_scores(rel) for rel in rel_paths]
         names = [os.fspath(rel) for rel in rel_paths]
         scorefile.merge_scores(
-            parts, names, target, order, meta=meta, label=self.label(out_rel_path)
+            sources, names, target, order, meta=meta, label=self.label(out_rel_path)
         )
         return target
