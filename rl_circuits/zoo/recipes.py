@@ -39,7 +39,7 @@ from rl_circuits.zoo.tasks import DATASET_NAME, Problem, generate_splits, summar
 RECIPES = ("sft", "grpo", "dpo")  # SFT from scratch, then GRPO and DPO from SFT
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Build:
     """What every recipe of one build shares: the config, the folder, the data splits, the
     tokenizer, where it trains and how it reports."""
@@ -76,7 +76,7 @@ class _Build:
         return save_checkpoint(model, self.tokenizer, self.root / recipe, self.budget)
 
     def load(self, recipe: str):
-        """The checkpoint `recipe`/ as a fresh model (saving and loading: the bytes kept)."""
+        """The saved checkpoint `recipe`/, loaded afresh: what the zoo ships is evaluated."""
         return load_checkpoint(self.root / recipe, self.device)[0]
 
 
