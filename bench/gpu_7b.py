@@ -113,8 +113,8 @@ def random_model(
             config["sliding_window"] = max_seq_len // 2  # still exercise the windowed path
     config.update(overrides)
     ckpt = Checkpoint(path=Path(f"random-{name}"), config=config)
-    mmap = model_map_for(ckpt)
-    cfg = hooked_config(ckpt, mmap, dtype=dtype, device=device, max_seq_len=max_seq_len)
+    model_map = model_map_for(ckpt)
+    cfg = hooked_config(ckpt, model_map, dtype=dtype, device=device, max_seq_len=max_seq_len)
     torch.manual_seed(seed)
     with torch.device(device):
         model = HookedTransformer(cfg, move_to_device=False)  # init_weights=False: empty
@@ -123,7 +123,7 @@ def random_model(
             last = pname.rsplit(".", 1)[-1]
             if last == "w":  # RMSNorm scales
                 param.fill_(1.0)
-            elif last in ("b_Q", "_b_K", "_b_V") and mmap.qkv_bias:
+            elif last in ("b_Q", "_b_K", "_b_V") and model_map.qkv_bias:
                 param.normal_(0.0, 0.02)
             elif last.lstrip("_").startswith("b_"):  # biases these families do not have
                 param.zero_()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rl_circuits.models.pairs import home_dir
 from rl_circuits.zoo import ZooConfig, build_zoo
-from rl_circuits.zoo.build import STAGES
+from rl_circuits.zoo.build import RECIPES
 from rl_circuits.zoo.numerics import kernel_sets
 
 RESULTS = Path(
@@ -50,10 +50,10 @@ def seeded(config: ZooConfig, k: int) -> ZooConfig:
 def measure(config: ZooConfig, root: Path, kernels: str | None) -> dict:
     """Build (or reuse) one zoo; its accuracies and paired tests."""
     zoo = build_zoo(config, root=root, progress=False, kernels=kernels, register=False)
-    row = {f"{stage}_test": zoo.accuracy[stage] for stage in STAGES}
-    for stage in STAGES[1:]:
-        row[f"{stage}_gain"] = zoo.paired[stage]["gain"]
-        row[f"{stage}_p"] = zoo.paired[stage]["p_value"]
+    row = {f"{recipe}_test": zoo.accuracy[recipe] for recipe in RECIPES}
+    for recipe in RECIPES[1:]:
+        row[f"{recipe}_gain"] = zoo.paired[recipe]["gain"]
+        row[f"{recipe}_p"] = zoo.paired[recipe]["p_value"]
     return row
 
 
@@ -61,10 +61,10 @@ def criteria(rows: list[dict]) -> dict:
     """The issue's bars over the seed runs: SFT spread, GRPO/DPO runs at +5 points, mean gain."""
     sft = [row["sft_test"] for row in rows]
     out = {"sft_spread_points": round(100 * (max(sft) - min(sft)), 1)}
-    for stage in STAGES[1:]:
-        gains = [row[f"{stage}_gain"] for row in rows]
-        out[f"{stage}_runs_at_plus5"] = f"{sum(g >= GAIN - 1e-9 for g in gains)}/{len(gains)}"
-        out[f"{stage}_mean_gain_points"] = round(100 * statistics.mean(gains), 1)
+    for recipe in RECIPES[1:]:
+        gains = [row[f"{recipe}_gain"] for row in rows]
+        out[f"{recipe}_runs_at_plus5"] = f"{sum(g >= GAIN - 1e-9 for g in gains)}/{len(gains)}"
+        out[f"{recipe}_mean_gain_points"] = round(100 * statistics.mean(gains), 1)
     return out
 
 
@@ -75,9 +75,9 @@ def table(rows: list[dict]) -> str:
     ]
     for row in rows:
         cells = [row["run"], f"{row['sft_test']:.1%}"]
-        for stage in STAGES[1:]:
-            cells.append(f"{row[f'{stage}_test']:.1%}")
-            cells.append(f"{100 * row[f'{stage}_gain']:+.1f} (p = {row[f'{stage}_p']:.2g})")
+        for recipe in RECIPES[1:]:
+            cells.append(f"{row[f'{recipe}_test']:.1%}")
+            cells.append(f"{100 * row[f'{recipe}_gain']:+.1f} (p = {row[f'{recipe}_p']:.2g})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """Greedy test accuracy vs training steps for a few GRPO and DPO settings, from one SFT model.
 
-The zoo's post-training recipes were chosen with this script (results in `docs/zoo.md`).
+The zoo's post-recipes were chosen with this script (results in `docs/zoo.md`).
 It takes a built zoo (`--zoo DIR`, default: the default config's zoo, built if absent),
 starts every run from its SFT checkpoint, and evaluates greedy accuracy on the test split
 (and the validation split) every `--every` steps of each run. The settings are
@@ -26,8 +26,8 @@ import torch
 from transformers import TrainerCallback
 
 from rl_circuits.zoo import ZooConfig, build_zoo
-from rl_circuits.zoo import dpo as dpo_stage
-from rl_circuits.zoo import grpo as grpo_stage
+from rl_circuits.zoo import dpo as dpo_recipe
+from rl_circuits.zoo import grpo as grpo_recipe
 from rl_circuits.zoo.model import accuracy, load_checkpoint
 from rl_circuits.zoo.tasks import DATASET_NAME, read_jsonl
 
@@ -87,20 +87,22 @@ def run(kind: str, overrides: dict, zoo, splits, every: int, pair_cache: dict) -
     train = read_jsonl(zoo.data_dir / DATASET_NAME / "train.jsonl")
     pairs = None
     if kind == "grpo":
-        grpo_stage.train_grpo(
+        grpo_recipe.train_grpo(
             model, tokenizer, train, zoo.template, zoo.max_new_tokens, settings,
             progress=False, callbacks=[evaluate],
         )  # fmt: skip
     else:
         key = (settings.pair_prompts, settings.samples_per_prompt, settings.sample_temperature)
         if key + (settings.seed,) not in pair_cache:
-            pair_cache[key + (settings.seed,)], _ = dpo_stage.sample_pairs(
+            pair_cache[key + (settings.seed,)], _ = dpo_recipe.sample_pairs(
                 model, tokenizer, train, zoo.template, zoo.max_new_tokens, settings,
                 progress=False,
             )  # fmt: skip
         pairs = pair_cache[key + (settings.seed,)]
         evaluate.started = time.perf_counter()  # sampling pairs is not training
-        dpo_stage.train_dpo(model, tokenizer, pairs, settings, progress=False, callbacks=[evaluate])
+        dpo_recipe.train_dpo(
+            model, tokenizer, pairs, settings, progress=False, callbacks=[evaluate]
+        )
     return {
         "kind": kind,
         "overrides": overrides,

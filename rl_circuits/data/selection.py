@@ -226,12 +226,80 @@ def _stats(values: Sequence[int]) -> dict[str, float | int]:
     return {"mean": float(np.mean(values)), "min": int(min(values)), "max": int(max(values))}
 
 
-def _failure(stages: list[dict[str, Any]], entering: int) -> SelectionError:
-    counts = ", ".join(f"{stage['filter']} removed {stage['removed']}" for stage in stages)
-    return SelectionError(
-        f"no question survives selection: {entering} entered, {counts}. Check the grading of "
-        "both models' answers, loosen beta, gamma or delta, or use more questions"
-    )
+class _Filters:
+    """The filters applied so far, each with how many questions entered and how many it
+    removed (the report's "filters"); an empty result stops the selection, naming them."""
+
+    def __init__(self, entering: int):
+        self.entering = entering
+        self.steps: list[dict[str, Any]] = []
+
+    def apply(self, name: str, kept: list[_Row], before: list[_Row]) -> list[_Row]:
+        self.steps.append(
+            {"filter": name, "entering": len(before), "removed": len(before) - len(kept)}
+        )
+        return kept
+
+    def nonempty(self, rows: list[_Row]) -> list[_Row]:
+        """`rows`, unless no question is left: then a SelectionError with every filter's count."""
+        if rows:
+            return rows
+        counts = ", ".join(f"{step['filter']} removed {step['removed']}" for step in self.steps)
+        raise SelectionError(
+            f"no question survives selection: {self.entering} entered, {counts}. Check the "
+            "grading of both models' answers, loosen beta, gamma or delta, or use more questions"
+        )
+
+    def prompts(self, rows: list[_Row]) -> list[_Row]:
+        """Questions whose prompt has the same length for both models; none left stops it."""
+        kept = [r for r in rows if r.prompt_before == r.prompt_after]
+        return self.nonempty(self.apply("equal_prompt_len", kept, rows))
+
+    def lengths(self, rows: list[_Row], bounds: tuple[float, float], params: dict) -> list[_Row]:
+        """Questions whose answer lengths lie in `bounds` (`params["window"]`: which lengths)
+        and are balanced within `params["delta"]`; none left stops it."""
+        low, high = bounds
+        kept = [r for r in rows if _in_window(r, low, high, params["window"])]
+        rows = self.apply("length_window", kept, rows)
+        kept = [r for r in rows if _balanced(r, params["delta"])]
+        return self.nonempty(self.apply("balance", kept, rows))
+
+
+def _paper_text(
+    rows: list[_Row], filters: _Filters, params: dict
+) -> tuple[list[_Row], float, tuple]:
+    """Eqs. 10-12 as printed: the reference after the prompt-length filter, real window
+    bounds, numpy's seeded sample kept in input order. -> (selected, reference, bounds)."""
+    rows = filters.prompts(rows)
+    refer = _reference(rows, params["reference"])
+    bounds = (params["beta"] * refer, params["gamma"] * refer)
+    rows = filters.lengths(rows, bounds, params)
+    sampled = rows
+    if len(rows) > params["n"]:
+        drawn = np.random.default_rng(params["seed"]).choice(
+            len(rows), size=params["n"], replace=False
+        )
+        sampled = [rows[i] for i in sorted(int(i) for i in drawn)]
+    return filters.apply("sample", sampled, rows), refer, bounds
+
+
+def _authors_code(
+    rows: list[_Row], filters: _Filters, params: dict
+) -> tuple[list[_Row], float, tuple]:
+    """The authors' `MathDataset`: the reference over every question of the subset, integer
+    window bounds, `random.seed(seed); random.sample(rows, n)` kept in draw order."""
+    refer = _reference(filters.nonempty(rows), params["reference"])
+    rows = filters.prompts(rows)
+    bounds = (int(params["beta"] * refer), int(params["gamma"] * refer))
+    rows = filters.lengths(rows, bounds, params)
+    sampled = rows
+    if len(rows) > params["n"]:  # the same stream as random.seed(seed) + random.sample
+        sampled = random.Random(params["seed"]).sample(rows, params["n"])
+    return filters.apply("sample", sampled, rows), refer, bounds
+
+
+# Each rule set (`RULES`) keeps the subset's questions that pass its filters and draws the sample.
+_RULE_SETS = {"paper-text": _paper_text, "authors-code": _authors_code}
 
 
 def select(
@@ -268,78 +336,53 @@ def select(
     reference = reference or PRESETS[rules]["reference"]
     window = window or PRESETS[rules]["window"]
     _validate(n, seed, beta, gamma, delta, reference, window, alphas, rules, subset)
+    params = {
+        "n": n,
+        "seed": seed,
+        "beta": float(beta),
+        "gamma": float(gamma),
+        "delta": float(delta),
+        "reference": reference,
+        "window": window,
+        "alphas": [float(alpha) for alpha in alphas],
+        "rules": rules,
+        "subset": subset,
+    }
     parsed = _rows(rows)
-    stages: list[dict[str, Any]] = []
-
-    def apply(name: str, kept: list[_Row], before: list[_Row]) -> list[_Row]:
-        stages.append({"filter": name, "entering": len(before), "removed": len(before) - len(kept)})
-        return kept
-
-    current = apply(subset, [r for r in parsed if _in_subset(r, subset)], parsed)
-    authors = rules == "authors-code"
-    if authors:
-        if not current:
-            raise _failure(stages, len(parsed))
-        refer = _reference(current, reference)
-    current = apply(
-        "equal_prompt_len", [r for r in current if r.prompt_before == r.prompt_after], current
-    )
-    if not current:
-        raise _failure(stages, len(parsed))
-    if not authors:
-        refer = _reference(current, reference)
-    low, high = (
-        (int(beta * refer), int(gamma * refer)) if authors else (beta * refer, gamma * refer)
-    )
-    current = apply(
-        "length_window", [r for r in current if _in_window(r, low, high, window)], current
-    )
-    current = apply("balance", [r for r in current if _balanced(r, delta)], current)
-    if not current:
-        raise _failure(stages, len(parsed))
-    if len(current) > n and authors:
-        draw = random.Random(seed)  # the same stream as random.seed(seed) + random.sample
-        sampled = draw.sample(current, n)
-    elif len(current) > n:
-        drawn = np.random.default_rng(seed).choice(len(current), size=n, replace=False)
-        sampled = [current[i] for i in sorted(int(i) for i in drawn)]
-    else:
-        sampled = current
-    current = apply("sample", sampled, current)
-
+    filters = _Filters(len(parsed))
+    kept = filters.apply(subset, [r for r in parsed if _in_subset(r, subset)], parsed)
+    kept, refer, bounds = _RULE_SETS[rules](kept, filters, params)
     cuts = {float(alpha): t_cut(alpha, refer) for alpha in alphas}
+    return Selection(
+        tuple(r.id for r in kept), refer, cuts, _report(kept, filters, params, refer, bounds, cuts)
+    )
+
+
+def _report(
+    kept: list[_Row], filters: _Filters, params: dict, refer: float, bounds: tuple, cuts: dict
+) -> dict[str, Any]:
+    """The selection report: settings, each filter's count, lengths, T_cut and what it cuts."""
     short = {}
     for alpha, cut in cuts.items():
-        too_short = [r.id for r in current if min(r.before, r.after) < cut]
+        too_short = [r.id for r in kept if min(r.before, r.after) < cut]
         short[str(alpha)] = {"count": len(too_short), "ids": too_short}
     report: dict[str, Any] = {
-        "params": {
-            "n": n,
-            "seed": seed,
-            "beta": float(beta),
-            "gamma": float(gamma),
-            "delta": float(delta),
-            "reference": reference,
-            "window": window,
-            "alphas": [float(alpha) for alpha in alphas],
-            "rules": rules,
-            "subset": subset,
-        },
-        "entering": len(parsed),
-        "filters": stages,
-        "kept": len(current),
+        "params": params,
+        "entering": filters.entering,
+        "filters": filters.steps,
+        "kept": len(kept),
         "refer": refer,
-        "window_bounds": [low, high],
+        "window_bounds": list(bounds),
         "lengths": {
-            "before": _stats([r.before for r in current]),
-            "after": _stats([r.after for r in current]),
+            "before": _stats([r.before for r in kept]),
+            "after": _stats([r.after for r in kept]),
         },
         "t_cut": {str(alpha): cut for alpha, cut in cuts.items()},
         "shorter_than_t_cut": short,
     }
-    if len(current) < n:
+    if len(kept) < params["n"]:
         report["shortfall"] = (
-            f"select.n = {n} questions requested, but only {len(current)} passed the filters "
-            f"(of {len(parsed)}): all {len(current)} are used"
+            f"select.n = {params['n']} questions requested, but only {len(kept)} passed the "
+            f"filters (of {filters.entering}): all {len(kept)} are used"
         )
-    return Selection(tuple(r.id for r in current), refer, cuts, report)
+    return report

@@ -93,7 +93,7 @@ def _lookup(config: dict, keys: str | list[str]):
 
 def hooked_config(
     ckpt: Checkpoint,
-    mmap: ModelMap,
+    model_map: ModelMap,
     *,
     dtype: torch.dtype,
     device: str | torch.device,
@@ -102,7 +102,7 @@ def hooked_config(
 ) -> HookedTransformerConfig:
     """Translate the checkpoint's config.json into a HookedTransformerConfig through its map."""
     hf = ckpt.config
-    fields = {name: _lookup(hf, keys) for name, keys in mmap.config.items()}
+    fields = {name: _lookup(hf, keys) for name, keys in model_map.config.items()}
     n_heads = fields["n_heads"]
     fields["d_head"] = fields["d_head"] or fields["d_model"] // n_heads
     fields["rotary_base"] = fields["rotary_base"] or 10000.0
@@ -110,37 +110,38 @@ def hooked_config(
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", None):
         raise CheckpointError(
-            f"{ckpt.path}: rope type {rope_type!r} is not supported by the {mmap.architecture} map "
-            f"({mmap.source.name}); only plain rotary embeddings are."
+            f"{ckpt.path}: rope type {rope_type!r} is not supported by the "
+            f"{model_map.architecture} map ({model_map.source.name}); only plain rotary "
+            "embeddings are."
         )
     missing = [name for name, value in fields.items() if value is None]
     if missing:
         raise CheckpointError(
             f"{ckpt.path / 'config.json'} lacks {', '.join(missing)} "
-            f"(keys {[mmap.config[m] for m in missing]} in {mmap.source.name})."
+            f"(keys {[model_map.config[m] for m in missing]} in {model_map.source.name})."
         )
     limit = hf.get("max_position_embeddings") or DEFAULT_MAX_SEQ_LEN
     n_ctx = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, limit)
-    fields.update(mmap.fixed)
+    fields.update(model_map.fixed)
     fields.update(
         n_ctx=n_ctx,
         rotary_dim=fields["d_head"],
-        original_architecture=mmap.architecture,
+        original_architecture=model_map.architecture,
         model_name=ckpt.path.name,
         dtype=dtype,
         device=str(device),
         n_devices=n_devices,
         init_weights=False,
     )
-    fields.update(_local_attention(hf, mmap, n_ctx, fields["n_layers"]))
+    fields.update(_local_attention(hf, model_map, n_ctx, fields["n_layers"]))
     return HookedTransformerConfig(**fields)
 
 
-def _local_attention(hf: dict, mmap: ModelMap, n_ctx: int, n_layers: int) -> dict:
+def _local_attention(hf: dict, model_map: ModelMap, n_ctx: int, n_layers: int) -> dict:
     window = hf.get("sliding_window")
-    if mmap.sliding_window == "none" or not window or window >= n_ctx:
+    if model_map.sliding_window == "none" or not window or window >= n_ctx:
         return {}  # a window at least as long as the context changes nothing
-    if mmap.sliding_window == "all":
+    if model_map.sliding_window == "all":
         types = ["local"] * n_layers
     else:  # per-layer types, as Qwen2 declares them
         if not hf.get("use_sliding_window"):
@@ -166,10 +167,10 @@ _LAYOUTS = {
 }
 
 
-def weight_table(mmap: ModelMap, n_layers: int) -> dict[str, tuple[str, dict]]:
+def weight_table(model_map: ModelMap, n_layers: int) -> dict[str, tuple[str, dict]]:
     """Hugging Face tensor name -> (TransformerLens parameter name, entry)."""
     table = {}
-    for tl_name, entry in mmap.weights.items():
+    for tl_name, entry in model_map.weights.items():
         layers = range(n_layers) if "{l}" in tl_name else [None]
         for layer in layers:
             hf_name = entry["hf"].replace("{l}", str(layer))
@@ -177,19 +178,21 @@ def weight_table(mmap: ModelMap, n_layers: int) -> dict[str, tuple[str, dict]]:
     return table
 
 
-def load_weights(model: HookedTransformer, ckpt: Checkpoint, mmap: ModelMap, files: list[Path]):
+def load_weights(
+    model: HookedTransformer, ckpt: Checkpoint, model_map: ModelMap, files: list[Path]
+):
     """Copy the checkpoint's tensors into `model` one at a time (no second copy of the model)."""
     cfg = model.cfg
     params = dict(model.named_parameters())
-    table = weight_table(mmap, cfg.n_layers)
+    table = weight_table(model_map, cfg.n_layers)
     filled: set[str] = set()
     for hf_name, tensor in iter_tensors(files):
         if hf_name not in table:
             if _IGNORED.match(hf_name):
                 continue
             raise CheckpointError(
-                f"{ckpt.path}: tensor {hf_name!r} has no place in the {mmap.architecture} map "
-                f"({mmap.source.name}); the checkpoint does not match its architecture."
+                f"{ckpt.path}: tensor {hf_name!r} has no place in the {model_map.architecture} map "
+                f"({model_map.source.name}); the checkpoint does not match its architecture."
             )
         tl_name, entry = table[hf_name]
         _copy(params, tl_name, _LAYOUTS[entry["layout"]](tensor, cfg), hf_name, ckpt)
@@ -200,7 +203,7 @@ def load_weights(model: HookedTransformer, ckpt: Checkpoint, mmap: ModelMap, fil
     required = {
         tl_name
         for tl_name, entry in table.values()
-        if not entry.get("optional") or (mmap.qkv_bias and QKV_BIAS_PARAMETER.search(tl_name))
+        if not entry.get("optional") or (model_map.qkv_bias and QKV_BIAS_PARAMETER.search(tl_name))
     }
     missing = sorted(required - filled)
     if missing:
@@ -280,17 +283,17 @@ def load_model(
     dtype = as_dtype(dtype)
     device = check_device(device)
     ckpt = resolve(path_or_hub_id, revision)
-    mmap = model_map_for(ckpt)
+    model_map = model_map_for(ckpt)
     files = weight_files(ckpt, allow_pickle=allow_pickle)
     cfg = hooked_config(
-        ckpt, mmap, dtype=dtype, device=device, n_devices=n_devices, max_seq_len=max_seq_len
+        ckpt, model_map, dtype=dtype, device=device, n_devices=n_devices, max_seq_len=max_seq_len
     )
     tokenizer = _checked_tokenizer(ckpt, cfg.d_vocab)
     build_device = torch.device(device) if n_devices == 1 else torch.device("cpu")
     with build_device:
         model = HookedTransformer(cfg, move_to_device=False)
     _attach_tokenizer(model, tokenizer)
-    load_weights(model, ckpt, mmap, files)
+    load_weights(model, ckpt, model_map, files)
     if n_devices > 1:
         model.move_model_modules_to_device()
     if fold_ln or center_unembed:

@@ -171,16 +171,17 @@ def weight_diff(
         raise ConfigError(f"rank_rows = {rank_rows!r} must be an integer >= 1")
     cast = None if dtype == SAVED else as_dtype(dtype)
     before, after = resolve(before_dir, revisions[0]), resolve(after_dir, revisions[1])
-    mmap, cfg = _same_model(before, after)
+    model_map, cfg = _same_model(before, after)
     files = {role: _tensor_files(ckpt) for role, ckpt in (("before", before), ("after", after))}
     names = _same_tensors(before, after, files["before"], files["after"])
-    table = weight_table(mmap, cfg.n_layers)
+    table = weight_table(model_map, cfg.n_layers)
     order = {hf: i for i, hf in enumerate(table)}
     unknown = [n for n in names if n not in table]
     if unknown:
         raise CheckpointError(
-            f"{before.path}: tensor {unknown[0]!r} has no place in the {mmap.architecture} map "
-            f"({mmap.source.name}); the checkpoint does not match its architecture."
+            f"{before.path}: tensor {unknown[0]!r} has no place in the "
+            f"{model_map.architecture} map ({model_map.source.name}); the checkpoint does not "
+            "match its architecture."
         )
     names = sorted(names, key=order.__getitem__)
     pieces = {n: _pieces(table[n][0], table[n][1]["layout"], graph, cfg) for n in names}
@@ -196,15 +197,15 @@ def weight_diff(
     ranks: dict[str, float] = {}
     offsets = {row: 0 for row in rows}
     for name in tqdm(names, desc="weight diff", disable=not progress, unit="tensor"):
-        a = _read(files["before"][name], name)
-        b = _read(files["after"][name], name)
-        if a.dtype != b.dtype and cast is None:
+        old = _read(files["before"][name], name)
+        new = _read(files["after"][name], name)
+        if old.dtype != new.dtype and cast is None:
             raise ConfigError(
-                f"tensor {name!r} is saved as {a.dtype} in {before.path} but {b.dtype} in "
+                f"tensor {name!r} is saved as {old.dtype} in {before.path} but {new.dtype} in "
                 f"{after.path}; pass a dtype to compare both at (e.g. dtype='bfloat16')"
             )
         for piece in pieces[name]:  # the pieces of a tensor partition it
-            block_a, block_b = piece.take(a), piece.take(b)
+            block_a, block_b = piece.take(old), piece.take(new)
             stats = _stats(block_a, block_b, cast, tol)
             model.add(stats)  # once, however many rows own the piece
             n_rows = piece.n_rows(tuple(block_a.shape))
@@ -224,7 +225,7 @@ def weight_diff(
                 if left[row] == 0:
                     ranks[row] = _rank(totals[row].rank_rows)
                     totals[row].rank_rows.clear()
-        del a, b
+        del old, new
     frame = pd.DataFrame(
         [{**totals[row].summary(), "effective_rank": ranks[row]} for row in rows],
         index=pd.Index(rows, name="node"),
@@ -372,8 +373,10 @@ def _same_model(before: Checkpoint, after: Checkpoint) -> tuple[ModelMap, object
             f"before {before.path} is a {before.architecture} but after {after.path} is a "
             f"{after.architecture}: weight_diff compares two checkpoints of one model"
         )
-    mmap = model_map_for(before)
-    configs = [hooked_config(c, mmap, dtype=torch.float32, device="cpu") for c in (before, after)]
+    model_map = model_map_for(before)
+    configs = [
+        hooked_config(c, model_map, dtype=torch.float32, device="cpu") for c in (before, after)
+    ]
     fields = ("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_head", "d_mlp", "d_vocab")
     differ = [
         f"{f} {getattr(configs[0], f)} vs {getattr(configs[1], f)}"
@@ -385,7 +388,7 @@ def _same_model(before: Checkpoint, after: Checkpoint) -> tuple[ModelMap, object
             f"before {before.path} and after {after.path} have different shapes "
             f"({'; '.join(differ)}): weight_diff compares two checkpoints of one model"
         )
-    return mmap, configs[0]
+    return model_map, configs[0]
 
 
 def _tensor_files(ckpt: Checkpoint) -> dict[str, Path]:
@@ -408,10 +411,15 @@ def _tensor_files(ckpt: Checkpoint) -> dict[str, Path]:
 
 
 def _same_tensors(
-    before: Checkpoint, after: Checkpoint, a: dict[str, Path], b: dict[str, Path]
+    before: Checkpoint,
+    after: Checkpoint,
+    files_before: dict[str, Path],
+    files_after: dict[str, Path],
 ) -> list[str]:
     """The tensor names both checkpoints hold, with equal shapes, else one clear error."""
-    only = [(before, n) for n in a if n not in b] + [(after, n) for n in b if n not in a]
+    only = [(before, n) for n in files_before if n not in files_after] + [
+        (after, n) for n in files_after if n not in files_before
+    ]
     if only:
         where, name = only[0]
         raise CheckpointError(
@@ -419,14 +427,14 @@ def _same_tensors(
             f"only; tied embeddings in one and not the other?): weight_diff compares two "
             "checkpoints of one model"
         )
-    for name in a:
-        sa, sb = _shape(a[name], name), _shape(b[name], name)
+    for name in files_before:
+        sa, sb = _shape(files_before[name], name), _shape(files_after[name], name)
         if sa != sb:
             raise CheckpointError(
                 f"tensor {name!r} has shape {sa} in {before.path} but {sb} in {after.path}: "
                 "weight_diff compares two checkpoints of one model"
             )
-    return list(a)
+    return list(files_before)
 
 
 @contextmanager

@@ -23,21 +23,21 @@ from rl_circuits.store.run import RunStore
 
 def stage_analyze(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
     """Each metric before/after with paired bootstrap intervals, per pair x dataset x alpha."""
-    a = cfg.analyze
+    analyze_cfg = cfg.analyze
     rows, entropy = [], {}
     skipped = {}
     for pair, dataset, alpha, before, after in finished_cells(cfg, store):
         if len(before.ids) < 2:  # diversity and the bootstrap need two questions
             skipped[f"{pair}|{dataset}|{alpha:g}"] = f"{len(before.ids)} question(s) left"
             continue
-        mask = before.edge_mask.numpy() if a.edges == "valid" else None
+        mask = before.edge_mask.numpy() if analyze_cfg.edges == "valid" else None
         frame = compare(
             before.values.numpy(),
             after.values.numpy(),
             edge_mask=mask,
-            metrics=_metrics(a.bins),
-            n_resamples=a.n_resamples,
-            seed=a.seed,
+            metrics=_metrics(analyze_cfg.bins),
+            n_resamples=analyze_cfg.n_resamples,
+            seed=analyze_cfg.seed,
         )
         info = {"pair": pair, "algorithm": cfg.pairs[pair].algorithm, "dataset": dataset}
         for record in frame.to_dict("records"):
@@ -101,7 +101,7 @@ def empty_cells(cfg: RunConfig, store: RunStore) -> dict[str, str]:
 
 def _circuit_comparisons(cfg: RunConfig, store: RunStore) -> tuple[list[dict], dict]:
     """Circuit-size rows for Table 1 and the faithfulness curves, per pair x dataset x alpha."""
-    a, c = cfg.analyze, cfg.circuits
+    analyze_cfg, circuits_cfg = cfg.analyze, cfg.circuits
     rows, curves = [], {}
     for pair in cfg.pairs.values():
         for dataset in cfg.run.datasets:
@@ -122,9 +122,9 @@ def _circuit_comparisons(cfg: RunConfig, store: RunStore) -> tuple[list[dict], d
                     f_before,
                     f_after,
                     before["ks"],
-                    c.thresholds,
-                    n_resamples=a.n_resamples,
-                    seed=a.seed,
+                    circuits_cfg.thresholds,
+                    n_resamples=analyze_cfg.n_resamples,
+                    seed=analyze_cfg.seed,
                 )
                 info = {"pair": pair.name, "algorithm": pair.algorithm, "dataset": dataset}
                 rows += [_plain({**info, "alpha": alpha, **r}) for r in size_rows]
@@ -132,13 +132,13 @@ def _circuit_comparisons(cfg: RunConfig, store: RunStore) -> tuple[list[dict], d
                     store.read_scores(RunLayout.scores(pair.name, role, dataset, alpha))
                     for role in ROLES
                 ]
-                key = (lambda v: v.abs()) if c.ranking == "abs" else (lambda v: v)
+                key = (lambda v: v.abs()) if circuits_cfg.ranking == "abs" else (lambda v: v)
                 band["overlap"] = overlap_curve(
                     key(scores[0].values.double()).mean(0).numpy(),
                     key(scores[1].values.double()).mean(0).numpy(),
                     scores[0].edge_mask.numpy(),
                     before["ks"],
-                    c.ranking,
+                    circuits_cfg.ranking,
                 )
                 band["sizes"] = {r["metric"]: [r["before"], r["after"]] for r in size_rows}
                 curves[f"{pair.name}|{dataset}|{alpha:g}"] = _plain_tree(band)
@@ -148,7 +148,7 @@ def _circuit_comparisons(cfg: RunConfig, store: RunStore) -> tuple[list[dict], d
 def _diff_summaries(cfg: RunConfig, store: RunStore) -> tuple[list[dict], dict]:
     """Table 1's "edges for 80% of the gap" rows (the count in the after column, with its
     bootstrap interval) and each diff cell's summary, per "pair|direction|dataset|alpha"."""
-    a = cfg.analyze
+    analyze_cfg = cfg.analyze
     rows, summaries = [], {}
     for pair in cfg.pairs.values():
         for direction in cfg.diff.directions:
@@ -165,8 +165,8 @@ def _diff_summaries(cfg: RunConfig, store: RunStore) -> tuple[list[dict], dict]:
                         np.asarray(cell["clean"]),
                         np.asarray(cell["source"]),
                         cell["ks"],
-                        n_resamples=a.n_resamples,
-                        seed=a.seed,
+                        n_resamples=analyze_cfg.n_resamples,
+                        seed=analyze_cfg.seed,
                     )
                     summaries[f"{pair.name}|{direction}|{dataset}|{alpha:g}"] = _plain_tree(summary)
                     k, low, high, _ = summary["edges"][str(round(TABLE_THRESHOLD * 100))]
@@ -184,7 +184,7 @@ def _diff_summaries(cfg: RunConfig, store: RunStore) -> tuple[list[dict], dict]:
                                 "ci_high": high,
                                 "significant": False,
                                 "n": summary["n"],
-                                "n_resamples": a.n_resamples,
+                                "n_resamples": analyze_cfg.n_resamples,
                                 "ci": 0.95,
                             }
                         )

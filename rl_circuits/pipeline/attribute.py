@@ -38,13 +38,13 @@ def stage_attribute(
     GPU; a shard worker's store leaves the merging to an exclusive one (`merge_attribute`).
     """
 
-    part = shard_of(store, shard)
+    shard = shard_of(store, shard)
     merge = store.shard is None
-    a = cfg.attribute
+    attribute_cfg = cfg.attribute
     for pair in cfg.pairs.values():
         for role in ROLES:
             member = PairModel(pair, role)
-            jobs = list(_attribution_jobs(cfg, store, member, part))
+            jobs = list(_attribution_jobs(cfg, store, member, shard))
             if not any(batches for *_, batches in jobs):
                 if merge:
                     _merge_all(cfg, store, member)
@@ -58,7 +58,7 @@ def stage_attribute(
                     disable=not progress,
                 ) as bar:
                     for batch in batches:
-                        for qid, scores in _attribute_batch(model, batch, a, dataset):
+                        for qid, scores in _attribute_batch(model, batch, attribute_cfg, dataset):
                             rel = RunLayout.question_scores(pair.name, role, dataset, alpha, qid)
                             if store.exists(rel):
                                 continue  # same batch as before: the file has these bytes
@@ -144,7 +144,7 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def _attribute_batch(model, batch, a: AttributeSection, dataset: str):
+def _attribute_batch(model, batch, attribute_cfg: AttributeSection, dataset: str):
     """Right-padded batch -> per-question scores; halves the batch on CUDA out-of-memory."""
     from rl_circuits.engine.attribution import attribute
 
@@ -160,12 +160,12 @@ def _attribute_batch(model, batch, a: AttributeSection, dataset: str):
             model,
             tokens,
             mask,
-            graph=a.graph,
-            method=a.method,
-            ig_steps=a.ig_steps,
+            graph=attribute_cfg.graph,
+            method=attribute_cfg.method,
+            ig_steps=attribute_cfg.ig_steps,
             sample_ids=[f"question {q} of {dataset}" for q in ids],
-            efficient_attention=a.efficient_attention,
-            checkpoint=a.checkpoint,
+            efficient_attention=attribute_cfg.efficient_attention,
+            checkpoint=attribute_cfg.checkpoint,
         )
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
@@ -176,8 +176,8 @@ def _attribute_batch(model, batch, a: AttributeSection, dataset: str):
                 "true, attribute.checkpoint = true, model.n_devices > 1, or a smaller alpha."
             ) from None
         half = len(batch) // 2
-        yield from _attribute_batch(model, batch[:half], a, dataset)
-        yield from _attribute_batch(model, batch[half:], a, dataset)
+        yield from _attribute_batch(model, batch[:half], attribute_cfg, dataset)
+        yield from _attribute_batch(model, batch[half:], attribute_cfg, dataset)
         return
     except NumericalError as exc:
         raise NumericalError(f"attribute stage: {exc}") from exc

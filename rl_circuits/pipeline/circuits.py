@@ -27,8 +27,8 @@ from rl_circuits.store.run import RunStore
 
 def stage_circuits(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
     """Losses of every grid circuit per question; a no-op marked done when not enabled."""
-    c = cfg.circuits
-    if not c.enabled:
+    circuits_cfg = cfg.circuits
+    if not circuits_cfg.enabled:
         store.mark_done("circuits", {"enabled": False})
         return
     for pair in cfg.pairs.values():
@@ -40,7 +40,7 @@ def stage_circuits(cfg: RunConfig, store: RunStore, progress: bool = True) -> No
                 for alpha in circuit_alphas(cfg)
                 if not store.exists(RunLayout.circuit(pair.name, role, dataset, alpha))
                 or (
-                    c.methods
+                    circuits_cfg.methods
                     and not store.exists(RunLayout.method_ranking(pair.name, role, dataset, alpha))
                 )
             ]
@@ -53,7 +53,7 @@ def stage_circuits(cfg: RunConfig, store: RunStore, progress: bool = True) -> No
                     store.write_json(
                         RunLayout.circuit(pair.name, role, dataset, alpha), {"ids": []}
                     )
-                    if c.methods:
+                    if circuits_cfg.methods:
                         store.write_json(
                             RunLayout.method_ranking(pair.name, role, dataset, alpha),
                             {"ids": [], "rows": []},
@@ -80,7 +80,7 @@ def stage_circuits(cfg: RunConfig, store: RunStore, progress: bool = True) -> No
                 if not store.exists(rel):
                     store.write_json(rel, _cell_losses(model, scores, items, cfg, desc, progress))
                 rel = RunLayout.method_ranking(pair.name, role, dataset, alpha)
-                if c.methods and not store.exists(rel):
+                if circuits_cfg.methods and not store.exists(rel):
                     store.write_json(rel, _cell_methods(model, scores, items, cfg, desc, progress))
             del model
     store.mark_done("circuits", {"enabled": True})
@@ -90,27 +90,32 @@ def _cell_methods(model, scores, items, cfg: RunConfig, desc: str, progress: boo
     """{ids, rows}: each of `[circuits] methods` ranked on the cell's questions (MIB's curve,
     CPR, CMD, Spearman with exact on `n_exact` edges; `rank_methods` at its default seed and
     resamples, so the stage depends on the circuits section alone)."""
-    c, a = cfg.circuits, cfg.attribute
+    circuits_cfg, attribute_cfg = cfg.circuits, cfg.attribute
     if len(items) < 2:  # intervals and ratios of means need two questions
         return {"ids": list(scores.ids), "rows": [], "why": f"{len(items)} question(s)"}
     groups = [
-        list(range(i, min(i + c.batch_size, len(items))))
-        for i in range(0, len(items), c.batch_size)
+        list(range(i, min(i + circuits_cfg.batch_size, len(items))))
+        for i in range(0, len(items), circuits_cfg.batch_size)
     ]
     rows = rank_methods(
         model,
         [_tokens(items, group) for group in groups],
-        c.methods,
-        a.graph,
-        ablation=c.ablation,
-        ranking=c.ranking,
-        n_exact=c.n_exact,
-        ig_steps=a.ig_steps,
-        efficient_attention=a.efficient_attention,
+        circuits_cfg.methods,
+        attribute_cfg.graph,
+        ablation=circuits_cfg.ablation,
+        ranking=circuits_cfg.ranking,
+        n_exact=circuits_cfg.n_exact,
+        ig_steps=attribute_cfg.ig_steps,
+        efficient_attention=attribute_cfg.efficient_attention,
         desc=f"methods {desc.removeprefix('circuits ')}",
         progress=progress,
     )
-    return {"ids": list(scores.ids), "rows": rows, "ranking": c.ranking, "ablation": c.ablation}
+    return {
+        "ids": list(scores.ids),
+        "rows": rows,
+        "ranking": circuits_cfg.ranking,
+        "ablation": circuits_cfg.ablation,
+    }
 
 
 def _tokens(items, group: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,16 +132,16 @@ def _tokens(items, group: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _cell_losses(model, scores, items, cfg: RunConfig, desc: str, progress: bool):
     """{ids, ks, losses [k][n], none [n], clean [n]} of one cell; clean is the all-edge circuit."""
-    c, a = cfg.circuits, cfg.attribute
+    circuits_cfg, attribute_cfg = cfg.circuits, cfg.attribute
     mask = scores.edge_mask.numpy()
     values = scores.values.double().numpy()
-    ks = log_grid(int(mask.sum()), c.points)
-    key = np.abs(values) if c.ranking == "abs" else values
-    if c.rank_by == "mean":
-        shared = torch.from_numpy(top_k_circuits(key.mean(0), mask, ks, c.ranking))
+    ks = log_grid(int(mask.sum()), circuits_cfg.points)
+    key = np.abs(values) if circuits_cfg.ranking == "abs" else values
+    if circuits_cfg.rank_by == "mean":
+        shared = torch.from_numpy(top_k_circuits(key.mean(0), mask, ks, circuits_cfg.ranking))
         groups = [
-            list(range(i, min(i + c.batch_size, len(items))))
-            for i in range(0, len(items), c.batch_size)
+            list(range(i, min(i + circuits_cfg.batch_size, len(items))))
+            for i in range(0, len(items), circuits_cfg.batch_size)
         ]
     else:
         groups = [[i] for i in range(len(items))]
@@ -144,19 +149,21 @@ def _cell_losses(model, scores, items, cfg: RunConfig, desc: str, progress: bool
     losses = np.zeros((len(ks) + 1, len(items)))
     with tqdm(total=len(items), desc=desc, disable=not progress) as bar:
         for group in groups:
-            if c.rank_by == "mean":
+            if circuits_cfg.rank_by == "mean":
                 circuits = shared
             else:
-                circuits = torch.from_numpy(top_k_circuits(key[group[0]], mask, ks, c.ranking))
+                circuits = torch.from_numpy(
+                    top_k_circuits(key[group[0]], mask, ks, circuits_cfg.ranking)
+                )
             tokens, loss_mask = _tokens(items, group)
             out = evaluate_circuit(
                 model,
                 tokens,
                 loss_mask,
                 torch.cat([empty, circuits]),
-                graph=a.graph,
-                ablation=c.ablation,
-                efficient_attention=a.efficient_attention,
+                graph=attribute_cfg.graph,
+                ablation=circuits_cfg.ablation,
+                efficient_attention=attribute_cfg.efficient_attention,
             )
             losses[:, group] = out.double().numpy()
             bar.update(len(group))
@@ -166,8 +173,8 @@ def _cell_losses(model, scores, items, cfg: RunConfig, desc: str, progress: bool
         "losses": losses[1:].tolist(),
         "none": losses[0].tolist(),
         "clean": losses[-1].tolist(),
-        "ranking": c.ranking,
-        "rank_by": c.rank_by,
-        "ablation": c.ablation,
-        "graph": a.graph,
+        "ranking": circuits_cfg.ranking,
+        "rank_by": circuits_cfg.rank_by,
+        "ablation": circuits_cfg.ablation,
+        "graph": attribute_cfg.graph,
     }

@@ -145,14 +145,14 @@ def _score(cfg: RunConfig, store: RunStore, cell, model, source, items, desc, pr
             for row, (qid, _, n_loss) in enumerate(batch):
                 if not store.exists(where(qid)):  # same batch as before: the same bytes
                     one = slice(row, row + 1)
-                    part = replace(
+                    question_scores = replace(
                         scores,
                         values=scores.values[one],
                         loss=scores.loss[one],
                         ids=[qid],
                         meta={"t_cut": n_loss},
                     )
-                    store.write_scores(where(qid), part)
+                    store.write_scores(where(qid), question_scores)
             bar.update(len(batch))
     cut = Selection.from_dict(store.read_json(RunLayout.selection(pair, dataset))).t_cut[alpha]
     order = [qid for qid, _, _ in items]

@@ -103,7 +103,7 @@ def merge_finished(
     """Merge what the shard workers of `stage` finished, if no worker still runs.
 
     Returns None when the lock is held (other workers still run: the last one to finish
-    merges), False when it merged part of the stage (some shards' questions are missing), True
+    merges), False when it merged some of the stage (some shards' questions are missing), True
     when the stage is complete and marked done.
     """
     from rl_circuits.config import load_config
@@ -158,11 +158,6 @@ def _merge_after_workers(stage: str, cfg: RunConfig, root: Path) -> None:
                 f"every {stage} worker ended without error but some questions have no output "
                 f"in {root}; run the same command again to do the rest"
             )
-
-
-def _devices_per_worker(stage: str, cfg: RunConfig) -> int:
-    """GPUs one shard needs: attribution may split a model over `model.n_devices`."""
-    return cfg.model.n_devices if stage == "attribute" else 1
 
 
 # --------------------------------------------------------------------------- local launcher
@@ -257,21 +252,21 @@ def run_stage_workers(
     force: bool = False,
     log: TextIO | None = None,
 ) -> int:
-    """Run `stage` ("generate" or "attribute") in N worker processes, then merge.
+    """Run a sharded `stage` (`SHARDED_STAGES`) in N worker processes, then merge.
 
     Worker i runs `rl-circuits STAGE CONFIG --shard i/N` with `CUDA_VISIBLE_DEVICES` set to
-    the i-th visible GPU (`model.n_devices` GPUs per attribution worker) when GPUs exist.
-    N defaults to the number of visible GPUs (divided by `n_devices`), 1 on CPU. Their output
-    goes to `log` (default stderr), each line prefixed with the worker's name. If a worker
-    fails, the others are interrupted (finished work is kept) and `WorkerError` carries the
-    failed worker's error. Returns N (0 if the stage was already done).
+    the i-th visible GPUs (as many as `Stage.devices_per_shard`: `model.n_devices` for
+    attribution) when GPUs exist. N defaults to the number of visible GPUs divided by that
+    number, 1 on CPU. Their output goes to `log` (default stderr), each line prefixed with the
+    worker's name. If a worker fails, the others are interrupted (finished work is kept) and
+    `WorkerError` carries the failed worker's error. Returns N (0 if the stage was already done).
     """
     cfg, root, done = _prepare(stage, config_path, run_dir, force)
     if done:
         return 0
     from rl_circuits.pipeline.common import device_of
 
-    per = _devices_per_worker(stage, cfg)
+    per = _sharded(stage).devices_per_shard(cfg)
     gpus = [] if device_of(cfg) == "cpu" else visible_gpus()
     count = n_workers or (max(1, len(gpus) // per) if gpus else 1)
     if count < 1:
@@ -399,16 +394,17 @@ def run_stage_on_ray(
     *,
     force: bool = False,
 ) -> list[dict[str, Any]]:
-    """Map shards i/n of `stage` ("generate" or "attribute") to Ray tasks, then merge.
+    """Map shards i/n of a sharded `stage` (`SHARDED_STAGES`) to Ray tasks, then merge.
 
     Each task opens the run store as shard worker i of n, so the run directory, the config
     and the models must be on a filesystem every node shares, at the same paths, and
-    rl-circuits installed on every node. Tasks ask for one GPU each (`model.n_devices` for
-    attribution) when the cluster has GPUs, else one CPU. `n_tasks` defaults to the number of
-    such GPU slots (1 without GPUs). Ray is used as found when this process already called
-    `ray.init`; otherwise `ray.init(address)` connects to `address` ("auto", "ray://host:port")
-    or, with None, starts a local instance, and disconnects at the end. Returns one summary
-    per task (shard, host, pid, seconds); [] if the stage was already done.
+    rl-circuits installed on every node. Tasks ask for `Stage.devices_per_shard` GPUs each
+    (`model.n_devices` for attribution) when the cluster has GPUs, else one CPU. `n_tasks`
+    defaults to the number of such GPU slots (1 without GPUs). Ray is used as found when this
+    process already called `ray.init`; otherwise `ray.init(address)` connects to `address`
+    ("auto", "ray://host:port") or, with None, starts a local instance, and disconnects at the
+    end. Returns one summary per task (shard, host, pid, seconds); [] if the stage was already
+    done.
     """
     ray = _import_ray()
     cfg, root, done = _prepare(stage, config_path, run_dir, force)
@@ -420,7 +416,7 @@ def run_stage_on_ray(
     elif started:  # a local instance, for this command only
         ray.init(include_dashboard=False)
     try:
-        per = _devices_per_worker(stage, cfg)
+        per = _sharded(stage).devices_per_shard(cfg)
         gpus = int(ray.cluster_resources().get("GPU", 0))
         count = n_tasks or (max(1, gpus // per) if gpus else 1)
         if count < 1:

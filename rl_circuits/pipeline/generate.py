@@ -28,12 +28,12 @@ def stage_generate(
     The questions of a dataset form fixed chunks of `generate.chunk_size`, one generator call
     each. `shard=(i, n)` answers only every n-th chunk from i (one vLLM or HF instance per
     GPU). A shard worker's store stops there; an exclusive store then finalises every record
-    stage whose questions are all answered (`merge_generate`).
+    table whose questions are all answered (`merge_generate`).
     """
     from rl_circuits.models.checkpoints import resolve
     from rl_circuits.models.loading import as_dtype, model_map_for
 
-    part = shard_of(store, shard)
+    shard = shard_of(store, shard)
     gen_cfg = cfg.generate
     size = gen_cfg.chunk_size
     datasets = cfg.run.datasets
@@ -44,18 +44,18 @@ def stage_generate(
     for model in pair_models(cfg.pairs.values()):
         todo = {}
         for dataset in datasets:
-            stage = store.records(RunLayout.generations(model.key, dataset))
-            if stage.is_done():
+            table = store.records(RunLayout.generations(model.key, dataset))
+            if table.is_done():
                 continue
-            done = stage.done_ids()
+            done = table.done_ids()
             every = questions(store, dataset)
             chunks = [
                 [q for q in every[start : start + size] if q["id"] not in done]
                 for unit, start in enumerate(range(0, len(every), size))
-                if in_shard(unit, part)
+                if in_shard(unit, shard)
             ]
             if any(chunks):
-                todo[dataset] = (stage, [chunk for chunk in chunks if chunk])
+                todo[dataset] = (table, [chunk for chunk in chunks if chunk])
         if not todo:
             continue
         generator = make_generator(
@@ -74,7 +74,7 @@ def stage_generate(
             stop=tuple(model.pair.stop),
             keep_end_token=gen_cfg.end_token == "keep",
         )
-        for dataset, (stage, chunks) in todo.items():
+        for dataset, (table, chunks) in todo.items():
             # `with`: a bar is closed before an error message is printed, not after it
             with tqdm(
                 total=sum(map(len, chunks)),
@@ -84,7 +84,7 @@ def stage_generate(
                 for chunk in chunks:
                     prompts = [model.pair.prompt(_question(cfg, q)) for q in chunk]
                     results = list(generator.generate(prompts, settings))
-                    stage.write_chunk(
+                    table.write_chunk(
                         [{"id": q["id"], **r} for q, r in zip(chunk, results, strict=True)]
                     )
                     bar.update(len(chunk))
@@ -100,17 +100,17 @@ def _question(cfg: RunConfig, record: dict) -> str:
 
 
 def merge_generate(cfg: RunConfig, store: RunStore) -> bool:
-    """Finalise each generation record stage whose questions all have an answer (in dataset
+    """Finalise each generation record table whose questions all have an answer (in dataset
     order, whoever wrote them); mark `generate` done and return True once all are."""
     complete = True
     for model in pair_models(cfg.pairs.values()):
         for dataset in cfg.run.datasets:
-            stage = store.records(RunLayout.generations(model.key, dataset))
-            if stage.is_done():
+            table = store.records(RunLayout.generations(model.key, dataset))
+            if table.is_done():
                 continue
             order = [q["id"] for q in questions(store, dataset)]
-            if set(order) <= stage.done_ids():
-                stage.finalize(order)
+            if set(order) <= table.done_ids():
+                table.finalize(order)
             else:
                 complete = False
     if complete:

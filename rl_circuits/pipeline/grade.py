@@ -16,11 +16,11 @@ def stage_grade(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
     """Grade every generation: the extracted answer, the gold, and the verdict."""
     for model in pair_models(cfg.pairs.values()):
         for dataset in cfg.run.datasets:
-            stage = store.records(RunLayout.grades(model.key, dataset))
-            if stage.is_done():
+            table = store.records(RunLayout.grades(model.key, dataset))
+            if table.is_done():
                 continue
             golds = {q["id"]: q["gold"] for q in questions(store, dataset)}
-            done = stage.done_ids()
+            done = table.done_ids()
             gens = [
                 g
                 for g in store.records(RunLayout.generations(model.key, dataset)).load()
@@ -38,6 +38,6 @@ def stage_grade(cfg: RunConfig, store: RunStore, progress: bool = True) -> None:
                     )
                     rows.append({"id": g["id"], **result.to_dict()})
             if rows:
-                stage.write_chunk(rows)
-            stage.finalize(list(golds))
+                table.write_chunk(rows)
+            table.finalize(list(golds))
     store.mark_done("grade", {})

@@ -2,11 +2,11 @@
 
 Why: a run directory is resumed and re-run under edited configs. Each stage declares (in
 `rl_circuits.pipeline.registry.STAGES`) the config keys its outputs depend on, the stages it
-reads, and the key that enumerates its cells (one dataset, one model x dataset, one alpha, ...);
-here the cells' outputs are named by `RunLayout`. From these, every
-cell of every stage gets a fingerprint: a hash of its config values (keys at their default
-value left out, so a key that a newer version adds with its default changes nothing), of the
-source data file it reads, and of the fingerprints of the cells it reads.
+reads, and its cells (one dataset, one model x dataset, one alpha, ...; its `plan`, with the
+outputs named by `RunLayout`). Every cell of every stage gets a fingerprint: a hash of its
+config values (keys at their default value left out, so a key that a newer version adds with
+its default changes nothing), of the source data file it reads, and of the fingerprints of
+the cells it reads.
 
 `open_run` compares the fingerprints under the stored config with those under the new one:
 without `force` a change is refused with the affected stages and cells named; with `force`
@@ -17,7 +17,6 @@ made under.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -32,8 +31,8 @@ from rl_circuits.config import (
     upgrade_resolved,
 )
 from rl_circuits.errors import ConfigError, RLCircuitsError
-from rl_circuits.models.pairs import ROLES, PairModel, direction_roles, pair_models
-from rl_circuits.pipeline.registry import STAGE_NAMES, STAGES
+from rl_circuits.pipeline.cells import Cell, PlanInputs, StagePlan
+from rl_circuits.pipeline.registry import STAGES, upstream_of
 from rl_circuits.store.canonical import config_diff
 from rl_circuits.store.layout import RunLayout
 from rl_circuits.store.paths import check_run_root
@@ -42,11 +41,6 @@ from rl_circuits.store.run import RunStore
 # Keys that say where a run, its data and its models are, not what they hold: moving a run or
 # its data (same bytes: `data_hashes`) changes no result, so no fingerprint includes them.
 LOCATION_KEYS = ("run.run_dir", "run.data_dir", "run.tiny_models")
-
-
-def _hash(obj: Any) -> str:
-    text = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -67,23 +61,6 @@ def key_values(cfg: RunConfig, keys: tuple[str, ...], drop: tuple[str, ...] = ()
     return out
 
 
-@dataclass
-class Cell:
-    """One unit of a stage's outputs: its fingerprint and the run-relative paths it wrote."""
-
-    fingerprint: str
-    outputs: tuple[str, ...]
-    records: tuple[str, ...] = ()  # record stages (RecordStage names) among the outputs
-
-
-@dataclass
-class StagePlan:
-    """Every cell of one stage under one config, and the stage's own fingerprint."""
-
-    cells: dict[str, Cell] = field(default_factory=dict)
-    fingerprint: str = ""
-
-
 def data_hashes(cfg: RunConfig) -> dict[str, str]:
     """sha256 of each local dataset file the config reads (datasets from the hub: none)."""
     from rl_circuits.data.datasets import dataset_file, dataset_hash
@@ -98,85 +75,13 @@ def data_hashes(cfg: RunConfig) -> dict[str, str]:
 
 
 def plan(cfg: RunConfig, hashes: dict[str, str]) -> dict[str, StagePlan]:
-    """The cells and fingerprints of every stage under `cfg` (`hashes`: dataset file hashes)."""
-    from rl_circuits.pipeline.common import circuit_alphas, diff_alphas
-
-    plans = {name: StagePlan() for name in STAGE_NAMES}
-
-    def values(stage: str) -> dict:
-        spec = STAGES[stage]
-        return key_values(cfg, spec.keys, spec.per_cell + LOCATION_KEYS)
-
-    datasets = cfg.run.datasets
-    for name in datasets:
-        source = hashes.get(name) or cfg.run.data_dir or "hub"
-        ids = [i for i in cfg.run.ids if i.startswith(f"{name}-")]
-        fp = _hash(["datasets", name, source, {**values("datasets"), "run.ids": ids}])
-        plans["datasets"].cells[name] = Cell(fp, (RunLayout.dataset(name),))
-    for model in pair_models(cfg.pairs.values()):
-        for name in datasets:
-            cell = f"{model.key}/{name}"
-            up = plans["datasets"].cells[name].fingerprint
-            fp = _hash(["generate", model.key, values("generate"), up])
-            plans["generate"].cells[cell] = Cell(fp, (), (RunLayout.generations(model.key, name),))
-            fp = _hash(["grade", values("grade"), fp])
-            plans["grade"].cells[cell] = Cell(fp, (), (RunLayout.grades(model.key, name),))
-    attribute_cells = []
-    for pair in cfg.pairs.values():
-        keys = [PairModel(pair, role).key for role in ROLES]
-        for name in datasets:
-            up = [plans["grade"].cells[f"{k}/{name}"].fingerprint for k in keys]
-            fp = _hash(["select", pair.name, values("select"), up])
-            plans["select"].cells[f"{pair.name}/{name}"] = Cell(
-                fp, (RunLayout.selection(pair.name, name),)
-            )
-            for role in ROLES:
-                for alpha in cfg.alphas:
-                    rel = RunLayout.attribution(pair.name, role, name, alpha)
-                    fp = _hash(["attribute", pair.name, role, alpha, values("attribute"), up])
-                    plans["attribute"].cells[rel] = Cell(fp, (rel,))
-                    attribute_cells.append((pair.name, role, name, alpha, fp))
-    enabled = cfg.circuits.enabled
-    alphas = set(circuit_alphas(cfg))
-    for pair, role, name, alpha, up in attribute_cells:
-        if enabled and alpha in alphas:
-            rel = RunLayout.circuit(pair, role, name, alpha)
-            ranked = RunLayout.method_ranking(pair, role, name, alpha)
-            plans["circuits"].cells[rel] = Cell(
-                _hash(["circuits", values("circuits"), up]), (rel, ranked)
-            )
-    if cfg.diff.enabled:
-        attributed = plans["attribute"].cells
-        for pair in cfg.pairs.values():
-            for direction in cfg.diff.directions:
-                reads = direction_roles(direction)[1]
-                for name in datasets:
-                    for alpha in diff_alphas(cfg):
-                        up = attributed[RunLayout.attribution(pair.name, reads, name, alpha)]
-                        rel = RunLayout.diff(pair.name, direction, name, alpha)
-                        fp = _hash(["diff", values("diff"), up.fingerprint])
-                        plans["diff"].cells[rel] = Cell(fp, (rel,))
-    for stage in ("datasets", "generate", "grade", "select", "attribute", "circuits", "diff"):
-        cells = {k: c.fingerprint for k, c in plans[stage].cells.items()}
-        own = {"circuits": enabled, "diff": cfg.diff.enabled}.get(stage)
-        plans[stage].fingerprint = _hash([stage, values(stage), own, cells])
-    if cfg.weights.enabled:
-        for pair in cfg.pairs.values():
-            models = [[m.path, m.revision] for m in (PairModel(pair, r) for r in ROLES)]
-            fp = _hash(["weights", models, values("weights")])
-            plans["weights"].cells[pair.name] = Cell(fp, (RunLayout.weights(pair.name),))
-    cells = {k: c.fingerprint for k, c in plans["weights"].cells.items()}
-    plans["weights"].fingerprint = _hash(["weights", values("weights"), cells])
-    # a run without the diff stage keeps the analyze fingerprint it had before the stage existed
-    upstream = [plans[s].fingerprint for s in ("attribute", "circuits")]
-    upstream += [plans["diff"].fingerprint] if cfg.diff.enabled else []
-    algorithms = {p.name: p.algorithm for p in cfg.pairs.values()}
-    plans["analyze"].fingerprint = _hash(["analyze", values("analyze"), algorithms, upstream])
-    plans["analyze"].cells["analysis"] = Cell(plans["analyze"].fingerprint, (RunLayout.ANALYSIS,))
-    whole = [values("report"), _hash(cfg.resolved()["pairs"]), plans["analyze"].fingerprint]
-    whole.append(plans["weights"].fingerprint)
-    plans["report"].fingerprint = _hash(["report", whole])
-    plans["report"].cells["report"] = Cell(plans["report"].fingerprint, (RunLayout.REPORT,))
+    """The cells and fingerprints of every stage under `cfg` (`hashes`: dataset file hashes),
+    each from its stage's own `plan` and the plans of the stages it reads."""
+    plans: dict[str, StagePlan] = {}
+    for name, stage in STAGES.items():
+        values = key_values(cfg, stage.keys, stage.per_cell + LOCATION_KEYS)
+        upstream = {required: plans[required] for required in upstream_of(name)}
+        plans[name] = stage.plan(cfg, PlanInputs(values, upstream, hashes))
     return plans
 
 
@@ -192,12 +97,12 @@ class Changes:
     def describe(self) -> str:
         lines = []
         for stage in self.stages:
-            parts = []
+            actions = []
             if self.stale.get(stage):
-                parts.append(f"recompute {_cells(self.stale[stage])}")
+                actions.append(f"recompute {_cells(self.stale[stage])}")
             if self.new.get(stage):
-                parts.append(f"compute new {_cells(self.new[stage])}")
-            lines.append(f"  {stage}: {'; '.join(parts) or 'rerun'}")
+                actions.append(f"compute new {_cells(self.new[stage])}")
+            lines.append(f"  {stage}: {'; '.join(actions) or 'rerun'}")
         return "\n".join(lines)
 
 
@@ -209,7 +114,7 @@ def _cells(names: list[str]) -> str:
 def compare_plans(old: dict[str, StagePlan], new: dict[str, StagePlan], store) -> Changes:
     """Stale and new cells of each stage, and the stages whose markers no longer hold."""
     changes = Changes()
-    for stage in STAGE_NAMES:
+    for stage in STAGES:
         o, n = old[stage], new[stage]
         stale = [
             k
@@ -218,7 +123,7 @@ def compare_plans(old: dict[str, StagePlan], new: dict[str, StagePlan], store) -
         ]
         stale = [k for k in stale if _present(store, o.cells[k])]
         fresh = [k for k in n.cells if k not in o.cells and not _present(store, n.cells[k])]
-        if stage in ("analyze", "report"):
+        if STAGES[stage].whole_run:
             stale, fresh = [], []
         if stale:
             changes.stale[stage] = stale
@@ -345,12 +250,12 @@ def stage_current(store: RunStore, stage: str) -> bool:
 def _reconcile(store: RunStore, old_plan: dict[str, StagePlan] | None, new_plan) -> Changes:
     """Delete the outputs of stale cells and clear the markers of affected stages."""
     if old_plan is None:  # the old config no longer validates: nothing can be trusted
-        old_plan = {name: StagePlan(fingerprint="?") for name in STAGE_NAMES}
+        old_plan = {name: StagePlan(fingerprint="?") for name in STAGES}
         for name, p in new_plan.items():
             for key, cell in p.cells.items():
                 old_plan[name].cells[key] = Cell("?", cell.outputs, cell.records)
     changes = compare_plans(old_plan, new_plan, store)
-    for stage in STAGE_NAMES:
+    for stage in STAGES:
         for key in changes.stale.get(stage, []):
             cell = old_plan[stage].cells[key]
             for record in cell.records:
@@ -359,7 +264,7 @@ def _reconcile(store: RunStore, old_plan: dict[str, StagePlan] | None, new_plan)
                 store.remove(rel)
         if stage in changes.stages:
             store.clear_done(stage)
-            if stage in ("analyze", "report"):
+            if STAGES[stage].whole_run:
                 for cell in new_plan[stage].cells.values():
                     for rel in cell.outputs:
                         store.remove(rel)

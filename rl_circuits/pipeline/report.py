@@ -73,12 +73,12 @@ def _graph_views(run: Run, cfg: RunConfig, store: RunStore) -> dict[str, str]:
 
 
 def _notes(cfg: RunConfig) -> str:
-    a = cfg.analyze
+    analyze_cfg = cfg.analyze
     return (
-        f"Metrics over {a.edges} entries of each edge matrix; graph {cfg.attribute.graph}"
+        f"Metrics over {analyze_cfg.edges} entries of each edge matrix; graph {cfg.attribute.graph}"
         f", method {cfg.attribute.method}. Intervals: paired bootstrap over questions "
-        f"({a.n_resamples} resamples, 95%); p: paired permutation test; Info. Complex. "
-        f"with {a.bins} bins. Grader {cfg.grade.grader}, selection rules "
+        f"({analyze_cfg.n_resamples} resamples, 95%); p: paired permutation test; Info. Complex. "
+        f"with {analyze_cfg.bins} bins. Grader {cfg.grade.grader}, selection rules "
         f"{cfg.select.rules} (reference {cfg.select.reference}, window "
         f"{cfg.select.window}, subset {cfg.select.subset}), end token "
         f"{cfg.generate.end_token}. "

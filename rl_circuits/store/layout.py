@@ -20,7 +20,7 @@ class RunLayout:
         config.json                             the resolved config (RunStore)
         manifest.json                           versions, times, config hash, dataset hashes
         stages/<stage>.json                     completion markers, written last
-        <records>/chunks/[s<i>-]<n>.jsonl       record chunks of an unfinished record stage
+        <records>/chunks/[s<i>-]<n>.jsonl       record chunks of an unfinished record table
         <records>/records.jsonl                 its finalised records
         datasets/<dataset>.jsonl                {id, question, gold} per question
         generate/<model>/<dataset>/             records: prompt, answer and token ids
@@ -74,24 +74,24 @@ class RunLayout:
 
     @staticmethod
     def marker(stage: str) -> str:
-        """The completion marker of a stage (or of a record stage)."""
+        """The completion marker of a stage (or of a record table)."""
         return f"{RunLayout.MARKERS}/{stage}.json"
 
     @staticmethod
     def record_chunks(records: str) -> str:
-        """The folder of a record stage's chunks."""
+        """The folder of a record table's chunks."""
         return f"{records}/chunks"
 
     @staticmethod
     def record_chunk(records: str, shard: int | None, number: int) -> str:
-        """Chunk `number` of a record stage, in shard worker `shard`'s namespace (None: the
+        """Chunk `number` of a record table, in shard worker `shard`'s namespace (None: the
         single writer's)."""
         prefix = "" if shard is None else f"s{shard:04d}-"
         return f"{records}/chunks/{prefix}{number:05d}.jsonl"
 
     @staticmethod
     def records_file(records: str) -> str:
-        """A record stage's finalised records."""
+        """A record table's finalised records."""
         return f"{records}/records.jsonl"
 
     # ---- the stages' outputs
@@ -102,12 +102,12 @@ class RunLayout:
 
     @staticmethod
     def generations(model: str, dataset: str) -> str:
-        """The record stage of one model's answers (`model`: a `PairModel.key`)."""
+        """The record table of one model's answers (`model`: a `PairModel.key`)."""
         return f"generate/{model}/{dataset}"
 
     @staticmethod
     def grades(model: str, dataset: str) -> str:
-        """The record stage of one model's graded answers."""
+        """The record table of one model's graded answers."""
         return f"grade/{model}/{dataset}"
 
     @staticmethod

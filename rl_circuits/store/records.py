@@ -1,11 +1,12 @@
-"""Record stages: a stage's JSON records written in resumable chunks, then one ordered file.
+"""Record tables: a stage's JSON records (one model's answers, or their grades) written in
+resumable chunks, then one ordered file.
 
 Why: a stage that runs for hours is killed and resumed. Each batch of records is written as its
 own numbered chunk (atomically), so a resumed stage skips the ids already stored; finalising
-writes ``<stage>/records.jsonl`` whose bytes depend only on the records and the requested order,
+writes ``<table>/records.jsonl`` whose bytes depend only on the records and the requested order,
 never on how often the stage was interrupted. Shard workers number their chunks in their own
-``s<i>-`` namespace. Layout: ``<stage>/chunks/00001.jsonl``, ``<stage>/chunks/s0001-00001.jsonl``
-(shard worker 1), ``<stage>/records.jsonl``.
+``s<i>-`` namespace. Layout: ``<table>/chunks/00001.jsonl``, ``<table>/chunks/s0001-00001.jsonl``
+(shard worker 1), ``<table>/records.jsonl``.
 """
 
 from __future__ import annotations
@@ -23,17 +24,18 @@ from rl_circuits.store.canonical import jsonl_line, parse_jsonl, sha256
 from rl_circuits.store.layout import RunLayout
 
 _CHUNK_RE = re.compile(r"^(?:s(\d+)-)?(\d+)\.jsonl$")
-_STAGE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
 
 
-def check_stage_name(stage: str) -> str:
-    """`stage` if it is a valid (optionally nested) stage name, else StoreError."""
-    if not isinstance(stage, str) or not _STAGE_RE.match(stage) or ".." in stage.split("/"):
+def check_name(name: str) -> str:
+    """`name` if it is a valid (optionally nested) name of a stage or record table, which
+    names its marker and folder in the run directory; else StoreError."""
+    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name.split("/"):
         raise StoreError(
-            f"invalid stage name {stage!r}: use letters, digits, '_', '-', '.', "
+            f"invalid stage or record table name {name!r}: use letters, digits, '_', '-', '.', "
             "optionally nested with '/'"
         )
-    return stage
+    return name
 
 
 def check_order(
@@ -78,7 +80,7 @@ def record_id(record: Any, where: str) -> str:
 
 
 class Store(Protocol):
-    """What a record stage needs of its `RunStore` (declared here: `run` imports this module)."""
+    """What a record table needs of its `RunStore` (declared here: `run` imports this module)."""
 
     root: Path
 
@@ -96,17 +98,17 @@ class Store(Protocol):
     def clear_done(self, stage: str) -> None: ...
 
 
-class RecordStage:
+class RecordTable:
     """A stage's records, written in chunks (resumable), finalised into one ordered file."""
 
     def __init__(self, store: Store, name: str) -> None:
         self.store = store
-        self.name = check_stage_name(name)
+        self.name = check_name(name)
         self.chunks_rel = RunLayout.record_chunks(name)
         self.final_rel = RunLayout.records_file(name)
 
     def __repr__(self) -> str:
-        return f"RecordStage({self.name!r}, run={str(self.store.root)!r})"
+        return f"RecordTable({self.name!r}, run={str(self.store.root)!r})"
 
     def _chunk_keys(self) -> list[tuple[int, int]]:
         """(shard, number) of each chunk, sorted: a single writer's chunks (shard -1) first,
@@ -158,16 +160,16 @@ class RecordStage:
         """Atomically write the next numbered chunk; returns its path (None if `records` empty).
 
         A shard worker numbers its chunks in its own namespace (``s<i>-<n>.jsonl``): workers
-        writing the same stage at once never pick the same name."""
+        writing the same table at once never pick the same name."""
         self.store.require_writable()
         if self.is_done():
             raise StoreError(
-                f"stage {self.name!r} of {self.store.root} is already finalised; "
+                f"record table {self.name!r} of {self.store.root} is already finalised; "
                 "call reset() first to redo it"
             )
         if not records:
             return None
-        where = f"stage {self.name!r}"
+        where = f"record table {self.name!r}"
         lines, seen = [], set()
         for record in records:
             rid = record_id(record, where)
@@ -188,14 +190,14 @@ class RecordStage:
         info: dict[str, Any] | None = None,
         allow_extra: bool = False,
     ) -> Path:
-        """Write records.jsonl in `order`, mark the stage done, then delete the chunks.
+        """Write records.jsonl in `order`, mark the table done, then delete the chunks.
 
         The file's bytes depend only on the records and `order`, never on the chunking. Every id
         in `order` must have a record; records whose id is not in `order` are an error unless
         `allow_extra` (then they are left out). Needs the exclusive lock (no shard workers).
         """
-        self.store.require_exclusive(f"finalising stage {self.name!r}")
-        where = f"stage {self.name!r} of {self.store.root}"
+        self.store.require_exclusive(f"finalising record table {self.name!r}")
+        where = f"record table {self.name!r} of {self.store.root}"
         merged = self._merged()
         order = check_order(
             order,
@@ -221,8 +223,8 @@ class RecordStage:
             self.store.path(self.chunks_rel).rmdir()
 
     def reset(self) -> None:
-        """Forget this stage: its marker, final file and chunks."""
-        self.store.require_exclusive(f"resetting stage {self.name!r}")
+        """Forget this table: its marker, final file and chunks."""
+        self.store.require_exclusive(f"resetting record table {self.name!r}")
         self.store.clear_done(self.name)
         with suppress(FileNotFoundError):
             self.store.path(self.final_rel).unlink()

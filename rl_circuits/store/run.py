@@ -10,7 +10,7 @@ and gets killed, resumed and re-run. Every stage writes through a `RunStore`, wh
 * one writer at a time, or several shard workers (``open(..., shard=(i, n))``) that only add
   files (`lock`); everything that merges (``finalize``, ``merge_scores``, stage markers) needs
   the exclusive lock, so merged files are byte-identical to a single process's;
-* atomic writes (`atomic`), resumable record stages (`records`), deterministic score files
+* atomic writes (`atomic`), resumable record tables (`records`), deterministic score files
   (`scorefile`), and stage markers written last, so a stage killed half-way is redone;
 * no path escapes the run directory: absolute paths, ``..`` and symlinks leading out are refused.
 
@@ -37,7 +37,7 @@ from rl_circuits.store.canonical import jsonl_line, parse_jsonl, pretty_json, sh
 from rl_circuits.store.layout import RunLayout, check_shard
 from rl_circuits.store.lock import MERGE_PURPOSE, acquire_lock, release_lock
 from rl_circuits.store.paths import check_run_root, confine, prepare_root
-from rl_circuits.store.records import RecordStage, check_stage_name
+from rl_circuits.store.records import RecordTable, check_name
 
 PathArg = str | os.PathLike[str]
 
@@ -329,13 +329,14 @@ class RunStore:
         except OSError as exc:
             raise StoreError(f"could not remove {self.label(rel_path)}: {os_reason(exc)}") from exc
 
-    # ---- record stages and markers
+    # ---- record tables and markers
 
-    def records(self, stage: str) -> RecordStage:
-        return RecordStage(self, stage)
+    def records(self, name: str) -> RecordTable:
+        """The record table `name` (e.g. `RunLayout.generations(model, dataset)`)."""
+        return RecordTable(self, name)
 
     def _marker_rel(self, stage: str) -> str:
-        return RunLayout.marker(check_stage_name(stage))
+        return RunLayout.marker(check_name(stage))
 
     def mark_done(self, stage: str, info: dict[str, Any] | None = None) -> None:
         """Record that `stage` completed; call it last, after all of the stage's files."""
@@ -390,9 +391,9 @@ class RunStore:
         has them. Needs the exclusive lock (no shard workers)."""
         self.require_exclusive("merging score files")
         target = self._resolve(out_rel_path, for_write=True)
-        parts = [self.read_scores(rel) for rel in rel_paths]
+        sources = [self.read_scores(rel) for rel in rel_paths]
         names = [os.fspath(rel) for rel in rel_paths]
         scorefile.merge_scores(
-            parts, names, target, order, meta=meta, label=self.label(out_rel_path)
+            sources, names, target, order, meta=meta, label=self.label(out_rel_path)
         )
         return target

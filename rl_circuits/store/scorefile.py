@@ -83,7 +83,7 @@ def read_scores(path: Path, label: str) -> EdgeScores:
 
 
 def merge_scores(
-    parts: Sequence[EdgeScores],
+    sources: Sequence[EdgeScores],
     names: Sequence[str],
     target: Path,
     order: Sequence[str],
@@ -91,24 +91,29 @@ def merge_scores(
     meta: dict[str, Any] | None,
     label: str,
 ) -> None:
-    """Stack the questions of `parts` (read from the files `names`) into `target` in `order`,
-    streaming the rows; the bytes equal writing the stacked scores directly."""
-    if not parts:
+    """Stack the questions of the score files `sources` (read from the files `names`) into
+    `target` in `order`, streaming the rows; the bytes equal writing the stacked scores
+    directly."""
+    if not sources:
         raise DataError(f"{label}: no score files to merge")
-    _check_compatible(parts, names, check_meta=meta is None)
-    where = _locate_ids(parts, names)
+    _check_compatible(sources, names, check_meta=meta is None)
+    where = _locate_ids(sources, names)
     order = check_order(order, where, label, what="scores")
-    first = parts[0]
+    first = sources[0]
     out_meta = first.meta if meta is None else meta
     if not isinstance(out_meta, dict):
         raise DataError(f"{label}: meta must be a dict")
     loss = None
-    if all(part.loss is not None for part in parts):
-        by_id = {q: x for part in parts for q, x in zip(part.ids, part.loss.tolist(), strict=True)}
+    if all(source.loss is not None for source in sources):
+        by_id = {
+            q: x
+            for source in sources
+            for q, x in zip(source.ids, source.loss.tolist(), strict=True)
+        }
         loss = {qid: by_id[qid] for qid in order}
     disk_meta = _disk_meta(out_meta, first.graph, first.method, loss, label)
     header = _header(order, first.upstream, first.downstream, disk_meta, label)
-    rows = (parts[where[i][0]].values[where[i][1]] for i in order)
+    rows = (sources[where[i][0]].values[where[i][1]] for i in order)
     write_atomic(target, _pieces(header, rows, first.edge_mask), label=label)
 
 
@@ -220,34 +225,34 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
-def _check_compatible(parts: Sequence[EdgeScores], names: Sequence[str], *, check_meta: bool):
+def _check_compatible(sources: Sequence[EdgeScores], names: Sequence[str], *, check_meta: bool):
     """Files merge only if they share node names, edge mask, graph and method (and meta)."""
     import torch
 
-    first = parts[0]
-    for part, name in zip(parts[1:], names[1:], strict=True):
-        if part.upstream != first.upstream or part.downstream != first.downstream:
+    first = sources[0]
+    for source, name in zip(sources[1:], names[1:], strict=True):
+        if source.upstream != first.upstream or source.downstream != first.downstream:
             raise DataError(f"cannot merge {name}: its node names differ from {names[0]}'s")
-        if not torch.equal(part.edge_mask, first.edge_mask):
+        if not torch.equal(source.edge_mask, first.edge_mask):
             raise DataError(f"cannot merge {name}: its edge mask differs from {names[0]}'s")
-        if (part.graph, part.method) != (first.graph, first.method):
+        if (source.graph, source.method) != (first.graph, first.method):
             raise DataError(
-                f"cannot merge {name}: its graph/method {part.graph}/{part.method} differ from "
+                f"cannot merge {name}: its graph/method {source.graph}/{source.method} differ from "
                 f"{names[0]}'s {first.graph}/{first.method}"
             )
-        if check_meta and compact_json(part.meta) != compact_json(first.meta):
-            diff = "; ".join(config_diff(first.meta, part.meta)[:5])
+        if check_meta and compact_json(source.meta) != compact_json(first.meta):
+            diff = "; ".join(config_diff(first.meta, source.meta)[:5])
             raise DataError(
                 f"cannot merge {name}: its meta differs from {names[0]}'s ({diff}); "
                 "pass meta= to set the merged file's meta"
             )
 
 
-def _locate_ids(parts: Sequence[EdgeScores], names: Sequence[str]) -> dict[str, tuple[int, int]]:
+def _locate_ids(sources: Sequence[EdgeScores], names: Sequence[str]) -> dict[str, tuple[int, int]]:
     """id -> (file index, row); an id in two files is an error."""
     where: dict[str, tuple[int, int]] = {}
-    for index, part in enumerate(parts):
-        for row, qid in enumerate(part.ids):
+    for index, source in enumerate(sources):
+        for row, qid in enumerate(source.ids):
             if qid in where:
                 raise DataError(f"id {qid!r} is in both {names[where[qid][0]]} and {names[index]}")
             where[qid] = (index, row)

@@ -5,8 +5,8 @@ Qwen2 from scratch by SFT (a short schedule that settles near 40%), then post-tr
 children from that SFT checkpoint: GRPO with a correctness reward (online, TRL
 `GRPOTrainer`) and DPO on preference pairs sampled once from the SFT model (offline, TRL
 `DPOTrainer`, with an NLL term on the chosen answers). It registers the pairs `toy-grpo` and
-`toy-dpo` for the pipeline. See `build.py` for the cache layout and `sft.py`, `grpo.py`,
-`dpo.py` for each stage's recipe.
+`toy-dpo` for the pipeline. See `build.py` for the cache layout, `recipes.py` for the build's
+training, and `sft.py`, `grpo.py`, `dpo.py` for each recipe.
 """
 
 from __future__ import annotations

@@ -29,12 +29,10 @@ import fcntl
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import threading
-import time
 import tomllib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -45,26 +43,14 @@ import torch
 from rl_circuits.errors import StoreError
 from rl_circuits.models.pairs import home_dir
 from rl_circuits.store.atomic import write_atomic
-from rl_circuits.zoo import dpo as dpo_stage
-from rl_circuits.zoo import grpo as grpo_stage
-from rl_circuits.zoo import sft as sft_stage
 from rl_circuits.zoo.claims import ALGORITHMS, accuracy_line
 from rl_circuits.zoo.config import ZOO_FORMAT, ZooConfig
-from rl_circuits.zoo.model import (
-    correct,
-    count_parameters,
-    init_model,
-    load_checkpoint,
-    make_tokenizer,
-    save_checkpoint,
-    sha256_file,
-)
 from rl_circuits.zoo.numerics import apply_in_process, environment_digest, pinned_environment
-from rl_circuits.zoo.paired import describe, mcnemar_exact
+from rl_circuits.zoo.paired import describe
 from rl_circuits.zoo.progress import library_output_off
-from rl_circuits.zoo.tasks import DATASET_NAME, generate_splits, summary, write_splits
+from rl_circuits.zoo.recipes import RECIPES, train_recipes
+from rl_circuits.zoo.tasks import DATASET_NAME
 
-STAGES = ("sft", "grpo", "dpo")
 DONE_FILE = "zoo.json"
 STARTED_FILE = ".zoo-build"  # written first: marks a folder the zoo may empty and rebuild
 PAIRS_FILE = "toy.toml"
@@ -93,8 +79,8 @@ class Zoo:
     def max_new_tokens(self) -> int:
         return self.config.task.max_new_tokens
 
-    def checkpoint(self, stage: str) -> Path:
-        return {"sft": self.sft, "grpo": self.grpo, "dpo": self.dpo}[stage]
+    def checkpoint(self, recipe: str) -> Path:
+        return {"sft": self.sft, "grpo": self.grpo, "dpo": self.dpo}[recipe]
 
 
 def zoo_digest(config: ZooConfig, env: dict[str, str]) -> str:
@@ -156,8 +142,8 @@ def load_zoo(
         if manifest.get("format") != ZOO_FORMAT:
             return None  # built by another version of this module
         built = ZooConfig.from_dict(manifest["config"])
-        accuracy = {stage: manifest["stages"][stage]["test_accuracy"] for stage in STAGES}
-        paired = {stage: manifest["stages"][stage]["paired_test"] for stage in STAGES[1:]}
+        accuracy = {recipe: manifest["stages"][recipe]["test_accuracy"] for recipe in RECIPES}
+        paired = {recipe: manifest["stages"][recipe]["paired_test"] for recipe in RECIPES[1:]}
         built_env = manifest["environment"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # json.JSONDecodeError is a ValueError
@@ -165,7 +151,7 @@ def load_zoo(
         env = pinned_environment() if env is None else env
         if built.digest() != config.digest() or built_env != env:
             return None
-    if not all((root / stage / "model.safetensors").is_file() for stage in STAGES):
+    if not all((root / recipe / "model.safetensors").is_file() for recipe in RECIPES):
         return None
     return Zoo(
         root=root,
@@ -180,10 +166,10 @@ def load_zoo(
 
 
 def summary_lines(zoo: Zoo) -> list[str]:
-    """The zoo's greedy test accuracies and each post-training stage's paired test vs SFT."""
+    """The zoo's greedy test accuracies and each post-training recipe's paired test vs SFT."""
     lines = [accuracy_line(zoo.accuracy, zoo.config.task.test_size)]
-    for stage in STAGES[1:]:
-        lines.append(f"{ALGORITHMS[stage]} vs SFT: {describe(zoo.paired[stage])}")
+    for recipe in RECIPES[1:]:
+        lines.append(f"{ALGORITHMS[recipe]} vs SFT: {describe(zoo.paired[recipe])}")
     return lines
 
 
@@ -194,16 +180,16 @@ def register_pairs(zoo: Zoo) -> Path:
         f"# Zoo: {zoo.root}  dataset: {zoo.dataset} (data_dir = {zoo.data_dir})",
         "",
     ]
-    for stage in ("grpo", "dpo"):
+    for recipe in ("grpo", "dpo"):
         entry = {
             "before": str(zoo.sft.resolve()),
-            "after": str(zoo.checkpoint(stage).resolve()),
+            "after": str(zoo.checkpoint(recipe).resolve()),
             "family": "toy-qwen2",
-            "algorithm": ALGORITHMS[stage],
+            "algorithm": ALGORITHMS[recipe],
             "template": zoo.template,
             "max_new_tokens": zoo.max_new_tokens,
         }
-        lines.append(f"[pairs.toy-{stage}]")
+        lines.append(f"[pairs.toy-{recipe}]")
         lines += [f"{key} = {_toml_value(value)}" for key, value in entry.items()]
         lines.append("")
     text = "\n".join(lines)
@@ -237,7 +223,7 @@ _RERAISED = {"ValueError": ValueError, "StoreError": StoreError}
 def _train_in_subprocess(
     config: ZooConfig, root: Path, env: dict[str, str], *, progress: bool, device
 ) -> dict:
-    """Run `_build` in a fresh Python whose environment is the pinned `env`; its manifest.
+    """Run `train_recipes` in a fresh Python whose environment is the pinned `env`; its manifest.
 
     The child's output is relayed to this process's sys.stdout/sys.stderr (so progress shows
     wherever the caller's output goes); its errors are raised here.
@@ -319,10 +305,11 @@ def _run_job(job_path: Path) -> int:
     try:
         config = ZooConfig.from_dict(job["config"])
         with library_output_off():
-            manifest = _build(
+            manifest = train_recipes(
                 config,
                 Path(job["root"]),
                 job["env"],
+                zoo_digest(config, job["env"]),
                 progress=job["progress"],
                 device=job["device"],
             )
@@ -331,289 +318,6 @@ def _run_job(job_path: Path) -> int:
         outcome = {"error": type(error).__name__, "message": str(error)}
     write_atomic(result, json.dumps(outcome))
     return 0
-
-
-def _build(config: ZooConfig, root: Path, env: dict[str, str], *, progress: bool, device) -> dict:
-    """Train every stage into the prepared `root`; returns the manifest."""
-    started = time.perf_counter()
-    task = config.task
-    template, budget = task.template, task.max_new_tokens
-    log = _logger(progress)
-
-    log("data: generating splits")
-    sizes = {"train": task.train_size, "validation": task.validation_size, "test": task.test_size}
-    splits = generate_splits(task.seed, sizes, task.max_start, task.max_operand, task.step_weights)
-    write_splits(root / "data", splits)
-    tokenizer = make_tokenizer()
-    longest = max(
-        len(tokenizer(p.solution, add_special_tokens=False).input_ids) + 1
-        for split in splits.values()
-        for p in split
-    )
-    if longest > budget:
-        raise ValueError(f"max_new_tokens={budget} is below the longest solution ({longest})")
-    data_card = {name: summary(problems) for name, problems in splits.items()}
-    test, val = splits["test"], splits["validation"]
-
-    def answers(model, problems) -> list[bool]:
-        return correct(model.to(device), tokenizer, problems, template, budget)
-
-    def evaluate(model, problems) -> float:
-        return sum(answers(model, problems)) / len(problems)
-
-    logs = root / "logs"
-    stages: dict[str, dict] = {}
-
-    # SFT from scratch
-    model = init_model(config.model, tokenizer, config.init_seed).to(device)
-    base_test = evaluate(model, test)
-    log(f"sft: {count_parameters(model):,} parameters, untrained test accuracy {base_test:.1%}")
-    result = sft_stage.train_sft(
-        model,
-        tokenizer,
-        splits["train"],
-        val,
-        template,
-        budget,
-        config.sft,
-        device=device,
-        progress=progress,
-        log_path=logs / "sft.jsonl",
-    )
-    path = save_checkpoint(result.model, tokenizer, root / "sft", budget)
-    model, _ = load_checkpoint(path, device)
-    sft_correct = answers(model, test)
-    stages["sft"] = {
-        "algorithm": "SFT",
-        "parent": None,
-        "settings": dataclasses.asdict(config.sft),
-        "steps": result.steps,
-        "best_step": result.best_step,
-        "stopped": result.stopped,
-        "history": result.history,
-        "train_wall_s": round(result.wall_s, 1),
-        "test_accuracy_before": base_test,
-        "test_accuracy": sum(sft_correct) / len(test),
-        "test_correct": _bits(sft_correct),
-        "validation_accuracy": result.val_accuracy,
-        "log": "logs/sft.jsonl",
-    }
-    log(
-        f"sft: {result.steps} steps in {result.wall_s:.0f} s ({result.stopped}), validation "
-        f"accuracy {result.val_accuracy:.1%}, test {stages['sft']['test_accuracy']:.1%}; "
-        f"log {logs / 'sft.jsonl'}"
-    )
-    sft_test, sft_val = stages["sft"]["test_accuracy"], result.val_accuracy
-
-    def child_card(stage: str, model, settings, out: dict) -> dict:
-        """Model-card entries of a stage trained from the SFT checkpoint; logs its summary."""
-        hits = answers(model, test)
-        card = {
-            "parent": "sft",
-            "settings": dataclasses.asdict(settings),
-            "steps": out["steps"],
-            "history": out["history"],
-            "train_wall_s": round(out["wall_s"], 1),
-            "test_accuracy_before": sft_test,
-            "test_accuracy": sum(hits) / len(test),
-            "test_correct": _bits(hits),
-            "paired_test": mcnemar_exact(sft_correct, hits),
-            "validation_accuracy_before": sft_val,
-            "validation_accuracy": evaluate(model, val),
-            "log": f"logs/{stage}.jsonl",
-        }
-        log(
-            f"{stage}: {out['steps']} steps in {out['wall_s']:.0f} s, validation accuracy "
-            f"{sft_val:.1%} -> {card['validation_accuracy']:.1%}, test "
-            f"{describe(card['paired_test'])}; log {logs / f'{stage}.jsonl'}"
-        )
-        return card
-
-    # GRPO from SFT (online: samples from the current policy)
-    model, _ = load_checkpoint(root / "sft", device)
-    out = grpo_stage.train_grpo(
-        model,
-        tokenizer,
-        splits["train"],
-        template,
-        budget,
-        config.grpo,
-        device=device,
-        progress=progress,
-        log_path=logs / "grpo.jsonl",
-    )
-    path = save_checkpoint(out["model"], tokenizer, root / "grpo", budget)
-    model, _ = load_checkpoint(path, device)
-    stages["grpo"] = {"algorithm": "GRPO", **child_card("grpo", model, config.grpo, out)}
-
-    # DPO from SFT (offline: pairs sampled once from the SFT model)
-    model, _ = load_checkpoint(root / "sft", device)
-    t0 = time.perf_counter()
-    pairs, pair_stats = dpo_stage.sample_pairs(
-        model, tokenizer, splits["train"], template, budget, config.dpo, progress=progress
-    )
-    pair_stats["wall_s"] = round(time.perf_counter() - t0, 1)
-    log(
-        f"dpo: {pair_stats['pairs']} preference pairs from {pair_stats['prompts']} questions "
-        f"sampled in {pair_stats['wall_s']:.0f} s"
-    )
-    out = dpo_stage.train_dpo(
-        model,
-        tokenizer,
-        pairs,
-        config.dpo,
-        device=device,
-        progress=progress,
-        log_path=logs / "dpo.jsonl",
-    )
-    out["wall_s"] += pair_stats["wall_s"]
-    path = save_checkpoint(out["model"], tokenizer, root / "dpo", budget)
-    with (path / "preference_pairs.jsonl").open("w") as handle:
-        for pair in pairs:
-            handle.write(json.dumps(dataclasses.asdict(pair)) + "\n")
-    model, _ = load_checkpoint(path, device)
-    stages["dpo"] = {
-        "algorithm": "DPO",
-        "recipe": "DPO + NLL on chosen (RPO)" if config.dpo.rpo_alpha > 0 else "plain DPO",
-        "loss_type": out["loss_type"],
-        "loss_weights": out["loss_weights"],
-        "pairs": pair_stats,
-        **child_card("dpo", model, config.dpo, out),
-    }
-
-    for stage, card in stages.items():
-        card["sha256"] = sha256_file(root / stage / "model.safetensors")
-    manifest = {
-        "format": ZOO_FORMAT,
-        "digest": zoo_digest(config, env),
-        "config_digest": config.digest(),
-        "config": config.to_dict(),
-        "dataset": {"name": DATASET_NAME, "data_dir": "data", "splits": data_card},
-        "template": template,
-        "max_new_tokens": budget,
-        "parameters": count_parameters(model),
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "environment": env,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "deterministic": torch.are_deterministic_algorithms_enabled(),
-        "versions": _versions(),
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "wall_s": round(time.perf_counter() - started, 1),
-        "stages": stages,
-    }
-    for stage in STAGES:
-        _write_card(root / stage, stage, manifest)
-    log(f"zoo: built in {manifest['wall_s']:.0f} s at {root}")
-    return manifest
-
-
-def _bits(hits: list[bool]) -> str:
-    """Per-question correctness as a compact string of 0/1 (test-split order)."""
-    return "".join("1" if hit else "0" for hit in hits)
-
-
-def _write_card(path: Path, stage: str, manifest: dict) -> None:
-    """zoo_card.json (everything about this checkpoint) and a human-readable README.md."""
-    card = manifest["stages"][stage]
-    config = manifest["config"]
-    payload = {
-        "stage": stage,
-        **card,
-        "task": config["task"],
-        "model": config["model"],
-        "init_seed": config["init_seed"],
-        "parameters": manifest["parameters"],
-        "zoo_digest": manifest["digest"],
-        "device": manifest["device"],
-        "threads": manifest["threads"],
-        "environment": manifest["environment"],
-        "versions": manifest["versions"],
-        "built_at": manifest["built_at"],
-    }
-    (path / "zoo_card.json").write_text(json.dumps(payload, indent=2) + "\n")
-    before = card["test_accuracy_before"]
-    parent = f"`{card['parent']}` checkpoint" if card["parent"] else "random initialisation"
-    lines = [
-        f"# toy-{stage}: {card['algorithm']} checkpoint of the rl-circuits demo zoo",
-        "",
-        f"A {manifest['parameters']:,}-parameter `Qwen2ForCausalLM` (character tokenizer), "
-        f"trained on CPU from the {parent} on `{DATASET_NAME}`, synthetic one- to three-step "
-        "arithmetic word problems whose solutions end in `\\boxed{N}`.",
-        "",
-        f"- algorithm: {card['algorithm']}"
-        + (
-            f" ({card['recipe']}, loss {card['loss_type']} x {card['loss_weights']})"
-            if "recipe" in card
-            else ""
-        ),
-        f"- prompt template: `{json.dumps(manifest['template'])}`; greedy decoding, at most "
-        f"{manifest['max_new_tokens']} new tokens",
-        f"- greedy test accuracy: {before:.1%} before -> {card['test_accuracy']:.1%} after "
-        f"({config['task']['test_size']} questions, exact integer in the last `\\boxed{{}}`)"
-        + (
-            f"; paired over the same questions: {describe(card['paired_test'])}"
-            if "paired_test" in card
-            else ""
-        ),
-        f"- steps: {card['steps']}; training wall time {card['train_wall_s']} s "
-        f"({manifest['threads']} thread(s), {manifest['device']})",
-        f"- seeds: data {config['task']['seed']}, init {config['init_seed']}, "
-        f"sft {config['sft']['seed']}"
-        + (f", {stage} {card['settings']['seed']}" if stage != "sft" else ""),
-        f"- weights sha256: `{card['sha256']}`",
-        f"- zoo config digest: `{manifest['digest']}`; full settings in `zoo_card.json`",
-    ]
-    if stage == "dpo":
-        pairs = card["pairs"]
-        lines.append(
-            f"- preference pairs: {pairs['pairs']} (sampled once from the SFT model: "
-            f"{pairs['samples']} samples of {pairs['prompts']} training questions, "
-            f"sample accuracy {pairs['sample_accuracy']:.3f}); see `preference_pairs.jsonl`"
-        )
-    if stage == "sft":
-        lines.append(
-            f"- stopping: {card['stopped']} (best validation accuracy "
-            f"{card['validation_accuracy']:.3f} at step {card['best_step']})"
-        )
-    where = json.dumps(str(path.resolve()))
-    lines += [
-        "",
-        "## Load it",
-        "",
-        "Plain `transformers` gives the exact tokenizer and model the zoo trained (the",
-        "tokenizer adds no `<bos>`; prompt with the template above):",
-        "",
-        "```python",
-        *LOADING_EXAMPLE.format(path=where).splitlines(),
-        "```",
-    ]
-    (path / "README.md").write_text("\n".join(lines) + "\n")
-
-
-# The model card's loading example (three lines; a test runs it).
-LOADING_EXAMPLE = """from transformers import AutoModelForCausalLM, AutoTokenizer
-tokenizer = AutoTokenizer.from_pretrained({path})
-model = AutoModelForCausalLM.from_pretrained({path})
-"""
-
-
-def _versions() -> dict:
-    import transformers
-    import trl
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-    }
-
-
-def _logger(progress: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm.write if progress else (lambda _msg: None)
 
 
 @contextlib.contextmanager
@@ -662,8 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"zoo: {zoo.root}")
     print(f"data_dir: {zoo.data_dir} (dataset {zoo.dataset})")
-    for stage in STAGES:
-        print(f"{stage}: {zoo.checkpoint(stage)}")
+    for recipe in RECIPES:
+        print(f"{recipe}: {zoo.checkpoint(recipe)}")
     for line in summary_lines(zoo):
         print(line)
     if zoo.pairs_file is not None:

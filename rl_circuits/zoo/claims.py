@@ -14,14 +14,14 @@ ALGORITHMS = {"sft": "SFT", "grpo": "GRPO", "dpo": "DPO"}
 
 
 def load_claims(path: str | Path = NUMBERS_FILE) -> dict:
-    """{"test_size": int, "accuracy": {stage: fraction}} as the README states them."""
+    """{"test_size": int, "accuracy": {recipe: fraction}} as the README states them."""
     raw = json.loads(Path(path).read_text())
     return {"test_size": raw["test_size"], "accuracy": raw["accuracy"]}
 
 
 def accuracy_line(accuracy: dict[str, float], test_size: int) -> str:
     """The demo's accuracy line, e.g. `greedy test accuracy (300 questions): SFT 39.3%, ...`."""
-    listed = ", ".join(f"{name} {accuracy[stage]:.1%}" for stage, name in ALGORITHMS.items())
+    listed = ", ".join(f"{name} {accuracy[recipe]:.1%}" for recipe, name in ALGORITHMS.items())
     return f"greedy test accuracy ({test_size} questions): {listed}"
 
 
@@ -34,9 +34,9 @@ def compare_with_readme(accuracy: dict[str, float], test_size: int, claims: dict
             f"README's run {claims['test_size']} ({stated})"
         )
     differ = [
-        f"{name} {accuracy[stage]:.1%} vs {claims['accuracy'][stage]:.1%}"
-        for stage, name in ALGORITHMS.items()
-        if f"{accuracy[stage]:.1%}" != f"{claims['accuracy'][stage]:.1%}"
+        f"{name} {accuracy[recipe]:.1%} vs {claims['accuracy'][recipe]:.1%}"
+        for recipe, name in ALGORITHMS.items()
+        if f"{accuracy[recipe]:.1%}" != f"{claims['accuracy'][recipe]:.1%}"
     ]
     if not differ:
         return "README check: this run's accuracies equal the README's"

@@ -1,8 +1,8 @@
 """`ZooConfig`: every knob and seed of a zoo build, and the hash that names its cache folder.
 
 The config is a frozen dataclass of frozen dataclasses (task, model shape, one block per
-training stage), so it hashes to a stable digest: a zoo is cached under
-`<home>/zoo/<digest>/` and rebuilt only when a field changes. `reduced()` is the same recipe
+recipe), so it hashes to a stable digest: a zoo is cached under
+`<home>/zoo/<digest>/` and rebuilt only when a field changes. `reduced()` is the same build
 with smaller data and fewer steps, for tests.
 """
 
@@ -39,7 +39,7 @@ class TaskSettings:
 
 @dataclass(frozen=True)
 class ZooConfig:
-    """All knobs of a zoo build (seeds included); see the stage modules for each block."""
+    """All knobs of a zoo build (seeds included); see the recipe modules for each block."""
 
     task: TaskSettings = field(default_factory=TaskSettings)
     model: ModelShape = field(default_factory=ModelShape)
@@ -79,9 +79,9 @@ class ZooConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def reduced(self) -> ZooConfig:
-        """A test-sized zoo: a 0.1M-parameter model on one-step problems, few steps per stage.
+        """A test-sized zoo: a 0.1M-parameter model on one-step problems, few steps per recipe.
 
-        It checks that every stage runs and moves the model (SFT to about 30% in 300 steps),
+        It checks that every recipe runs and moves the model (SFT to about 30% in 300 steps),
         not that it reaches the full zoo's accuracies.
         """
         return dataclasses.replace(

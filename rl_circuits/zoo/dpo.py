@@ -1,4 +1,4 @@
-"""Offline preference stage: DPO from the SFT checkpoint on pairs sampled once from it.
+"""Offline preference recipe: DPO from the SFT checkpoint on pairs sampled once from it.
 
 Pairs: for each of `pair_prompts` training questions the SFT model samples
 `samples_per_prompt` completions (temperature `sample_temperature`, seeded); a question with
@@ -24,7 +24,6 @@ SFT model (48% -> 40%) though not on another (41% -> 42%); `rpo_alpha=5` kept it
 from __future__ import annotations
 
 import copy
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,13 +32,13 @@ from pathlib import Path
 import torch
 
 from rl_circuits.zoo.model import generate
-from rl_circuits.zoo.progress import StageLog, quiet, stage_callback
 from rl_circuits.zoo.tasks import Problem, is_correct
+from rl_circuits.zoo.training import TrainResult, TRLJob, train_with_trl
 
 
 @dataclass(frozen=True)
 class DPOSettings:
-    """Knobs of the DPO stage."""
+    """Knobs of the DPO recipe."""
 
     seed: int = 3
     pair_prompts: int = 1000
@@ -112,8 +111,9 @@ def train_dpo(
     progress: bool = True,
     log_path: Path | None = None,
     callbacks: Sequence = (),
-) -> dict:
-    """Run DPO (+ NLL on chosen, weight `rpo_alpha`) on `model` in place; returns a summary.
+) -> TrainResult:
+    """Run DPO (+ NLL on chosen, weight `rpo_alpha`) on `model` in place; returns it with its
+    steps, wall time, losses and their weights.
 
     One progress bar (when `progress`); every step's TRL log goes to `log_path` (JSON lines).
     `callbacks` are extra `TrainerCallback`s (the sweep's evaluations).
@@ -133,52 +133,29 @@ def train_dpo(
     )
     losses = ["sigmoid", "sft"] if settings.rpo_alpha > 0 else ["sigmoid"]
     weights = [1.0, settings.rpo_alpha] if settings.rpo_alpha > 0 else [1.0]
-    reference = copy.deepcopy(model).eval()
-    with tempfile.TemporaryDirectory(prefix="zoo-dpo-") as scratch:
-        args = DPOConfig(
-            output_dir=scratch,
-            num_train_epochs=settings.epochs,
-            per_device_train_batch_size=settings.batch_size,
-            learning_rate=settings.learning_rate,
-            lr_scheduler_type="constant",
-            beta=settings.beta,
-            loss_type=losses,
-            loss_weights=weights,
-            max_length=None,
-            seed=settings.seed,
-            data_seed=settings.seed,
-            use_cpu=str(device) == "cpu",
-            bf16=False,
-            activation_checkpointing=False,
-            save_strategy="no",
-            report_to="none",
-            logging_steps=1,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-        )
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=reference,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=list(callbacks),
-        )
-        quiet(trainer, stage_callback("dpo", StageLog(log_path), progress, ("loss",)))
-        trainer.train()
-        history = [
-            {k: round(v, 4) for k, v in h.items() if k in ("step", "loss", "rewards/accuracies")}
-            for h in trainer.state.log_history
-            if "loss" in h
-        ]
-        steps = trainer.state.global_step
-    model = trainer.model
-    model.eval()
-    return {
-        "model": model,
-        "steps": steps,
-        "loss_type": losses,
-        "loss_weights": weights,
-        "history": history,
-        "wall_s": time.perf_counter() - started,
-    }
+    trainer = train_with_trl(
+        "dpo",
+        (DPOConfig, DPOTrainer),
+        TRLJob(model, tokenizer, dataset, device, progress, log_path, callbacks),
+        settings,
+        shown=("loss",),
+        trainer_arguments={"ref_model": copy.deepcopy(model).eval()},
+        num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        loss_type=losses,
+        loss_weights=weights,
+        max_length=None,
+    )
+    history = [
+        {k: round(v, 4) for k, v in h.items() if k in ("step", "loss", "rewards/accuracies")}
+        for h in trainer.state.log_history
+        if "loss" in h
+    ]
+    return TrainResult(
+        trainer.model,
+        trainer.state.global_step,
+        history,
+        time.perf_counter() - started,
+        loss_type=losses,
+        loss_weights=weights,
+    )

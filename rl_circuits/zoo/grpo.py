@@ -1,4 +1,4 @@
-"""Online RL stage: GRPO from the SFT checkpoint with TRL's `GRPOTrainer` on CPU.
+"""Online RL recipe: GRPO from the SFT checkpoint with TRL's `GRPOTrainer` on CPU.
 
 Each step samples `num_generations` completions (temperature 0.7) for `prompts_per_step`
 training questions with plain `transformers` generation (no vLLM: TRL runs on CPU as is),
@@ -18,7 +18,6 @@ up to 6 points from one 10-step evaluation to the next (docs/zoo.md).
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from rl_circuits.zoo.progress import StageLog, quiet, stage_callback
 from rl_circuits.zoo.tasks import Problem, is_correct
+from rl_circuits.zoo.training import TrainResult, TRLJob, train_with_trl
 
 
 @dataclass(frozen=True)
 class GRPOSettings:
-    """Knobs of the GRPO stage."""
+    """Knobs of the GRPO recipe."""
 
     seed: int = 2
     steps: int = 50
@@ -61,8 +60,8 @@ def train_grpo(
     progress: bool = True,
     log_path: Path | None = None,
     callbacks: Sequence = (),
-) -> dict:
-    """Run GRPO on `model` in place; returns a summary (steps, wall time, mean rewards).
+) -> TrainResult:
+    """Run GRPO on `model` in place; returns it with its steps, wall time and mean rewards.
 
     One progress bar (when `progress`); every step's TRL log goes to `log_path` (JSON lines).
     `callbacks` are extra `TrainerCallback`s (the sweep's evaluations).
@@ -78,48 +77,22 @@ def train_grpo(
             "answer": [str(p.answer) for p in problems],
         }
     )
-    with tempfile.TemporaryDirectory(prefix="zoo-grpo-") as scratch:
-        args = GRPOConfig(
-            output_dir=scratch,
-            max_steps=settings.steps,
-            per_device_train_batch_size=settings.prompts_per_step * settings.num_generations,
-            num_generations=settings.num_generations,
-            max_completion_length=max_new_tokens,
-            temperature=settings.temperature,
-            learning_rate=settings.learning_rate,
-            lr_scheduler_type="constant",
-            beta=settings.beta,
-            seed=settings.seed,
-            data_seed=settings.seed,
-            use_cpu=str(device) == "cpu",
-            bf16=False,
-            activation_checkpointing=False,
-            save_strategy="no",
-            report_to="none",
-            logging_steps=1,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-        )
-        trainer = GRPOTrainer(
-            model=model,
-            reward_funcs=correctness_reward,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=list(callbacks),
-        )
-        quiet(trainer, stage_callback("grpo", StageLog(log_path), progress, ("reward",)))
-        trainer.train()
-        history = [
-            {"step": h["step"], "reward": round(h["reward"], 4)}
-            for h in trainer.state.log_history
-            if "reward" in h
-        ]
-    model = trainer.model
-    model.eval()
-    return {
-        "model": model,
-        "steps": settings.steps,
-        "history": history,
-        "wall_s": time.perf_counter() - started,
-    }
+    trainer = train_with_trl(
+        "grpo",
+        (GRPOConfig, GRPOTrainer),
+        TRLJob(model, tokenizer, dataset, device, progress, log_path, callbacks),
+        settings,
+        shown=("reward",),
+        trainer_arguments={"reward_funcs": correctness_reward},
+        max_steps=settings.steps,
+        per_device_train_batch_size=settings.prompts_per_step * settings.num_generations,
+        num_generations=settings.num_generations,
+        max_completion_length=max_new_tokens,
+        temperature=settings.temperature,
+    )
+    history = [
+        {"step": h["step"], "reward": round(h["reward"], 4)}
+        for h in trainer.state.log_history
+        if "reward" in h
+    ]
+    return TrainResult(trainer.model, settings.steps, history, time.perf_counter() - started)

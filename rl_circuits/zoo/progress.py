@@ -1,9 +1,9 @@
-"""What a zoo build shows while it trains: one progress bar per stage, full logs in a file.
+"""What a zoo build shows while it trains: one progress bar per recipe, full logs in a file.
 
 TRL's trainers print every logging step as a raw Python dict (`PrinterCallback`, or
-`ProgressCallback` when tqdm is on). A build replaces both with `StageProgress`: one tqdm bar
-per training stage, and each log entry written as one JSON line to
-`<zoo>/logs/<stage>.jsonl`, the file the stage's summary line names.
+`ProgressCallback` when tqdm is on). A build replaces both with `RecipeProgress`: one tqdm bar
+per recipe (SFT, GRPO, DPO), and each log entry written as one JSON line to
+`<zoo>/logs/<recipe>.jsonl`, the file the recipe's summary line names.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import IO
 
 
-class StageLog:
-    """Append-only JSON-lines log of one stage (`None` path: discard)."""
+class RecipeLog:
+    """Append-only JSON-lines log of one recipe's training (`None` path: discard)."""
 
     def __init__(self, path: Path | None):
         self.path = Path(path) if path is not None else None
@@ -37,7 +37,7 @@ class StageLog:
             self._handle = None
 
 
-def stage_callback(desc: str, log: StageLog, progress: bool, shown: tuple[str, ...]):
+def recipe_callback(desc: str, log: RecipeLog, progress: bool, shown: tuple[str, ...]):
     """A `TrainerCallback`: a tqdm bar over the run's steps; each log entry to `log`.
 
     `shown` names the logged values the bar displays (e.g. `("reward",)`).
@@ -45,7 +45,7 @@ def stage_callback(desc: str, log: StageLog, progress: bool, shown: tuple[str, .
     from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
-    class StageProgress(TrainerCallback):
+    class RecipeProgress(TrainerCallback):
         bar = None
 
         def on_train_begin(self, args, state, control, **kwargs):
@@ -68,7 +68,7 @@ def stage_callback(desc: str, log: StageLog, progress: bool, shown: tuple[str, .
                 self.bar.close()
             log.close()
 
-    return StageProgress()
+    return RecipeProgress()
 
 
 def quiet(trainer, callback) -> None:
@@ -86,7 +86,7 @@ def library_output_off() -> Iterator[None]:
 
     transformers' weight loading/writing bars, datasets' `map` bars (TRL tokenising its
     dataset) and the deprecation warning about TRL's `gradient_checkpointing` default would
-    otherwise interleave with the stage bars.
+    otherwise interleave with the recipes' bars.
     """
     import datasets
     from transformers.utils import logging as hf_logging

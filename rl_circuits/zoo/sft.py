@@ -30,13 +30,14 @@ from pathlib import Path
 import torch
 
 from rl_circuits.zoo.model import accuracy
-from rl_circuits.zoo.progress import StageLog
+from rl_circuits.zoo.progress import RecipeLog
 from rl_circuits.zoo.tasks import Problem
+from rl_circuits.zoo.training import TrainResult
 
 
 @dataclass(frozen=True)
 class SFTSettings:
-    """Knobs of the SFT stage (see the module docstring for the stopping rule)."""
+    """Knobs of the SFT recipe (see the module docstring for the stopping rule)."""
 
     seed: int = 1
     max_steps: int = 550
@@ -48,19 +49,6 @@ class SFTSettings:
     eval_size: int = 200
     min_steps: int = 550
     target_accuracy: float = 1.0
-
-
-@dataclass
-class SFTResult:
-    """The trained model (best or target-reaching weights loaded) and how training went."""
-
-    model: object
-    steps: int
-    best_step: int
-    val_accuracy: float
-    history: list[dict]
-    stopped: str
-    wall_s: float
 
 
 def encode_examples(tokenizer, problems: Sequence[Problem], template: str) -> list[tuple]:
@@ -125,7 +113,7 @@ def train_sft(
     device: str | torch.device = "cpu",
     progress: bool = True,
     log_path: Path | None = None,
-) -> SFTResult:
+) -> TrainResult:
     """Train `model` in place on `train`; returns the chosen weights (see module docstring).
 
     One progress bar (when `progress`); each step's loss and learning rate, and each
@@ -157,7 +145,7 @@ def train_sft(
     stopped = "max_steps"
     bar = tqdm(range(settings.max_steps), desc="sft", disable=not progress, leave=False)
     step = 0
-    log = StageLog(log_path)
+    log = RecipeLog(log_path)
     for step in bar:
         batch = collate(examples, next(stream), tokenizer.pad_token_id, device)
         loss = model(**batch).loss
@@ -183,12 +171,12 @@ def train_sft(
     log.close()
     model.load_state_dict(best[2])
     model.eval()
-    return SFTResult(
+    return TrainResult(
         model=model,
         steps=step + 1,
+        history=history,
+        wall_s=time.perf_counter() - started,
         best_step=best[1],
         val_accuracy=best[0],
-        history=history,
         stopped=stopped,
-        wall_s=time.perf_counter() - started,
     )

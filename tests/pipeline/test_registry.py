@@ -4,13 +4,16 @@ stages refuse what they cannot do, and a shard is validated in one place."""
 import re
 
 import pytest
+from config_support import TINY
 
 from rl_circuits.config import load_config
 from rl_circuits.errors import ConfigError, StoreError
 from rl_circuits.models.pairs import ROLES, Pair, PairModel, pair_models
+from rl_circuits.pipeline.cells import Cell, PlanInputs, StagePlan, digest
 from rl_circuits.pipeline.common import circuit_alphas
 from rl_circuits.pipeline.distributed import parse_shard
-from rl_circuits.pipeline.registry import STAGE_NAMES, STAGES, get_stage
+from rl_circuits.pipeline.integrity import Changes, compare_plans, plan
+from rl_circuits.pipeline.registry import STAGE_NAMES, STAGES, Stage, get_stage, upstream_of
 from rl_circuits.store.layout import RunLayout, check_shard
 from rl_circuits.store.run import RunStore
 
@@ -90,6 +93,63 @@ def test_stages_are_declared_once_and_refuse_what_they_cannot_do(tmp_path):
         STAGES["select"].run(None, None, shard=(0, 2))
     with pytest.raises(ConfigError, match="stage 'report' does not run in shards"):
         STAGES["report"].merge(None, None)
+
+
+def test_each_stage_names_its_code_and_what_a_shard_needs():
+    cfg = load_config(TINY, {"model": {"n_devices": 3}})
+    for stage in STAGES.values():
+        code = stage.load()  # every "module:function" string names a function
+        assert callable(code.run) and (code.merge is not None) == stage.sharded
+    assert STAGES["attribute"].devices_per_shard(cfg) == 3  # a model split over 3 GPUs
+    assert STAGES["generate"].devices_per_shard(cfg) == 1
+    assert upstream_of("attribute") == ("datasets", "generate", "grade", "select")
+    assert upstream_of("report") == tuple(s for s in STAGE_NAMES if s != "report")
+
+
+class _Finished:
+    """A run store in which every output exists and every stage is done."""
+
+    def exists(self, rel: str) -> bool:
+        return True
+
+    def stage_done(self, name: str) -> bool:
+        return True
+
+
+def test_a_new_stage_is_planned_from_its_declaration_alone(monkeypatch):
+    """A stage added to the registry gets cells, fingerprints and recomputation without any
+    change to the integrity checks: its plan sees the plans of the stages it reads."""
+    seen = []
+
+    def plan_summary(cfg, given: PlanInputs) -> StagePlan:
+        seen.append(set(given.upstream))
+        stage = StagePlan()
+        for key, cell in given.upstream["select"].cells.items():
+            stage.cells[f"summary/{key}.json"] = Cell(digest([cell.fingerprint]), (key,))
+        stage.fingerprint = digest(["summary", given.values, *given.fingerprints(("select",))])
+        return stage
+
+    summary = Stage(
+        "summary",
+        keys=("select.n",),
+        requires=("select",),
+        cells="pair x dataset",
+        plan=plan_summary,
+        function="rl_circuits.pipeline.select:stage_select",
+        summary="a stage that exists only in this test",
+    )
+    cfg = load_config(TINY)
+    before = plan(cfg, {})
+    monkeypatch.setitem(STAGES, "summary", summary)
+    old = plan(cfg, {})
+    assert seen == [{"datasets", "generate", "grade", "select"}]
+    assert {k: v for k, v in old.items() if k != "summary"} == before  # the others: unchanged
+    assert list(old["summary"].cells) == ["summary/tiny/sevens.json"]
+    new = plan(load_config(TINY, {"select": {"n": 3}}), {})
+    changes = compare_plans(old, new, _Finished())
+    assert changes.stale["summary"] == ["summary/tiny/sevens.json"]
+    assert "summary" in changes.stages and "generate" not in changes.stages
+    assert compare_plans(old, plan(cfg, {}), _Finished()) == Changes()
 
 
 def test_a_shard_is_validated_once():

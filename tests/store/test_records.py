@@ -129,7 +129,9 @@ def test_duplicate_ids_across_chunks_last_wins(tmp_path):
 def test_a_record_that_is_not_json_names_its_id_and_writes_nothing(tmp_path):
     with RunStore.open(tmp_path / "run", CONFIG) as store:
         stage = store.records("grade")
-        with pytest.raises(DataError, match="stage 'grade': record 'b' cannot be stored as JSON"):
+        with pytest.raises(
+            DataError, match="record table 'grade': record 'b' cannot be stored as JSON"
+        ):
             stage.write_chunk([{"id": "a"}, {"id": "b", "v": float("nan")}])
         with pytest.raises(DataError, match="records must be dicts"):
             stage.write_chunk([["a"]])

@@ -204,5 +204,5 @@ def test_stage_markers_are_set_read_cleared_and_validated(tmp_path):
         store.clear_done("select")
         assert not store.stage_done("select")
         for bad in ("../x", "/abs", "a/../b", ""):
-            with pytest.raises(StoreError, match="invalid stage name"):
+            with pytest.raises(StoreError, match="invalid stage or record table name"):
                 store.mark_done(bad, {})

@@ -1,7 +1,7 @@
 """The demo model zoo: seeded task and grader, then a reduced SFT -> GRPO / DPO build.
 
 The slow tests share one reduced zoo (a 0.1M-parameter Qwen2 on one-step problems, a few
-seconds per stage) and check that each stage does what it should, that checkpoints load in
+seconds per recipe) and check that each recipe does what it should, that checkpoints load in
 TransformerLens and Hugging Face, that the pairs are registered, that the cache is reused,
 and that a second build from the same seeds gives bit-identical weights.
 """
@@ -14,6 +14,8 @@ import math
 import re
 import shutil
 import tomllib
+import typing
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -28,9 +30,12 @@ from rl_circuits.models.pairs import load_pairs
 from rl_circuits.models.tiny import ARCHITECTURES, char_tokenizer, make_tiny_checkpoint
 from rl_circuits.resources import resource_dir
 from rl_circuits.zoo import ZooConfig, build_zoo, load_zoo, main, summary_lines
-from rl_circuits.zoo.build import DONE_FILE, STAGES, STARTED_FILE
+from rl_circuits.zoo.build import DONE_FILE, RECIPES, STARTED_FILE
+from rl_circuits.zoo.dpo import DPOSettings, train_dpo
+from rl_circuits.zoo.grpo import GRPOSettings, train_grpo
 from rl_circuits.zoo.model import make_tokenizer, sha256_file
 from rl_circuits.zoo.paired import mcnemar_exact
+from rl_circuits.zoo.sft import train_sft
 from rl_circuits.zoo.tasks import (
     extract_answer,
     generate_splits,
@@ -38,6 +43,7 @@ from rl_circuits.zoo.tasks import (
     read_jsonl,
     write_splits,
 )
+from rl_circuits.zoo.training import TrainResult, TRLJob, train_with_trl
 
 SIZES = {"train": 300, "validation": 50, "test": 50}
 
@@ -148,8 +154,8 @@ def reduced(built):
     return zoo, home
 
 
-def card(zoo, stage) -> dict:
-    return json.loads((zoo.checkpoint(stage) / "zoo_card.json").read_text())
+def card(zoo, recipe) -> dict:
+    return json.loads((zoo.checkpoint(recipe) / "zoo_card.json").read_text())
 
 
 def weights(path) -> dict[str, torch.Tensor]:
@@ -165,13 +171,13 @@ def test_layout_data_and_cards(reduced):
     )
     assert (zoo.root / DONE_FILE).is_file()
     assert len(load_dataset("toy_math", data_dir=zoo.data_dir, split="test")) == 64
-    for stage in STAGES:
-        path = zoo.checkpoint(stage)
-        info = card(zoo, stage)
+    for recipe in RECIPES:
+        path = zoo.checkpoint(recipe)
+        info = card(zoo, recipe)
         assert info["sha256"] == sha256_file(path / "model.safetensors")
         assert info["steps"] > 0 and info["train_wall_s"] > 0
-        assert info["settings"]["seed"] == getattr(zoo.config, stage).seed
-        assert info["test_accuracy"] == zoo.accuracy[stage]
+        assert info["settings"]["seed"] == getattr(zoo.config, recipe).seed
+        assert info["test_accuracy"] == zoo.accuracy[recipe]
         assert "test_accuracy_before" in info
         assert "greedy test accuracy" in (path / "README.md").read_text()
 
@@ -216,8 +222,8 @@ def test_dpo_trains_on_real_pairs(reduced):
 def test_checkpoints_load_in_transformer_lens_and_hugging_face(reduced):
     zoo, _ = reduced
     prompt = zoo.template.replace("{q}", "Ann has 3 boxes of 4 pens. How many pens?")
-    for stage in STAGES:
-        path = zoo.checkpoint(stage)
+    for recipe in RECIPES:
+        path = zoo.checkpoint(recipe)
         tokenizer = load_tokenizer(path)
         tokens = tokenizer(prompt, return_tensors="pt").input_ids
         hf = AutoModelForCausalLM.from_pretrained(path)
@@ -241,10 +247,10 @@ def test_pairs_are_registered(reduced, monkeypatch):
         for split in ("train", "validation", "test")
         for p in read_jsonl(zoo.data_dir / "toy_math" / f"{split}.jsonl")
     )
-    for stage, algorithm in (("grpo", "GRPO"), ("dpo", "DPO")):
-        pair = pairs[f"toy-{stage}"]
+    for recipe, algorithm in (("grpo", "GRPO"), ("dpo", "DPO")):
+        pair = pairs[f"toy-{recipe}"]
         assert pair.before == str(zoo.sft.resolve())
-        assert pair.after == str(zoo.checkpoint(stage).resolve())
+        assert pair.after == str(zoo.checkpoint(recipe).resolve())
         assert pair.algorithm == algorithm
         assert pair.prompt("2+2?") == zoo.template.replace("{q}", "2+2?")
         assert pair.max_new_tokens > longest  # room for the answer and <eos>
@@ -277,14 +283,66 @@ def test_same_seeds_give_identical_weights(reduced, tmp_path):
     (root / STARTED_FILE).write_text("killed\n")
     (root / "sft" / "model.safetensors").write_bytes(b"half-written")
     again = build_zoo(zoo.config, root=root, progress=False, register=False)
-    for stage in STAGES:
-        assert card(again, stage)["sha256"] == card(zoo, stage)["sha256"], stage
+    for recipe in RECIPES:
+        assert card(again, recipe)["sha256"] == card(zoo, recipe)["sha256"], recipe
         assert (
-            sha256_file(again.checkpoint(stage) / "model.safetensors") == card(zoo, stage)["sha256"]
+            sha256_file(again.checkpoint(recipe) / "model.safetensors")
+            == card(zoo, recipe)["sha256"]
         )
 
 
 # ---- paired test, output, plain-transformers loading (issues 15, 11, 16) -----------------
+
+
+def test_grpo_and_dpo_build_their_trl_arguments_in_one_place(tmp_path):
+    """The TRL recipes share seeding, CPU and logging settings (`train_with_trl`): a recipe
+    adds only its own arguments, and every recipe's training gives one `TrainResult`."""
+    made = []
+
+    class Config(dict):
+        def __init__(self, **arguments):
+            super().__init__(arguments)
+            made.append(self)
+
+    class Trainer:
+        def __init__(self, model, **arguments):
+            self.model, self.arguments, self.callbacks = model, arguments, []
+            self.state = SimpleNamespace(global_step=3, log_history=[])
+
+        def remove_callback(self, kind):
+            pass
+
+        def add_callback(self, callback):
+            self.callbacks.append(callback)
+
+        def train(self):
+            self.trained = True
+
+    model = torch.nn.Linear(2, 2).train()
+    for recipe, settings, own in (
+        ("grpo", GRPOSettings(), {"max_steps": 5}),
+        ("dpo", DPOSettings(), {"num_train_epochs": 2}),
+    ):
+        trainer = train_with_trl(
+            recipe,
+            (Config, Trainer),
+            TRLJob(model, "tokenizer", ["data"], "cpu", False, tmp_path / f"{recipe}.jsonl"),
+            settings,
+            shown=("loss",),
+            trainer_arguments={"extra": recipe},
+            **own,
+        )
+        assert trainer.trained and not trainer.model.training  # trained, then in eval mode
+        assert trainer.arguments["args"] is made[-1] and trainer.arguments["extra"] == recipe
+        assert made[-1]["seed"] == made[-1]["data_seed"] == settings.seed
+        assert made[-1]["learning_rate"] == settings.learning_rate and made[-1]["use_cpu"]
+    grpo, dpo = made
+    from_settings = {"output_dir", "seed", "data_seed", "learning_rate", "beta"}
+    assert {k: v for k, v in grpo.items() if k not in from_settings | {"max_steps"}} == {
+        k: v for k, v in dpo.items() if k not in from_settings | {"num_train_epochs"}
+    }
+    for train in (train_sft, train_grpo, train_dpo):
+        assert typing.get_type_hints(train)["return"] is TrainResult
 
 
 def test_mcnemar_exact_counts_discordant_questions():
@@ -308,15 +366,15 @@ def test_mcnemar_exact_counts_discordant_questions():
 def test_cards_record_per_question_answers_and_paired_tests(reduced):
     zoo, _ = reduced
     size = zoo.config.task.test_size
-    hits = {stage: card(zoo, stage)["test_correct"] for stage in STAGES}
-    for stage, bits in hits.items():
+    hits = {recipe: card(zoo, recipe)["test_correct"] for recipe in RECIPES}
+    for recipe, bits in hits.items():
         assert len(bits) == size and set(bits) <= {"0", "1"}
-        assert bits.count("1") / size == pytest.approx(zoo.accuracy[stage])
+        assert bits.count("1") / size == pytest.approx(zoo.accuracy[recipe])
     before = [b == "1" for b in hits["sft"]]
-    for stage in ("grpo", "dpo"):
-        expected = mcnemar_exact(before, [b == "1" for b in hits[stage]])
-        assert card(zoo, stage)["paired_test"] == expected == zoo.paired[stage]
-        assert "McNemar exact p = " in (zoo.checkpoint(stage) / "README.md").read_text()
+    for recipe in ("grpo", "dpo"):
+        expected = mcnemar_exact(before, [b == "1" for b in hits[recipe]])
+        assert card(zoo, recipe)["paired_test"] == expected == zoo.paired[recipe]
+        assert "McNemar exact p = " in (zoo.checkpoint(recipe) / "README.md").read_text()
     lines = summary_lines(zoo)
     assert lines[0].startswith(f"greedy test accuracy ({size} questions): SFT ")
     assert lines[1].startswith("GRPO vs SFT: ") and lines[2].startswith("DPO vs SFT: ")
@@ -326,20 +384,20 @@ def test_cards_record_per_question_answers_and_paired_tests(reduced):
 def test_build_shows_progress_and_summaries_not_trainer_dicts(built):
     zoo, _, output = built
     assert "{'loss'" not in output and "'reward'" not in output  # no raw TRL log dicts
-    for stage in STAGES:
-        info = card(zoo, stage)
+    for recipe in RECIPES:
+        info = card(zoo, recipe)
         log = zoo.root / info["log"]
-        summary = [line for line in output.splitlines() if line.startswith(f"{stage}: ")]
+        summary = [line for line in output.splitlines() if line.startswith(f"{recipe}: ")]
         assert any(
             f"{info['steps']} steps in " in line and "validation accuracy" in line
             and f"log {log}" in line
             for line in summary
-        ), (stage, summary)  # fmt: skip
+        ), (recipe, summary)  # fmt: skip
         entries = [json.loads(line) for line in log.read_text().splitlines()]
         assert max(e["step"] for e in entries) == info["steps"]
     grpo_log = [json.loads(line) for line in (zoo.root / "logs" / "grpo.jsonl").open()]
     assert all("reward" in e for e in grpo_log if "loss" in e)
-    for desc in ("sft", "grpo", "dpo"):  # one progress bar per training stage
+    for desc in ("sft", "grpo", "dpo"):  # one progress bar per recipe
         assert re.search(rf"{desc}: +\d+%", output), desc
 
 
@@ -372,8 +430,8 @@ def _check_plain_transformers(path, tokenizer) -> None:
 def test_checkpoints_load_with_plain_transformers(reduced):
     zoo, _ = reduced
     tokenizer = make_tokenizer()
-    for stage in STAGES:
-        path = zoo.checkpoint(stage)
+    for recipe in RECIPES:
+        path = zoo.checkpoint(recipe)
         _check_plain_transformers(path, tokenizer)
         # the model card's loading example runs as written
         readme = (path / "README.md").read_text()
