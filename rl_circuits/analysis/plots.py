@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from rl_circuits.analysis.metrics import Mask, ScoreArray, check_mask, check_scores
-from rl_circuits.analysis.stats import METRIC_LABELS
+from rl_circuits.analysis.table1 import METRIC_LABELS
 from rl_circuits.engine.graph import parse_node
 
 __all__ = [

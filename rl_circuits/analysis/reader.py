@@ -27,7 +27,7 @@ from rl_circuits.analysis.plots import (
     output_entropy_lines,
     relative_change_heatmap,
 )
-from rl_circuits.analysis.stats import Table1, table1_from_rows
+from rl_circuits.analysis.table1 import Table1, table1_from_rows
 from rl_circuits.analysis.weights import (
     join_edges,
     model_fractions,
