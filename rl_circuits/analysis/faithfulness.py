@@ -110,8 +110,8 @@ def overlap_curve(
 
 
 def compare_circuit_sizes(
-    before: Float[np.ndarray, "k n"],
-    after: Float[np.ndarray, "k n"],
+    before: Float[np.ndarray, "k batch"],
+    after: Float[np.ndarray, "k batch"],
     ks: Sequence[int],
     thresholds: Sequence[float],
     n_resamples: int = 1000,
@@ -120,7 +120,7 @@ def compare_circuit_sizes(
 ) -> tuple[list[dict], dict]:
     """Circuit sizes of the mean faithfulness curves, before vs after, over paired questions.
 
-    `before`/`after` are per-question faithfulness [k, n] on the same questions. Returns one
+    `before`/`after` are per-question faithfulness [k, batch] on the same questions. Returns one
     row per threshold (metric `circuit_size_<pct>`: before, after, diff, percentile bootstrap
     interval of diff, two-sided permutation p-value, significant, n) and the mean curves with
     their bootstrap bands. A size is NaN where the mean curve never reaches the threshold;
@@ -129,7 +129,7 @@ def compare_circuit_sizes(
     b, a = np.asarray(before, float), np.asarray(after, float)
     if b.shape != a.shape or b.ndim != 2 or b.shape[0] != len(ks):
         raise ValueError(
-            f"before {b.shape} and after {a.shape} must both be [len(ks)={len(ks)}, n questions]"
+            f"before {b.shape} and after {a.shape} must both be [len(ks)={len(ks)}, batch]"
         )
     n = b.shape[1]
     if n < 2:

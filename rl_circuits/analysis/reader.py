@@ -141,8 +141,8 @@ class Run:
                 "`rl-circuits run CONFIG`)"
             )
 
-    def _check(self, pair: str, role: str | None, dataset: str) -> None:
-        """Refuse names the run does not have, listing the ones it has."""
+    def _check(self, pair: str, role: str | None, dataset: str | None) -> None:
+        """Refuse names the run does not have, listing the ones it has (None: not asked)."""
         for what, value, known in (
             ("pair", pair, list(self.config.pairs)),
             ("role", role, list(ROLES)),

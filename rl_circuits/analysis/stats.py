@@ -23,6 +23,7 @@ from types import MappingProxyType
 
 import numpy as np
 import pandas as pd
+from jaxtyping import Bool, Float
 
 from rl_circuits.analysis.metrics import (
     METRICS,
@@ -147,7 +148,10 @@ def _weighted_histogram_entropy(
     return evaluate
 
 
-def weighted_sample_diversity(pool: np.ndarray, mask) -> Batched:
+def weighted_sample_diversity(
+    pool: Float[np.ndarray, "pool n_upstream n_downstream"],
+    mask: Bool[np.ndarray, "n_upstream n_downstream"] | None,
+) -> Batched:
     """Figure 3a on weighted sets: mean correlation over pairs of draws of distinct samples.
 
     A bootstrap set that draws a question twice holds one sample twice; pairing it with itself

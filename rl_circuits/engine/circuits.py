@@ -28,13 +28,19 @@ from rl_circuits.engine.passes import frozen, node_hooks, output_buffers
 
 Ablation = Literal["zero", "mean", "mean-positional", "patch"]
 Ranking = Literal["abs", "signed"]
+# One circuit [n_upstream, n_downstream] or a stack of k: a bool tensor, array or nested list.
+Circuit = (
+    Bool[torch.Tensor, "*k n_upstream n_downstream"]
+    | Bool[np.ndarray, "*k n_upstream n_downstream"]
+    | Sequence
+)
 
 
 def evaluate_circuit(
     model: HookedTransformer,
     tokens: Int[torch.Tensor, "batch pos"],
     loss_mask: Bool[torch.Tensor, "batch pos"],
-    circuit: Bool[torch.Tensor, "*k n_upstream n_downstream"],
+    circuit: Circuit,
     graph: str = "paper",
     *,
     ablation: str = "zero",

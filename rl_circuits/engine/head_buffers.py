@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from jaxtyping import Float
-from transformer_lens import HookedTransformer
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from rl_circuits.engine import counterfactual, tl_compat
 from rl_circuits.engine.graph import build_graph
@@ -34,7 +34,7 @@ class HeadBuffers:
         pos: int,
         device: torch.device | str,
         dtype: torch.dtype,
-    ):
+    ) -> None:
         cfg = model.cfg
         n_layers, n_heads, d_model = cfg.n_layers, cfg.n_heads, cfg.d_model
         width = n_heads * cfg.d_head
@@ -128,7 +128,7 @@ def fill(model: HookedTransformer, buffers: HeadBuffers, cf: counterfactual.Coun
 
 
 def buffer_bytes(
-    cfg, batch: int, pos: int, dtype: torch.dtype = torch.float32
+    cfg: HookedTransformerConfig, batch: int, pos: int, dtype: torch.dtype = torch.float32
 ) -> dict[str, dict[str, int]]:
     """Bytes of the heads engine's buffers for one call (`dtype`: float32 unless the model is
     float64), and of its largest transients: for memory estimates at scales not run here."""

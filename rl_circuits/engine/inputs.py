@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float, Int, Shaped
 from transformer_lens import HookedTransformer
 
 # What `as_tensor` reads: a tensor, a numpy array or a (rectangular) nested list.
@@ -145,7 +145,7 @@ def checked_metric(metric: Metric, batch: int) -> Metric:
     return checked
 
 
-def as_tensor(x: TensorLike, what: str) -> torch.Tensor:
+def as_tensor(x: TensorLike, what: str) -> Shaped[torch.Tensor, "*shape"]:
     """A tensor from a tensor, numpy array or nested list (as `torch.as_tensor` reads them)."""
     if isinstance(x, torch.Tensor):
         return x

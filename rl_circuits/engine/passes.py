@@ -36,7 +36,7 @@ def output_buffers(
 class PassState:
     """State shared by the hooks of one pass: call counts per module, the input scale."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.calls: dict[str, int] = {}
         self.embed_scale = 1.0
         # The embedding's counterfactual offset O_0 - O'_0: the input is then E - (1 - t) that
@@ -53,7 +53,7 @@ def node_hooks(
     graph: Graph,
     *,
     transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-    record: list[torch.Tensor] | None = None,
+    record: list[Float[torch.Tensor, "batch pos d_model"]] | None = None,
     nodes: Sequence[int] | None = None,
     add: bool = False,
 ) -> Iterator[PassState]:
