@@ -41,9 +41,14 @@ def mib_edge_counts(n_edges: int, fractions: Sequence[float] = MIB_FRACTIONS) ->
     return [int(x * n_edges) for x in fractions]
 
 
-def _trapezoid(
-    fractions: Sequence[float], y: Float[np.ndarray, "*rest k"]
-) -> Float[np.ndarray, "*rest"]:
+# The x and y of a curve on the fraction of edges kept (lists or arrays), and its area: one per
+# leading index of the curve, a float for one curve.
+Fractions = Sequence[float] | Float[np.ndarray, " k"]
+Curve = Sequence[float] | Float[np.ndarray, "*rest k"]
+Area = Float[np.ndarray, "*rest"] | float
+
+
+def _trapezoid(fractions: Fractions, y: Curve) -> Area:
     x = np.asarray(fractions, dtype=float)
     y = np.asarray(y, dtype=float)
     if x.ndim != 1 or x.size < 2 or y.shape[-1:] != x.shape:
@@ -56,7 +61,7 @@ def _trapezoid(
     return np.sum(np.diff(x) * (y[..., 1:] + y[..., :-1]) / 2, axis=-1)
 
 
-def cpr(fractions: Sequence[float], f: Float[np.ndarray, "*rest k"]) -> Float[np.ndarray, "*rest"]:
+def cpr(fractions: Fractions, f: Curve) -> Area:
     """MIB's circuit performance ratio: the area under the faithfulness curve over the fraction
     of edges kept, trapezoid rule on a linear axis (higher is better).
 
@@ -69,7 +74,7 @@ def cpr(fractions: Sequence[float], f: Float[np.ndarray, "*rest k"]) -> Float[np
     return _trapezoid(fractions, f)
 
 
-def cmd(fractions: Sequence[float], f: Float[np.ndarray, "*rest k"]) -> Float[np.ndarray, "*rest"]:
+def cmd(fractions: Fractions, f: Curve) -> Area:
     """MIB's circuit-model distance: the area under |1 - f| over the fraction of edges kept,
     trapezoid rule on a linear axis (lower is better; 0 when every circuit matches the model).
 

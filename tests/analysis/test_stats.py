@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from checker import unchecked
 
 from rl_circuits.analysis.metrics import (
     METRICS,
@@ -181,7 +182,7 @@ def test_clear_shifts_are_detected_in_the_right_direction():
 
 def test_compare_rejects_bad_input():
     before, after = unshifted(np.random.default_rng(0), n=5)
-    with pytest.raises(ValueError, match="same questions"):
+    with pytest.raises(ValueError, match="same questions"), unchecked():  # hint: one batch
         compare(before, after[:4])
     with pytest.raises(ValueError, match="unknown metric"):
         compare(before, after, metrics=["nope"])
