@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import jaxtyping
+from beartype import BeartypeConf, beartype
 
 
 @contextmanager
@@ -21,3 +22,8 @@ def unchecked() -> Iterator[None]:
         yield
     finally:
         jaxtyping.config.update("jaxtyping_disable", was)
+
+
+# The checker pyproject's addopts name: beartype, reading `float` as PEP 484 does (an int is a
+# float: `alpha: float` takes 1), as mypy and the hints' readers do.
+typechecker = beartype(conf=BeartypeConf(is_pep484_tower=True))
