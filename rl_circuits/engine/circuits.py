@@ -271,7 +271,7 @@ class _HeadsPass:
 
     def _per_head(self, act: torch.Tensor, hook) -> torch.Tensor:
         key = node_key(hook.name)  # e.g. NodeKey("q", layer, None): the layer's q inputs
-        heads = self.g.backward_heads(key.kind, key.layer)
+        heads = self.g.backward_heads(key.component, key.layer)
         columns = list(range(heads.start, heads.stop))
         fix = self._correction(columns, act.device)
         return act if fix is None else act - fix.to(act.dtype)

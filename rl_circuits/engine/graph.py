@@ -16,7 +16,7 @@ nonzero (b_V folded into it by TransformerLens's weight processing) is refused f
 (`heads.check_supported`).
 
 A graph owns its index arithmetic: `forward_index` / `backward_index` give a node's position
-from what it is (kind, layer, head: a `NodeKey`), as EAP-IG's `Graph` does, so code that
+from what it is (component, layer, head: a `NodeKey`), as EAP-IG's `Graph` does, so code that
 indexes score matrices asks the graph rather than recomputing the node order.
 """
 
@@ -36,9 +36,9 @@ from rl_circuits.engine.tl_compat import LN1_CALLS
 GraphName = Literal["paper", "block", "residual", "heads"]
 _HEAD_NAME = re.compile(r"^(?P<hook>[A-Za-z0-9_.]+)\[(?P<head>[0-9]+)\]$")
 _BLOCK_HOOK = re.compile(r"^blocks\.(?P<layer>[0-9]+)\.(?P<hook>[A-Za-z0-9_.]+)$")
-# A block hook's node kind: what a layer writes (attn, mlp) or reads (q, k, v, attn, mlp, the
+# A block hook's component: what a layer writes (attn, mlp) or reads (q, k, v, attn, mlp, the
 # residual states); the last layer's hook_resid_post is the logits node.
-_KINDS = {
+_COMPONENTS = {
     "hook_attn_out": "attn",
     "attn.hook_result": "attn",
     "hook_mlp_out": "mlp",
@@ -54,11 +54,11 @@ _KINDS = {
 
 
 class NodeKey(NamedTuple):
-    """What a node is: its kind (upstream "embed", "attn", "mlp"; downstream "q", "k", "v",
-    "attn", "mlp", "resid_pre", "resid_mid", "logits"), its layer and its head (None where the
-    node has none: the embedding and the logits have no layer, layer nodes no head)."""
+    """What a node is: its component (upstream "embed", "attn", "mlp"; downstream "q", "k",
+    "v", "attn", "mlp", "resid_pre", "resid_mid", "logits"), its layer and its head (None where
+    the node has none: the embedding and the logits have no layer, layer nodes no head)."""
 
-    kind: str
+    component: str
     layer: int | None = None
     head: int | None = None
 
@@ -69,10 +69,12 @@ def node_key(name: str) -> NodeKey:
     if hook == "hook_embed":
         return NodeKey("embed")
     match = _BLOCK_HOOK.match(hook)
-    kind = _KINDS.get(match["hook"]) if match else None
-    if kind is None:
+    component = _COMPONENTS.get(match["hook"]) if match else None
+    if component is None:
         raise ValueError(f"node name {name!r} names no node of any graph")
-    return NodeKey("logits") if kind == "logits" else NodeKey(kind, int(match["layer"]), head)
+    if component == "logits":
+        return NodeKey("logits")
+    return NodeKey(component, int(match["layer"]), head)
 
 
 @dataclass(frozen=True)
@@ -114,13 +116,18 @@ class Graph:
     def n_edges(self) -> int:
         return sum(self.n_before)
 
-    def forward_index(self, kind: str, layer: int | None = None, head: int | None = None) -> int:
-        """The position among the upstream nodes of the node `NodeKey(kind, layer, head)`."""
-        return _position(self._forward, NodeKey(kind, layer, head), self.name, "upstream")
+    def forward_index(
+        self, component: str, layer: int | None = None, head: int | None = None
+    ) -> int:
+        """The position among the upstream nodes of `NodeKey(component, layer, head)`."""
+        return _position(self._forward, NodeKey(component, layer, head), self.name, "upstream")
 
-    def backward_index(self, kind: str, layer: int | None = None, head: int | None = None) -> int:
-        """The position among the downstream nodes of the node `NodeKey(kind, layer, head)`."""
-        return _position(self._backward, NodeKey(kind, layer, head), self.name, "downstream")
+    def backward_index(
+        self, component: str, layer: int | None = None, head: int | None = None
+    ) -> int:
+        """The position among the downstream nodes of `NodeKey(component, layer, head)`."""
+        key = NodeKey(component, layer, head)
+        return _position(self._backward, key, self.name, "downstream")
 
     def forward_key(self, index: int) -> NodeKey:
         """What upstream node `index` is (the inverse of `forward_index`)."""
@@ -130,9 +137,9 @@ class Graph:
         """The upstream positions of `layer`'s heads, in head order (the heads graph)."""
         return _heads_slice(self._forward, "attn", layer, self.name)
 
-    def backward_heads(self, kind: str, layer: int) -> slice:
-        """The downstream positions of `layer`'s heads' `kind` ("q", "k", "v") inputs."""
-        return _heads_slice(self._backward, kind, layer, self.name)
+    def backward_heads(self, component: str, layer: int) -> slice:
+        """The downstream positions of `layer`'s heads' `component` ("q", "k", "v") inputs."""
+        return _heads_slice(self._backward, component, layer, self.name)
 
     @cached_property
     def _forward(self) -> dict[NodeKey, int]:
@@ -149,16 +156,16 @@ def _position(positions: dict[NodeKey, int], key: NodeKey, graph: str, side: str
     return positions[key]
 
 
-def _heads_slice(positions: dict[NodeKey, int], kind: str, layer: int, graph: str) -> slice:
-    """Positions of one layer's per-head nodes of `kind`; the graphs place them in a run."""
+def _heads_slice(positions: dict[NodeKey, int], component: str, layer: int, graph: str) -> slice:
+    """Positions of one layer's per-head nodes of `component`; the graphs place them in a run."""
     found = sorted(
-        i for key, i in positions.items() if key[:2] == (kind, layer) and key.head is not None
+        i for key, i in positions.items() if key[:2] == (component, layer) and key.head is not None
     )
     if not found:
-        raise KeyError(f"the {graph} graph has no per-head {kind} nodes in layer {layer}")
-    heads = [positions[NodeKey(kind, layer, h)] for h in range(len(found))]
+        raise KeyError(f"the {graph} graph has no per-head {component} nodes in layer {layer}")
+    heads = [positions[NodeKey(component, layer, h)] for h in range(len(found))]
     if heads != list(range(found[0], found[0] + len(found))):
-        raise AssertionError(f"the {graph} graph's {kind} heads of layer {layer} are not in a run")
+        raise AssertionError(f"{graph} graph: layer {layer}'s {component} heads are not in a run")
     return slice(found[0], found[0] + len(found))
 
 

@@ -263,12 +263,10 @@ class _Engine:
                     continue
                 alpha = torch.einsum("bcpm,bapm->bcap", out, buffers.xhat[:, source + 1 :])
                 rank1 = torch.einsum("bcap,baxhp->bcaxh", alpha, buffers.coef[:, source + 1 :])
-                rank1 = rank1.reshape(batch, stop - start, later, 3 * n_heads)
                 for i, layer in enumerate(range(source + 1, n_layers)):
-                    # the q, k and v inputs of the layer's heads: one run of 3 n_heads columns
-                    first_input = graph.backward_heads(QKV[0], layer).start
-                    block = self.scores[:, low:high, first_input : first_input + 3 * n_heads]
-                    block += self.weight * rank1[:, :, i]
+                    for qkv, letter in enumerate(QKV):  # [batch, chunk, n_heads] each
+                        block = self.scores[:, low:high, graph.backward_heads(letter, layer)]
+                        block += self.weight * rank1[:, :, i, qkv]
 
 
 class _PassHooks:
@@ -447,9 +445,9 @@ class _Outputs:
 
     def __call__(self, u: int) -> Float[torch.Tensor, "batch pos d_model"]:
         key = self.graph.forward_key(u)
-        if key.kind == "embed":
+        if key.component == "embed":
             return self.buffers.full[:, 0]
-        if key.kind == "mlp":
+        if key.component == "mlp":
             return self.buffers.full[:, key.layer + 1]
         d_head, head = self.model.cfg.d_head, key.head
         out = None

@@ -18,8 +18,8 @@ from rl_circuits.engine.graph import Graph
 
 def output_buffers(
     model: HookedTransformer, batch: int, pos: int, dtype: torch.dtype
-) -> list[tuple[int, Float[torch.Tensor, "batch n pos d_model"]]]:
-    """One buffer [batch, n, pos, d_model] per device for its contiguous run of upstream nodes."""
+) -> list[tuple[int, Float[torch.Tensor, "batch nodes pos d_model"]]]:
+    """One buffer [batch, nodes, pos, d_model] per device, for its run of upstream nodes."""
     devices = [model.embed.W_E.device]
     for block in model.blocks:
         device = next(block.parameters()).device
