@@ -124,7 +124,7 @@ def rank_methods(
 
 
 def _losses(model, batches, circuits, graph, ablation, fused: bool) -> np.ndarray:
-    """[k, n] losses of the circuits, batch after batch."""
+    """[k, batch] losses of the circuits, one token batch after another."""
     return np.concatenate(
         [
             evaluate_circuit(

@@ -483,7 +483,8 @@ class Run:
         return self.store.read_scores(rel)
 
     def diff_losses(self, pair: str, direction: str, dataset: str, alpha: Alpha) -> dict:
-        """One diff cell's per-question losses: ids, ks, losses [k][n], clean, source, patched."""
+        """One diff cell's per-question losses: ids, ks, losses [k][batch], clean, source,
+        patched."""
         rel = self._diff_file(RunLayout.diff_curve, "losses", pair, direction, dataset, alpha)
         return self.store.read_json(rel)
 

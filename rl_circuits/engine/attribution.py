@@ -21,7 +21,9 @@ from transformer_lens import HookedTransformer
 from rl_circuits.engine import counterfactual, efficient, heads, methods, relp, tl_compat
 from rl_circuits.engine.graph import Graph, build_graph
 from rl_circuits.engine.inputs import (
+    LossMask,
     Metric,
+    Tokens,
     check_inputs,
     check_sample_ids,
     checked_metric,
@@ -38,8 +40,8 @@ __all__ = ["METHODS", "Method", "Metric", "attribute", "masked_nll"]  # Metric, 
 
 def attribute(
     model: HookedTransformer,
-    tokens: Int[torch.Tensor, "batch pos"],
-    loss_mask: Bool[torch.Tensor, "batch pos"],
+    tokens: Tokens,
+    loss_mask: LossMask,
     graph: str = "paper",
     method: str = "eap",
     *,

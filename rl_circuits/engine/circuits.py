@@ -23,7 +23,15 @@ from transformer_lens import HookedTransformer
 from rl_circuits.engine import counterfactual, efficient, heads, methods, tl_compat
 from rl_circuits.engine.choices import RANKINGS
 from rl_circuits.engine.graph import build_graph, node_key
-from rl_circuits.engine.inputs import Metric, as_tensor, check_inputs, checked_metric, masked_nll
+from rl_circuits.engine.inputs import (
+    LossMask,
+    Metric,
+    Tokens,
+    as_tensor,
+    check_inputs,
+    checked_metric,
+    masked_nll,
+)
 from rl_circuits.engine.passes import frozen, node_hooks, output_buffers
 
 Ablation = Literal["zero", "mean", "mean-positional", "patch"]
@@ -38,8 +46,8 @@ Circuit = (
 
 def evaluate_circuit(
     model: HookedTransformer,
-    tokens: Int[torch.Tensor, "batch pos"],
-    loss_mask: Bool[torch.Tensor, "batch pos"],
+    tokens: Tokens,
+    loss_mask: LossMask,
     circuit: Circuit,
     graph: str = "paper",
     *,

@@ -17,6 +17,9 @@ from transformer_lens import HookedTransformer
 
 # What `as_tensor` reads: a tensor, a numpy array or a (rectangular) nested list.
 TensorLike = torch.Tensor | np.ndarray | Sequence
+# The token ids and loss mask of a batch, as the public functions take them.
+Tokens = Int[torch.Tensor, "batch pos"] | Int[np.ndarray, "batch pos"] | Sequence
+LossMask = Bool[torch.Tensor, "batch pos"] | Bool[np.ndarray, "batch pos"] | Sequence
 
 Metric = Callable[
     [Float[torch.Tensor, "batch pos vocab"], Int[torch.Tensor, "batch pos"], torch.Tensor],
