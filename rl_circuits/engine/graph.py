@@ -135,11 +135,11 @@ class Graph:
 
     def forward_heads(self, layer: int) -> slice:
         """The upstream positions of `layer`'s heads, in head order (the heads graph)."""
-        return _heads_slice(self._forward, "attn", layer, self.name)
+        return _run(self._head_runs, ("upstream", "attn", layer), self.name)
 
     def backward_heads(self, component: str, layer: int) -> slice:
         """The downstream positions of `layer`'s heads' `component` ("q", "k", "v") inputs."""
-        return _heads_slice(self._backward, component, layer, self.name)
+        return _run(self._head_runs, ("downstream", component, layer), self.name)
 
     @cached_property
     def _forward(self) -> dict[NodeKey, int]:
@@ -149,6 +149,23 @@ class Graph:
     def _backward(self) -> dict[NodeKey, int]:
         return {node_key(name): i for i, name in enumerate(self.downstream)}
 
+    @cached_property
+    def _head_runs(self) -> dict[tuple[str, str, int], slice]:
+        """(side, component, layer) -> the positions of that layer's per-head nodes, which the
+        graphs place in a run in head order (checked here, once)."""
+        runs = {}
+        for side, positions in (("upstream", self._forward), ("downstream", self._backward)):
+            heads: dict[tuple[str, str, int], list[tuple[int, int]]] = {}
+            for key, i in positions.items():
+                if key.head is not None:
+                    heads.setdefault((side, key.component, key.layer), []).append((key.head, i))
+            for run, found in heads.items():
+                first = min(i for _, i in found)
+                if sorted(found) != [(h, first + h) for h in range(len(found))]:
+                    raise AssertionError(f"{self.name} graph: the heads of {run} are not in a run")
+                runs[run] = slice(first, first + len(found))
+        return runs
+
 
 def _position(positions: dict[NodeKey, int], key: NodeKey, graph: str, side: str) -> int:
     if key not in positions:
@@ -156,17 +173,11 @@ def _position(positions: dict[NodeKey, int], key: NodeKey, graph: str, side: str
     return positions[key]
 
 
-def _heads_slice(positions: dict[NodeKey, int], component: str, layer: int, graph: str) -> slice:
-    """Positions of one layer's per-head nodes of `component`; the graphs place them in a run."""
-    found = sorted(
-        i for key, i in positions.items() if key[:2] == (component, layer) and key.head is not None
-    )
-    if not found:
+def _run(runs: dict[tuple[str, str, int], slice], run: tuple[str, str, int], graph: str) -> slice:
+    if run not in runs:
+        side, component, layer = run
         raise KeyError(f"the {graph} graph has no per-head {component} nodes in layer {layer}")
-    heads = [positions[NodeKey(component, layer, h)] for h in range(len(found))]
-    if heads != list(range(found[0], found[0] + len(found))):
-        raise AssertionError(f"{graph} graph: layer {layer}'s {component} heads are not in a run")
-    return slice(found[0], found[0] + len(found))
+    return runs[run]
 
 
 def parse_node(name: str) -> tuple[str, int | None]:
