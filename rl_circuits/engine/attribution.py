@@ -35,7 +35,8 @@ from rl_circuits.errors import NumericalError
 
 Method = Literal["eap", "eap-ig", "eap-ig-activations", "relp", "clean-corrupted", "exact"]
 METHODS: tuple[str, ...] = methods.METHOD_NAMES
-__all__ = ["METHODS", "Method", "Metric", "attribute", "masked_nll"]  # Metric, masked_nll: `inputs`
+# Metric and masked_nll live in `engine.inputs`; this module keeps them importable from here.
+__all__ = ["METHODS", "Method", "Metric", "attribute", "masked_nll"]
 
 
 def attribute(
