@@ -29,9 +29,9 @@ def gap_metric(threshold: float, direction: str) -> str:
 
 
 def gap_recovered(
-    losses: Float[np.ndarray, "k n"],
-    clean: Float[np.ndarray, " n"],
-    source: Float[np.ndarray, " n"],
+    losses: Float[np.ndarray, "k batch"],
+    clean: Float[np.ndarray, " batch"],
+    source: Float[np.ndarray, " batch"],
 ) -> Float[np.ndarray, " k"]:
     """Share of the mean gap each row of `losses` recovers: mean(clean - L_k) / mean(clean -
     source) over questions (NaN when the mean gap is 0, e.g. for identical models)."""
@@ -41,9 +41,9 @@ def gap_recovered(
 
 
 def diff_summary(
-    losses: Float[np.ndarray, "k n"],
-    clean: Float[np.ndarray, " n"],
-    source: Float[np.ndarray, " n"],
+    losses: Float[np.ndarray, "k batch"],
+    clean: Float[np.ndarray, " batch"],
+    source: Float[np.ndarray, " batch"],
     ks: Sequence[int],
     thresholds: Sequence[float] = THRESHOLDS,
     n_resamples: int = 1000,
@@ -66,7 +66,7 @@ def diff_summary(
     if losses.shape != (len(ks), n) or source.shape != (n,):
         raise ValueError(
             f"losses {losses.shape}, clean {clean.shape} and source {source.shape} must be "
-            f"[len(ks)={len(ks)}, n], [n] and [n]"
+            f"[len(ks)={len(ks)}, batch], [batch] and [batch]"
         )
     if n < 2:
         raise ValueError("diff_summary needs at least 2 questions")
@@ -104,7 +104,7 @@ def diff_summary(
 
 
 def top_edges(
-    values: Float[np.ndarray, "n n_upstream n_downstream"],
+    values: Float[np.ndarray, "batch n_upstream n_downstream"],
     upstream: Sequence[str],
     downstream: Sequence[str],
     edge_mask: Bool[np.ndarray, "n_upstream n_downstream"],

@@ -41,9 +41,14 @@ def mib_edge_counts(n_edges: int, fractions: Sequence[float] = MIB_FRACTIONS) ->
     return [int(x * n_edges) for x in fractions]
 
 
-def _trapezoid(
-    fractions: Sequence[float], y: Float[np.ndarray, "*rest k"]
-) -> Float[np.ndarray, "*rest"]:
+# The x and y of a curve on the fraction of edges kept (lists or arrays), and its area: one per
+# leading index of the curve, a float for one curve.
+Fractions = Sequence[float] | Float[np.ndarray, " k"]
+Curve = Sequence[float] | Float[np.ndarray, "*rest k"]
+Area = Float[np.ndarray, "*rest"] | float
+
+
+def _trapezoid(fractions: Fractions, y: Curve) -> Area:
     x = np.asarray(fractions, dtype=float)
     y = np.asarray(y, dtype=float)
     if x.ndim != 1 or x.size < 2 or y.shape[-1:] != x.shape:
@@ -56,7 +61,7 @@ def _trapezoid(
     return np.sum(np.diff(x) * (y[..., 1:] + y[..., :-1]) / 2, axis=-1)
 
 
-def cpr(fractions: Sequence[float], f: Float[np.ndarray, "*rest k"]) -> Float[np.ndarray, "*rest"]:
+def cpr(fractions: Fractions, f: Curve) -> Area:
     """MIB's circuit performance ratio: the area under the faithfulness curve over the fraction
     of edges kept, trapezoid rule on a linear axis (higher is better).
 
@@ -69,7 +74,7 @@ def cpr(fractions: Sequence[float], f: Float[np.ndarray, "*rest k"]) -> Float[np
     return _trapezoid(fractions, f)
 
 
-def cmd(fractions: Sequence[float], f: Float[np.ndarray, "*rest k"]) -> Float[np.ndarray, "*rest"]:
+def cmd(fractions: Fractions, f: Curve) -> Area:
     """MIB's circuit-model distance: the area under |1 - f| over the fraction of edges kept,
     trapezoid rule on a linear axis (lower is better; 0 when every circuit matches the model).
 
@@ -110,8 +115,8 @@ def overlap_curve(
 
 
 def compare_circuit_sizes(
-    before: Float[np.ndarray, "k n"],
-    after: Float[np.ndarray, "k n"],
+    before: Float[np.ndarray, "k batch"],
+    after: Float[np.ndarray, "k batch"],
     ks: Sequence[int],
     thresholds: Sequence[float],
     n_resamples: int = 1000,
@@ -120,7 +125,7 @@ def compare_circuit_sizes(
 ) -> tuple[list[dict], dict]:
     """Circuit sizes of the mean faithfulness curves, before vs after, over paired questions.
 
-    `before`/`after` are per-question faithfulness [k, n] on the same questions. Returns one
+    `before`/`after` are per-question faithfulness [k, batch] on the same questions. Returns one
     row per threshold (metric `circuit_size_<pct>`: before, after, diff, percentile bootstrap
     interval of diff, two-sided permutation p-value, significant, n) and the mean curves with
     their bootstrap bands. A size is NaN where the mean curve never reaches the threshold;
@@ -129,7 +134,7 @@ def compare_circuit_sizes(
     b, a = np.asarray(before, float), np.asarray(after, float)
     if b.shape != a.shape or b.ndim != 2 or b.shape[0] != len(ks):
         raise ValueError(
-            f"before {b.shape} and after {a.shape} must both be [len(ks)={len(ks)}, n questions]"
+            f"before {b.shape} and after {a.shape} must both be [len(ks)={len(ks)}, batch]"
         )
     n = b.shape[1]
     if n < 2:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -28,9 +28,13 @@ from rl_circuits.engine.attribution import attribute
 from rl_circuits.engine.circuits import evaluate_circuit, top_k_circuits
 
 
-def mib_faithfulness(losses: np.ndarray, clean: np.ndarray, none: np.ndarray) -> np.ndarray:
+def mib_faithfulness(
+    losses: Float[np.ndarray, "*rest k batch"],
+    clean: Float[np.ndarray, "*rest batch"],
+    none: Float[np.ndarray, "*rest batch"],
+) -> Float[np.ndarray, "*rest k"]:
     """MIB's f per grid point: (mean L_none - mean L_k) / (mean L_none - mean L_clean), the
-    means over questions (the last axis); `losses` [k, n] gives [k]."""
+    means over questions (the last axis); `losses` [k, batch] gives [k]."""
     span = none.mean(-1) - clean.mean(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         return (none.mean(-1)[..., None] - losses.mean(-1)) / span[..., None]
@@ -120,7 +124,7 @@ def rank_methods(
 
 
 def _losses(model, batches, circuits, graph, ablation, fused: bool) -> np.ndarray:
-    """[k, n] losses of the circuits, batch after batch."""
+    """[k, batch] losses of the circuits, one token batch after another."""
     return np.concatenate(
         [
             evaluate_circuit(

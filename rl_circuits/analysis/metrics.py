@@ -1,11 +1,12 @@
-"""Summary statistics of edge-score tensors W [n samples, n_upstream, n_downstream] (Sec. 4.2).
+"""Summary statistics of edge-score tensors W [batch, n_upstream, n_downstream] (Sec. 4.2).
 
 The paper compares a model before and after post-training through a few scalars computed from
 its edge attribution scores: activation intensity (Eq. 14), information complexity (Eq. 15),
 distribution kurtosis (Eq. 16), sample diversity (Figure 3a), plus per-node output-edge entropy
 (Figure 3b) and per-edge relative change (Figure 2). Every function takes numpy or torch input
-and is pure. `edge_mask=None` uses every matrix entry, zeros of non-edges included, as the
-paper's equations read ("all"); a boolean mask restricts them to the existing edges ("valid").
+(or a score object, `EdgeScores`) and is pure. `edge_mask=None` uses every matrix entry, zeros
+of non-edges included, as the paper's equations read ("all"); a boolean mask restricts them to
+the existing edges ("valid").
 """
 
 from __future__ import annotations
@@ -15,14 +16,26 @@ from types import MappingProxyType
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Float64
 
+from rl_circuits.engine.scores import EdgeScores
+
+# One matrix per sample (the axis is `batch`, as in the engine); a score object gives its values.
 ScoreArray = (
-    Float[np.ndarray, "n n_upstream n_downstream"]
-    | Float[torch.Tensor, "n n_upstream n_downstream"]
+    Float[np.ndarray, "batch n_upstream n_downstream"]
+    | Float[torch.Tensor, "batch n_upstream n_downstream"]
+    | EdgeScores
+)
+# The same edges scored on other samples (their own sample axis): the other side of a comparison
+# that does not pair the samples.
+OtherScoreArray = (
+    Float[np.ndarray, "other_batch n_upstream n_downstream"]
+    | Float[torch.Tensor, "other_batch n_upstream n_downstream"]
+    | EdgeScores
 )
 Mask = Bool[np.ndarray, "n_upstream n_downstream"] | Bool[torch.Tensor, "n_upstream n_downstream"]
 EdgeMap = Float[np.ndarray, "n_upstream n_downstream"]
+Checked = Float64[np.ndarray, "batch n_upstream n_downstream"]  # what `check_scores` returns
 
 __all__ = [
     "METRICS",
@@ -60,11 +73,14 @@ def _array(x, dtype=np.float64) -> np.ndarray:
         ) from None
 
 
-def check_scores(W) -> np.ndarray:
-    """W as float64 [n, n_upstream, n_downstream], checked (finite)."""
+def check_scores(W: object) -> Checked:
+    """W (a tensor, an array or a score object) as float64 [batch, n_upstream, n_downstream],
+    checked (3-d, not empty, finite); else ValueError saying what is wrong."""
     W = _array(W)
     if W.ndim != 3:
-        raise ValueError(f"edge scores must be [n, n_upstream, n_downstream], got shape {W.shape}")
+        raise ValueError(
+            f"edge scores must be [batch, n_upstream, n_downstream], got shape {W.shape}"
+        )
     if W.shape[0] == 0:
         raise ValueError("edge scores hold no samples")
     if not np.isfinite(W).all():
@@ -76,8 +92,8 @@ def check_scores(W) -> np.ndarray:
     return W
 
 
-def check_mask(edge_mask, W: np.ndarray) -> np.ndarray | None:
-    """The boolean mask, checked against W's matrix shape (None stays None)."""
+def check_mask(edge_mask: object, W: Checked) -> Bool[np.ndarray, "n_upstream n_downstream"] | None:
+    """The boolean mask, checked against W's matrix shape (None stays None); else ValueError."""
     if edge_mask is None:
         return None
     mask = _array(edge_mask, dtype=bool)
@@ -88,8 +104,8 @@ def check_mask(edge_mask, W: np.ndarray) -> np.ndarray | None:
     return mask
 
 
-def flat_entries(W: ScoreArray, edge_mask: Mask | None = None) -> Float[np.ndarray, "n m"]:
-    """Each sample's matrix flattened [n, m]: all entries, or only the masked ones."""
+def flat_entries(W: ScoreArray, edge_mask: Mask | None = None) -> Float64[np.ndarray, "batch m"]:
+    """Each sample's matrix flattened [batch, m]: all entries, or only the masked ones."""
     W = check_scores(W)
     mask = check_mask(edge_mask, W)
     return W.reshape(len(W), -1) if mask is None else W[:, mask]
@@ -97,7 +113,7 @@ def flat_entries(W: ScoreArray, edge_mask: Mask | None = None) -> Float[np.ndarr
 
 def activation_intensity_per_sample(
     W: ScoreArray, edge_mask: Mask | None = None
-) -> Float[np.ndarray, " n"]:
+) -> Float64[np.ndarray, " batch"]:
     """Mean |W| of each sample's matrix (their mean is Eq. 14)."""
     return np.abs(flat_entries(W, edge_mask)).mean(axis=1)
 
@@ -117,7 +133,9 @@ def information_complexity(
     return float(-(p * np.log(p + eps)).sum())
 
 
-def kurtosis_per_sample(W: ScoreArray, edge_mask: Mask | None = None) -> Float[np.ndarray, " n"]:
+def kurtosis_per_sample(
+    W: ScoreArray, edge_mask: Mask | None = None
+) -> Float64[np.ndarray, " batch"]:
     """Excess kurtosis (population moments) of each sample's entries; NaN for a constant one."""
     x = flat_entries(W, edge_mask)
     x = x - x.mean(axis=1, keepdims=True)
@@ -132,7 +150,9 @@ def distribution_kurtosis(W: ScoreArray, edge_mask: Mask | None = None) -> float
     return float(kurtosis_per_sample(W, edge_mask).mean())
 
 
-def sample_correlations(W: ScoreArray, edge_mask: Mask | None = None) -> Float[np.ndarray, "n n"]:
+def sample_correlations(
+    W: ScoreArray, edge_mask: Mask | None = None
+) -> Float64[np.ndarray, "batch batch"]:
     """Pearson correlation between every two samples' flattened (signed) matrices."""
     x = flat_entries(W, edge_mask)
     x = x - x.mean(axis=1, keepdims=True)
@@ -165,7 +185,7 @@ def output_entropy(
     return -terms.sum(axis=2).mean(axis=0)
 
 
-def relative_change(W_before: ScoreArray, W_after: ScoreArray) -> EdgeMap:
+def relative_change(W_before: ScoreArray, W_after: OtherScoreArray) -> EdgeMap:
     """Figure 2: (mean|W_after| - mean|W_before|) / mean|W_before| per edge; NaN where 0 before."""
     before, after = check_scores(W_before), check_scores(W_after)
     if before.shape[1:] != after.shape[1:]:

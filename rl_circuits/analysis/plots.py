@@ -13,10 +13,17 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from jaxtyping import Float
 from plotly.subplots import make_subplots
 
-from rl_circuits.analysis.metrics import Mask, ScoreArray, check_mask, check_scores
-from rl_circuits.analysis.stats import METRIC_LABELS
+from rl_circuits.analysis.metrics import (
+    Mask,
+    OtherScoreArray,
+    ScoreArray,
+    check_mask,
+    check_scores,
+)
+from rl_circuits.analysis.table1 import METRIC_LABELS
 from rl_circuits.engine.graph import parse_node
 
 __all__ = [
@@ -41,7 +48,7 @@ SUMMED_CELL = (
 
 def relative_change_heatmap(
     W_before: ScoreArray,
-    W_after: ScoreArray,
+    W_after: OtherScoreArray,
     upstream: Sequence[str],
     downstream: Sequence[str],
     edge_mask: Mask,
@@ -111,7 +118,7 @@ def short_node_label(name: str) -> str:
     return label if head is None else f"{label}[{head}]"
 
 
-def log2_limit(log_ratio: np.ndarray) -> float:
+def log2_limit(log_ratio: Float[np.ndarray, "*shape"]) -> float:
     """The colour range ±R of a log2-ratio map: the smallest `LOG2_LIMITS` entry holding 99% of
     its finite cells (1 when there are none)."""
     values = np.abs(log_ratio[np.isfinite(log_ratio)])
@@ -211,7 +218,7 @@ def _layout_heatmap(
     )
 
 
-def group_by_hook(names: Sequence[str]) -> tuple[list[str], np.ndarray]:
+def group_by_hook(names: Sequence[str]) -> tuple[list[str], Float[np.ndarray, "n_groups n_names"]]:
     """Group node names by their hook (a head-level node `hook[h]` joins `hook`'s group):
     the group names in order of appearance and a one-hot [n_groups, n_names] matrix."""
     groups: dict[str, int] = {}
@@ -357,8 +364,8 @@ def diversity_bars(df: pd.DataFrame) -> go.Figure:
 
 
 def output_entropy_lines(
-    entropy_before: Sequence[float] | np.ndarray,
-    entropy_after: Sequence[float] | np.ndarray,
+    entropy_before: Sequence[float] | Float[np.ndarray, " n_upstream"],
+    entropy_after: Sequence[float] | Float[np.ndarray, " n_upstream"],
     upstream: Sequence[str],
     title: str | None = None,
 ) -> go.Figure:

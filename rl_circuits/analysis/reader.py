@@ -27,7 +27,7 @@ from rl_circuits.analysis.plots import (
     output_entropy_lines,
     relative_change_heatmap,
 )
-from rl_circuits.analysis.stats import Table1, table1_from_rows
+from rl_circuits.analysis.table1 import Table1, table1_from_rows
 from rl_circuits.analysis.weights import (
     join_edges,
     model_fractions,
@@ -46,6 +46,8 @@ from rl_circuits.store.layout import RunLayout
 from rl_circuits.store.run import RunStore
 
 TABLE_METRICS = ("activation_intensity", "information_complexity", "distribution_kurtosis")
+# An alpha as a number or its text ("0.3"), matched to the run's alphas up to float rounding.
+Alpha = float | int | str
 
 
 def finished_cells(
@@ -141,8 +143,8 @@ class Run:
                 "`rl-circuits run CONFIG`)"
             )
 
-    def _check(self, pair: str, role: str | None, dataset: str) -> None:
-        """Refuse names the run does not have, listing the ones it has."""
+    def _check(self, pair: str, role: str | None, dataset: str | None) -> None:
+        """Refuse names the run does not have, listing the ones it has (None: not asked)."""
         for what, value, known in (
             ("pair", pair, list(self.config.pairs)),
             ("role", role, list(ROLES)),
@@ -154,7 +156,7 @@ class Run:
                     f"{', '.join(map(repr, known))}"
                 )
 
-    def _alpha(self, alpha: float | str) -> float:
+    def _alpha(self, alpha: Alpha) -> float:
         """The run's alpha equal to `alpha` up to float rounding (0.1 * 3 is 0.3), else an error
         listing the run's alphas."""
         known = self.config.alphas
@@ -188,8 +190,8 @@ class Run:
         """Each question's extracted answer, gold and verdict."""
         return self._records("grade", pair, role, dataset)
 
-    def scores(self, pair: str, role: str, dataset: str, alpha: float) -> EdgeScores:
-        """Edge scores [n, n_upstream, n_downstream] with node names and question ids; `alpha`
+    def scores(self, pair: str, role: str, dataset: str, alpha: Alpha) -> EdgeScores:
+        """Edge scores [batch, n_upstream, n_downstream] with node names and question ids; `alpha`
         is matched to the run's alphas up to float rounding."""
         self._check(pair, role, dataset)
         alpha = self._alpha(alpha)
@@ -351,7 +353,7 @@ class Run:
             if self.store.exists(RunLayout.weights(pair))
         }
 
-    def weight_edges(self, pair: str, dataset: str, alpha: float) -> tuple[pd.DataFrame, dict]:
+    def weight_edges(self, pair: str, dataset: str, alpha: Alpha) -> tuple[pd.DataFrame, dict]:
         """`pair`'s weights table joined to the change of each node's outgoing edge mass in
         one cell (and its diff-score mass where the diff stage ran), with (Spearman rho,
         permutation p) of rel_norm against |edge change| and against the diff mass."""
@@ -371,7 +373,7 @@ class Run:
             )
         return joined, stats
 
-    def _diff_mass(self, pair: str, dataset: str, alpha: float):
+    def _diff_mass(self, pair: str, dataset: str, alpha: Alpha):
         """Per upstream node, the outgoing mass of the diff stage's after-into-before scores,
         where the diff stage ran on this cell (else None)."""
         rel = RunLayout.diff_scores(pair, "after_into_before", dataset, alpha)
@@ -475,18 +477,19 @@ class Run:
             )
         return rel
 
-    def diff_scores(self, pair: str, direction: str, dataset: str, alpha: float) -> EdgeScores:
-        """Cross-model patching scores [n, n_upstream, n_downstream] of one diff cell."""
+    def diff_scores(self, pair: str, direction: str, dataset: str, alpha: Alpha) -> EdgeScores:
+        """Cross-model patching scores [batch, n_upstream, n_downstream] of one diff cell."""
         rel = self._diff_file(RunLayout.diff_scores, "scores", pair, direction, dataset, alpha)
         return self.store.read_scores(rel)
 
-    def diff_losses(self, pair: str, direction: str, dataset: str, alpha: float) -> dict:
-        """One diff cell's per-question losses: ids, ks, losses [k][n], clean, source, patched."""
+    def diff_losses(self, pair: str, direction: str, dataset: str, alpha: Alpha) -> dict:
+        """One diff cell's per-question losses: ids, ks, losses [k][batch], clean, source,
+        patched."""
         rel = self._diff_file(RunLayout.diff_curve, "losses", pair, direction, dataset, alpha)
         return self.store.read_json(rel)
 
     def diff_edges(
-        self, pair: str, direction: str, dataset: str, alpha: float, count: int = 20
+        self, pair: str, direction: str, dataset: str, alpha: Alpha, count: int = 20
     ) -> pd.DataFrame:
         """The `count` edges that carry the change most (largest mean |score|) in one cell."""
         s = self.diff_scores(pair, direction, dataset, alpha)
@@ -494,7 +497,7 @@ class Run:
             s.values.numpy(), s.upstream, s.downstream, s.edge_mask.numpy(), count=count
         )
 
-    def circuits(self, pair: str, role: str, dataset: str, alpha: float) -> dict:
+    def circuits(self, pair: str, role: str, dataset: str, alpha: Alpha) -> dict:
         """The circuits stage's per-question losses of one cell: ids, ks, losses, clean, none."""
         self._check(pair, role, dataset)
         rel = RunLayout.circuit(pair, role, dataset, self._alpha(alpha))

@@ -25,7 +25,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from rl_circuits.analysis.method_ranking import method_table, method_verdicts
-from rl_circuits.analysis.stats import Table1, format_value
+from rl_circuits.analysis.table1 import Table1, format_value
 from rl_circuits.store.atomic import write_atomic
 
 __all__ = ["png_images", "render_report", "write_report"]

@@ -34,7 +34,7 @@ def weights_table(record: Mapping) -> pd.DataFrame:
 
 
 def outgoing_mass(
-    values: Float[np.ndarray, "n n_upstream n_downstream"],
+    values: Float[np.ndarray, "batch n_upstream n_downstream"],
     edge_mask: Bool[np.ndarray, "n_upstream n_downstream"],
 ) -> Float[np.ndarray, " n_upstream"]:
     """Per upstream node, the sum over its edges of the mean |score| over questions."""
@@ -44,9 +44,9 @@ def outgoing_mass(
 def join_edges(
     weights: pd.DataFrame,
     upstream: Sequence[str],
-    before: np.ndarray,
-    after: np.ndarray,
-    diff: np.ndarray | None = None,
+    before: Float[np.ndarray, " n_upstream"],
+    after: Float[np.ndarray, " n_upstream"],
+    diff: Float[np.ndarray, " n_upstream"] | None = None,
 ) -> pd.DataFrame:
     """The weights table's graph nodes (norms and unembed have no edges) with `edge_change`
     (relative change of outgoing edge mass, from per-node masses `before`, `after`) and, given
@@ -61,7 +61,10 @@ def join_edges(
 
 
 def rank_agreement(
-    x: Sequence[float], y: Sequence[float], n_permutations: int = 10000, seed: int = 0
+    x: Sequence[float] | Float[np.ndarray, " points"] | pd.Series,
+    y: Sequence[float] | Float[np.ndarray, " points"] | pd.Series,
+    n_permutations: int = 10000,
+    seed: int = 0,
 ) -> tuple[float, float]:
     """Spearman's rho of x and y (average ranks for ties) and its two-sided permutation
     p-value, (1 + #{|rho_perm| >= |rho|}) / (1 + n_permutations); (nan, nan) under 3 points."""

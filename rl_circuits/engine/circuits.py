@@ -21,28 +21,34 @@ from jaxtyping import Bool, Float, Int
 from transformer_lens import HookedTransformer
 
 from rl_circuits.engine import counterfactual, efficient, heads, methods, tl_compat
-from rl_circuits.engine.attribution import (
+from rl_circuits.engine.choices import RANKINGS
+from rl_circuits.engine.graph import build_graph, node_key
+from rl_circuits.engine.inputs import (
+    LossMask,
     Metric,
-    _as_tensor,
-    _buffers,
-    _check_inputs,
-    _frozen,
-    _hooks,
+    Tokens,
+    as_tensor,
+    check_inputs,
     checked_metric,
     masked_nll,
 )
-from rl_circuits.engine.choices import RANKINGS
-from rl_circuits.engine.graph import build_graph
+from rl_circuits.engine.passes import frozen, node_hooks, output_buffers
 
 Ablation = Literal["zero", "mean", "mean-positional", "patch"]
 Ranking = Literal["abs", "signed"]
+# One circuit [n_upstream, n_downstream] or a stack of k: a bool tensor, array or nested list.
+Circuit = (
+    Bool[torch.Tensor, "*k n_upstream n_downstream"]
+    | Bool[np.ndarray, "*k n_upstream n_downstream"]
+    | Sequence
+)
 
 
 def evaluate_circuit(
     model: HookedTransformer,
-    tokens: Int[torch.Tensor, "batch pos"],
-    loss_mask: Bool[torch.Tensor, "batch pos"],
-    circuit: Bool[torch.Tensor, "*k n_upstream n_downstream"],
+    tokens: Tokens,
+    loss_mask: LossMask,
+    circuit: Circuit,
     graph: str = "paper",
     *,
     ablation: str = "zero",
@@ -74,7 +80,7 @@ def evaluate_circuit(
     methods.check_ablation(ablation)
     g = build_graph(graph, model.cfg.n_layers, model.cfg.n_heads)
     shape = (len(g.upstream), len(g.downstream))
-    circuit = _as_tensor(circuit, "circuit")
+    circuit = as_tensor(circuit, "circuit")
     stacked = circuit.ndim == 3
     circuits = circuit if stacked else circuit.unsqueeze(0)
     if circuits.dtype != torch.bool or tuple(circuits.shape[1:]) != shape:
@@ -83,7 +89,7 @@ def evaluate_circuit(
             f"{graph!r} graph's edges (or a stack of them), got {circuit.dtype} "
             f"{list(circuit.shape)}"
         )
-    tokens, loss_mask = _check_inputs(model, tokens, loss_mask)
+    tokens, loss_mask = check_inputs(model, tokens, loss_mask)
     metric = checked_metric(metric, tokens.shape[0])
     batch, pos = tokens.shape
     acc = torch.float64 if model.cfg.dtype == torch.float64 else torch.float32
@@ -100,15 +106,15 @@ def evaluate_circuit(
         mean_mask,
     )
     if g.name == "heads":
-        with _frozen(model), torch.no_grad():
+        with frozen(model), torch.no_grad():
             out = _heads_losses(model, tokens, loss_mask, g, circuits, cf, metric)
         return out if stacked else out[0]
-    chunks = _buffers(model, batch, pos, acc)
+    chunks = output_buffers(model, batch, pos, acc)
     slots = [buf[:, i] for _, buf in chunks for i in range(buf.shape[1])]
     attention = efficient.efficient_attention(model) if efficient_attention else nullcontext()
     flags = tl_compat.single_stream_inputs(model)  # before attention, which checks them
     losses = []
-    with _frozen(model), torch.no_grad(), flags, attention:
+    with frozen(model), torch.no_grad(), flags, attention:
         replaced = _counterfactual_sum(model, g, cf, batch, pos, acc, efficient_attention)
         for keep in circuits:
             removed = (g.edge_mask & ~keep.cpu()).to(acc)  # [n_up, n_down]
@@ -133,7 +139,7 @@ def evaluate_circuit(
                     total += (1 if rebuild else -1) * replaced(removed[:n, d]).to(x.device)
                 return total.to(x.dtype) if rebuild else x - total.to(x.dtype)
 
-            with _hooks(model, g, transform=ablate, record=slots):
+            with node_hooks(model, g, transform=ablate, record=slots):
                 losses.append(metric(model(tokens), tokens, loss_mask).to(acc))
     out = torch.stack(losses).cpu()
     return out if stacked else out[0]
@@ -145,7 +151,7 @@ def _counterfactual_sum(model, g, cf, batch: int, pos: int, acc, efficient_atten
     if cf.ablation == "zero":
         return None
     if cf.ablation == "patch":
-        chunks = _buffers(model, batch, pos, acc)  # the one extra activation buffer
+        chunks = output_buffers(model, batch, pos, acc)  # the one extra activation buffer
         slots = [buf[:, i] for _, buf in chunks for i in range(buf.shape[1])]
         counterfactual.fill(cf, g.upstream, slots, efficient_attention)  # -O'_u
 
@@ -155,8 +161,8 @@ def _counterfactual_sum(model, g, cf, batch: int, pos: int, acc, efficient_atten
                 k = min(len(w) - start, buf.shape[1])
                 if k <= 0:
                     break
-                part = torch.einsum("bupm,u->bpm", buf[:, :k], w[start : start + k].to(buf.device))
-                total = total - part.to(chunks[0][1].device)
+                term = torch.einsum("bupm,u->bpm", buf[:, :k], w[start : start + k].to(buf.device))
+                total = total - term.to(chunks[0][1].device)
             return total
 
         return patched
@@ -225,9 +231,6 @@ class _HeadsPass:
         self.z: dict[int, torch.Tensor] = {}  # layer -> [b, p, head, d_head]
         self.node = {name: d for d, name in enumerate(g.downstream)}
 
-    def _full_upstream(self, i: int) -> int:
-        return 0 if i == 0 else i * (self.n_heads + 1)
-
     def record_hooks(self) -> list:
         names = ["hook_embed"] + [f"blocks.{i}.hook_mlp_out" for i in range(self.n_layers)]
         hooks = [(name, partial(self._store, self.full, i)) for i, name in enumerate(names)]
@@ -254,15 +257,15 @@ class _HeadsPass:
         w = self.removed[:n, columns].to(device)  # [n, c]
         total = None
         for i, act in self.full.items():
-            u = self._full_upstream(i)
+            u = self.g.forward_index("embed") if i == 0 else self.g.forward_index("mlp", i - 1)
             if u < n and w[u].any():
-                part = act if self.cf_full is None else act - self.cf_full[i]
-                term = part.unsqueeze(2) * w[u].view(1, 1, -1, 1)
+                delta = act if self.cf_full is None else act - self.cf_full[i]
+                term = delta.unsqueeze(2) * w[u].view(1, 1, -1, 1)
                 total = term if total is None else total + term
         for layer, z in self.z.items():
-            first = 1 + layer * (self.n_heads + 1)
-            weights = w[first : first + self.n_heads]  # [head, c]
-            if first >= n or not weights.any():
+            rows = self.g.forward_heads(layer)
+            weights = w[rows]  # [head, c]
+            if rows.start >= n or not weights.any():
                 continue
             w_o = self.model.blocks[layer].attn.W_O.to(device, self.acc)  # [head, d_head, m]
             if self.cf_z is not None and self.cf_w_o is None:
@@ -275,8 +278,9 @@ class _HeadsPass:
         return total
 
     def _per_head(self, act: torch.Tensor, hook) -> torch.Tensor:
-        layer, part = hook.name.split(".")[1], hook.name.split("hook_")[1][0]
-        columns = [self.node[f"blocks.{layer}.hook_{part}_input[{h}]"] for h in range(act.shape[2])]
+        key = node_key(hook.name)  # e.g. NodeKey("q", layer, None): the layer's q inputs
+        heads = self.g.backward_heads(key.component, key.layer)
+        columns = list(range(heads.start, heads.stop))
         fix = self._correction(columns, act.device)
         return act if fix is None else act - fix.to(act.dtype)
 

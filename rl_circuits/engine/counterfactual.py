@@ -14,7 +14,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 from transformer_lens import HookedTransformer
 
 from rl_circuits.engine import efficient
@@ -66,10 +66,10 @@ def prepare(
     tokens: Int[torch.Tensor, "batch pos"],
     loss_mask: Bool[torch.Tensor, "batch pos"],
     ablation: str,
-    corrupted_tokens=None,
+    corrupted_tokens: Int[torch.Tensor, "batch pos"] | None = None,
     corrupted_model: HookedTransformer | None = None,
-    mean_tokens=None,
-    mean_mask=None,
+    mean_tokens: Int[torch.Tensor, "mean_batch mean_pos"] | None = None,
+    mean_mask: Bool[torch.Tensor, "mean_batch mean_pos"] | None = None,
 ) -> Counterfactual:
     """Check that the inputs fit the ablation (one clear error otherwise) and collect them."""
     patching = (corrupted_tokens is not None) or (corrupted_model is not None)
@@ -219,7 +219,7 @@ def run_outputs(
 
 def means(
     cf: Counterfactual, names: Sequence[str], dtype: torch.dtype, efficient_attention: bool = True
-) -> list[torch.Tensor]:
+) -> list[Float[torch.Tensor, "*feature"]]:
     """Each output of `names` averaged over the valid positions of the mean data: [*feature]
     (`mean`) or [pos, *feature] (`mean-positional`, each position over the samples covering it;
     0 where none does)."""
@@ -241,7 +241,7 @@ def means(
 def fill(
     cf: Counterfactual,
     names: Sequence[str],
-    slots: Sequence[torch.Tensor],
+    slots: Sequence[Float[torch.Tensor, "batch pos d_model"]],
     efficient_attention: bool = True,
 ) -> None:
     """slots[i] := -O'_i for each output of `names` (slot [batch, pos, d_model]); zero ablation

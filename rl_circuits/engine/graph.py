@@ -14,13 +14,18 @@ graph's `hook_attn_out` includes it. Llama, Mistral and Qwen2 have no output bia
 so summing a layer's head scores gives the paper graph's scores exactly; a model whose b_O is
 nonzero (b_V folded into it by TransformerLens's weight processing) is refused for this graph
 (`heads.check_supported`).
+
+A graph owns its index arithmetic: `forward_index` / `backward_index` give a node's position
+from what it is (component, layer, head: a `NodeKey`), as EAP-IG's `Graph` does, so code that
+indexes score matrices asks the graph rather than recomputing the node order.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from functools import cached_property
+from typing import Literal, NamedTuple
 
 import torch
 from jaxtyping import Bool
@@ -30,6 +35,46 @@ from rl_circuits.engine.tl_compat import LN1_CALLS
 
 GraphName = Literal["paper", "block", "residual", "heads"]
 _HEAD_NAME = re.compile(r"^(?P<hook>[A-Za-z0-9_.]+)\[(?P<head>[0-9]+)\]$")
+_BLOCK_HOOK = re.compile(r"^blocks\.(?P<layer>[0-9]+)\.(?P<hook>[A-Za-z0-9_.]+)$")
+# A block hook's component: what a layer writes (attn, mlp) or reads (q, k, v, attn, mlp, the
+# residual states); the last layer's hook_resid_post is the logits node.
+_COMPONENTS = {
+    "hook_attn_out": "attn",
+    "attn.hook_result": "attn",
+    "hook_mlp_out": "mlp",
+    "hook_q_input": "q",
+    "hook_k_input": "k",
+    "hook_v_input": "v",
+    "hook_attn_in": "attn",
+    "hook_mlp_in": "mlp",
+    "hook_resid_pre": "resid_pre",
+    "hook_resid_mid": "resid_mid",
+    "hook_resid_post": "logits",
+}
+
+
+class NodeKey(NamedTuple):
+    """What a node is: its component (upstream "embed", "attn", "mlp"; downstream "q", "k",
+    "v", "attn", "mlp", "resid_pre", "resid_mid", "logits"), its layer and its head (None where
+    the node has none: the embedding and the logits have no layer, layer nodes no head)."""
+
+    component: str
+    layer: int | None = None
+    head: int | None = None
+
+
+def node_key(name: str) -> NodeKey:
+    """A node name -> its `NodeKey`: `"blocks.3.hook_q_input[5]"` -> `NodeKey("q", 3, 5)`."""
+    hook, head = parse_node(name)
+    if hook == "hook_embed":
+        return NodeKey("embed")
+    match = _BLOCK_HOOK.match(hook)
+    component = _COMPONENTS.get(match["hook"]) if match else None
+    if component is None:
+        raise ValueError(f"node name {name!r} names no node of any graph")
+    if component == "logits":
+        return NodeKey("logits")
+    return NodeKey(component, int(match["layer"]), head)
 
 
 @dataclass(frozen=True)
@@ -70,6 +115,69 @@ class Graph:
     @property
     def n_edges(self) -> int:
         return sum(self.n_before)
+
+    def forward_index(
+        self, component: str, layer: int | None = None, head: int | None = None
+    ) -> int:
+        """The position among the upstream nodes of `NodeKey(component, layer, head)`."""
+        return _position(self._forward, NodeKey(component, layer, head), self.name, "upstream")
+
+    def backward_index(
+        self, component: str, layer: int | None = None, head: int | None = None
+    ) -> int:
+        """The position among the downstream nodes of `NodeKey(component, layer, head)`."""
+        key = NodeKey(component, layer, head)
+        return _position(self._backward, key, self.name, "downstream")
+
+    def forward_key(self, index: int) -> NodeKey:
+        """What upstream node `index` is (the inverse of `forward_index`)."""
+        return node_key(self.upstream[index])
+
+    def forward_heads(self, layer: int) -> slice:
+        """The upstream positions of `layer`'s heads, in head order (the heads graph)."""
+        return _run(self._head_runs, ("upstream", "attn", layer), self.name)
+
+    def backward_heads(self, component: str, layer: int) -> slice:
+        """The downstream positions of `layer`'s heads' `component` ("q", "k", "v") inputs."""
+        return _run(self._head_runs, ("downstream", component, layer), self.name)
+
+    @cached_property
+    def _forward(self) -> dict[NodeKey, int]:
+        return {node_key(name): i for i, name in enumerate(self.upstream)}
+
+    @cached_property
+    def _backward(self) -> dict[NodeKey, int]:
+        return {node_key(name): i for i, name in enumerate(self.downstream)}
+
+    @cached_property
+    def _head_runs(self) -> dict[tuple[str, str, int], slice]:
+        """(side, component, layer) -> the positions of that layer's per-head nodes, which the
+        graphs place in a run in head order (checked here, once)."""
+        runs = {}
+        for side, positions in (("upstream", self._forward), ("downstream", self._backward)):
+            heads: dict[tuple[str, str, int], list[tuple[int, int]]] = {}
+            for key, i in positions.items():
+                if key.head is not None:
+                    heads.setdefault((side, key.component, key.layer), []).append((key.head, i))
+            for run, found in heads.items():
+                first = min(i for _, i in found)
+                if sorted(found) != [(h, first + h) for h in range(len(found))]:
+                    raise AssertionError(f"{self.name} graph: the heads of {run} are not in a run")
+                runs[run] = slice(first, first + len(found))
+        return runs
+
+
+def _position(positions: dict[NodeKey, int], key: NodeKey, graph: str, side: str) -> int:
+    if key not in positions:
+        raise KeyError(f"the {graph} graph has no {side} node {key}")
+    return positions[key]
+
+
+def _run(runs: dict[tuple[str, str, int], slice], run: tuple[str, str, int], graph: str) -> slice:
+    if run not in runs:
+        side, component, layer = run
+        raise KeyError(f"the {graph} graph has no per-head {component} nodes in layer {layer}")
+    return runs[run]
 
 
 def parse_node(name: str) -> tuple[str, int | None]:
@@ -115,9 +223,9 @@ def build_graph(name: str, n_layers: int, n_heads: int | None = None) -> Graph:
         attn_reads, mlp_reads = 1 + 2 * layer, 2 + 2 * layer
         ln1, ln2 = f"blocks.{layer}.ln1", f"blocks.{layer}.ln2"
         if name == "paper":
-            for call, part in enumerate(LN1_CALLS):
+            for call, letter in enumerate(LN1_CALLS):
                 nodes.append(
-                    (f"blocks.{layer}.hook_{part}_input", Site(ln1, "input", (call,)), attn_reads)
+                    (f"blocks.{layer}.hook_{letter}_input", Site(ln1, "input", (call,)), attn_reads)
                 )
         elif name == "block":
             nodes.append(
@@ -143,10 +251,14 @@ def _heads_graph(n_layers: int, n_heads: int) -> Graph:
     nodes: list[tuple[str, Site, int]] = []
     for layer in range(n_layers):
         attn_reads = 1 + layer * (n_heads + 1)
-        for part in "qkv":
-            module = f"blocks.{layer}.attn.hook_{part}"
+        for letter in "qkv":
+            module = f"blocks.{layer}.attn.hook_{letter}"
             nodes += [
-                (f"blocks.{layer}.hook_{part}_input[{h}]", Site(module, "head", head=h), attn_reads)
+                (
+                    f"blocks.{layer}.hook_{letter}_input[{h}]",
+                    Site(module, "head", head=h),
+                    attn_reads,
+                )
                 for h in range(n_heads)
             ]
         ln2 = f"blocks.{layer}.ln2"

@@ -54,7 +54,7 @@ def required_flags(model: HookedTransformer, names: Iterable[str]) -> dict[str, 
     its name.
 
     Raises ValueError for names that need contradicting flags: `hook_attn_in` (every head's
-    input at once) is computed but bypassed while the per-part q/k/v inputs are on.
+    input at once) is computed but bypassed while the split q/k/v inputs are on.
     """
     flags: dict[str, bool] = {}
     wants: dict[tuple[str, bool], str] = {}

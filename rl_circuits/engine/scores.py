@@ -1,6 +1,6 @@
 """Edge scores: the one type `attribute()` returns and a run directory stores and reads back.
 
-`values[sample, u, d]` scores the edge from upstream node u to downstream node d for each
+`values[b, u, d]` scores the edge from upstream node u to downstream node d for each
 sample. Scores from `attribute()` carry the samples' clean loss, graph, method and the
 `sample_ids` given (else no ids); a run's stored scores carry question ids and `meta` (e.g. the
 run's `t_cut`), and their loss, graph and method are whatever the file recorded (None where it
@@ -32,14 +32,14 @@ class EdgeScores:
     further JSON-able facts stored with them. Shapes are checked on construction.
     """
 
-    values: Float[torch.Tensor, "n n_upstream n_downstream"]
-    upstream: tuple[str, ...]
-    downstream: tuple[str, ...]
+    values: Float[torch.Tensor, "batch n_upstream n_downstream"]
+    upstream: Sequence[str]  # stored as a tuple
+    downstream: Sequence[str]  # stored as a tuple
     edge_mask: Bool[torch.Tensor, "n_upstream n_downstream"]  # which (u, d) pairs are edges
-    loss: Float[torch.Tensor, " n"] | None = None
+    loss: Float[torch.Tensor, " batch"] | None = None
     graph: str | None = None
     method: str | None = None
-    ids: list[str] | None = None
+    ids: Sequence[str] | None = None  # stored as a list
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -57,7 +57,7 @@ class EdgeScores:
         if values.dim() != 3 or tuple(values.shape[1:]) != want[1:]:
             raise DataError(
                 f"edge scores: values have shape {tuple(values.shape)}, expected "
-                f"(n, {want[1]}, {want[2]}) (samples, upstream nodes, downstream nodes)"
+                f"(batch, {want[1]}, {want[2]}) (samples, upstream nodes, downstream nodes)"
             )
         if self.ids is not None and len(self.ids) != n:
             raise DataError(
@@ -110,7 +110,7 @@ class EdgeScores:
             + (f"; similar: {', '.join(near)}" if near else "")
         )
 
-    def top_edges(self, k: int = 10) -> list[tuple[str, str, float]]:
+    def top_edges(self, k: numbers.Integral = 10) -> list[tuple[str, str, float]]:
         """The `k` edges with the largest |mean score| over samples, largest first, as
         (upstream, downstream, mean score)."""
         import torch
@@ -132,7 +132,7 @@ class EdgeScores:
         import pandas as pd
 
         rows, cols = self.edge_mask.nonzero(as_tuple=True)
-        values = self.values[:, rows, cols].float().numpy()  # [n, n_edges]
+        values = self.values[:, rows, cols].float().numpy()  # [batch, n_edges]
         n, n_edges = values.shape
         return pd.DataFrame(
             {

@@ -62,7 +62,7 @@ def installed_version() -> str:
 # --- call order ---------------------------------------------------------------------------
 
 # TL 3.9 TransformerBlock.forward: `self.attn(query_input=self.ln1(q_in), key_input=self.ln1(k_in),
-# value_input=self.ln1(v_in))`, so call i of a block's ln1 is the input of part LN1_CALLS[i].
+# value_input=self.ln1(v_in))`, so call i of a block's ln1 is the input LN1_CALLS[i] (q, k or v).
 LN1_CALLS: tuple[str, ...] = ("q", "k", "v")
 
 
@@ -172,15 +172,15 @@ def flags_set(model: HookedTransformer, flags: dict[str, bool]) -> Iterator[None
 
 
 def qkv_weight(
-    attn: AbstractAttention, part: Literal["Q", "K", "V"]
+    attn: AbstractAttention, letter: Literal["Q", "K", "V"]
 ) -> tuple[Float[torch.Tensor, "weight_head d_model d_head"], int]:
     """A projection weight as stored, and how many query heads share each of its heads.
 
     TL 3.9 `GroupedQueryAttention` stores keys and values once per key/value head in `_W_K` /
-    `_W_V` (its public `W_K` / `W_V` repeat them per query head); other layers store `W_{part}`.
+    `_W_V` (its public `W_K` / `W_V` repeat them per query head); other layers store `W_{letter}`.
     """
-    grouped = getattr(attn, f"_W_{part}", None)
-    weight = grouped if grouped is not None else getattr(attn, f"W_{part}")
+    grouped = getattr(attn, f"_W_{letter}", None)
+    weight = grouped if grouped is not None else getattr(attn, f"W_{letter}")
     return weight, attn.cfg.n_heads // weight.shape[0]
 
 

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from rl_circuits.errors import DataError, StoreError
 from rl_circuits.store.canonical import jsonl_line, parse_jsonl, sha256
@@ -79,8 +79,10 @@ def record_id(record: Any, where: str) -> str:
     return rid
 
 
+@runtime_checkable
 class Store(Protocol):
-    """What a record table needs of its `RunStore` (declared here: `run` imports this module)."""
+    """What a record table needs of its `RunStore` (declared here: `run` imports this module;
+    runtime-checkable, so that a type checker can check a store against it)."""
 
     root: Path
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from checker import unchecked
 
 from rl_circuits.analysis.metrics import (
     METRICS,
@@ -131,7 +132,8 @@ def test_metrics_mapping_and_shape_errors():
         "sample_diversity",
     ]
     assert all(isinstance(metric(W), float) for metric in METRICS.values())
-    with pytest.raises(ValueError, match="n_upstream, n_downstream"):
-        activation_intensity(W[0])
-    with pytest.raises(ValueError, match="edge_mask"):
-        activation_intensity(W, MASK[:, :2])
+    with unchecked():  # a matrix, a mask of other edges: what the hints refuse, explained
+        with pytest.raises(ValueError, match="n_upstream, n_downstream"):
+            activation_intensity(W[0])
+        with pytest.raises(ValueError, match="edge_mask"):
+            activation_intensity(W, MASK[:, :2])

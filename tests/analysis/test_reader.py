@@ -4,6 +4,7 @@ later stages have not run yet, which names the stage to run instead of a bare mi
 import shutil
 
 import pytest
+from checker import unchecked
 
 from rl_circuits import load_run, table1
 from rl_circuits.errors import RLCircuitsError
@@ -20,8 +21,11 @@ def test_alpha_as_text_or_float_sum_reads_the_same_scores(tiny_run):
     assert 0.1 * 3 != 0.3
     thirds = run.scores(pair, "after", dataset, 0.1 * 3)
     assert thirds.ids == run.scores(pair, "after", dataset, 0.3).ids
-    for bad in ("one", 0.35, None):
-        with pytest.raises(RLCircuitsError, match=rf"alpha {bad!r} is not in run .*; it has "):
+    for bad in ("one", 0.35, None):  # None: not an `Alpha`, refused with the same message
+        with (
+            pytest.raises(RLCircuitsError, match=rf"alpha {bad!r} is not in run .*; it has "),
+            unchecked(),
+        ):
             run.scores(pair, "after", dataset, bad)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checker import unchecked
 
 from rl_circuits.engine.attribution import attribute, masked_nll
 from rl_circuits.engine.circuits import evaluate_circuit
@@ -411,7 +412,7 @@ def test_bad_combinations_name_what_works(models64, pairs64):
         attribute(model, tokens, mask, corrupted_tokens=corrupted)
     with pytest.raises(ValueError, match="corrupted_model does not match model: cfg.original_arch"):
         attribute(model, tokens, mask, ablation="patch", corrupted_model=other)
-    with pytest.raises(ValueError, match="shape of tokens"):
+    with pytest.raises(ValueError, match="shape of tokens"), unchecked():  # hint: [batch pos]
         attribute(model, tokens, mask, ablation="patch", corrupted_tokens=corrupted[:, :4])
     with pytest.raises(ValueError, match="unknown ablation 'resample'"):
         evaluate_circuit(

@@ -11,9 +11,18 @@ from test_attribution import clean_outputs, hand_ablated_loss
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from rl_circuits.engine import attribution, counterfactual, efficient, heads, methods, tl_compat
+from rl_circuits.engine import (
+    attribution,
+    counterfactual,
+    efficient,
+    head_buffers,
+    heads,
+    methods,
+    tl_compat,
+)
 from rl_circuits.engine.attribution import attribute, masked_nll
 from rl_circuits.engine.graph import build_graph, parse_node
+from rl_circuits.engine.passes import frozen
 from rl_circuits.models.loading import load_model
 from rl_circuits.models.tiny import ARCHITECTURES, make_tiny_checkpoint
 
@@ -30,7 +39,7 @@ def _raw_scores(model, tokens, mask, graph: str, scales) -> torch.Tensor:
     """The engines' own float64 matrices (attribute() hands out float32 copies)."""
     g = build_graph(graph, model.cfg.n_layers, model.cfg.n_heads)
     passes, zero = [methods.Pass(t=t) for t in scales], counterfactual.Counterfactual("zero")
-    with attribution._frozen(model), torch.enable_grad(), efficient.efficient_attention(model):
+    with frozen(model), torch.enable_grad(), efficient.efficient_attention(model):
         if graph == "heads":
             with tl_compat.ungrouped_kv(model):
                 values, _ = heads.gradient_scores(model, tokens, mask, g, masked_nll, passes, zero)
@@ -328,9 +337,9 @@ def test_notebooks_run_on_the_heads_graph(heads_run, monkeypatch):
 def test_buffer_sizes_used_for_estimates_are_the_engines(models64):
     """heads.buffer_bytes (the 7B memory estimate's input) matches what the engine allocates."""
     model = models64["MistralForCausalLM"]
-    state = heads._State(model, 2, 10, "cpu", torch.float64)
+    buffers = head_buffers.HeadBuffers(model, 2, 10, "cpu", torch.float64)
     sizes = heads.buffer_bytes(model.cfg, 2, 10, torch.float64)["buffers"]
-    allocated = [state.full, state.z, state.xhat, state.rinv, state.t, state.grads]
+    allocated = [buffers.full, buffers.z, buffers.xhat, buffers.rinv, buffers.coef, buffers.grads]
     graph = build_graph("heads", model.cfg.n_layers, model.cfg.n_heads)
     scores = 2 * len(graph.upstream) * len(graph.downstream) * 8
     assert sum(sizes.values()) == sum(x.numel() * 8 for x in allocated) + scores

@@ -5,6 +5,7 @@ flags left set by the user, sample ids, top_edges' k (tiny float64 models)."""
 import numpy as np
 import pytest
 import torch
+from checker import unchecked
 
 from rl_circuits.engine.attribution import attribute, masked_nll
 from rl_circuits.engine.circuits import evaluate_circuit
@@ -112,7 +113,7 @@ def test_sample_ids_are_checked_and_attached(models64):
         ("ab", "must be a list of 2 strings"),
         (7, "must be a list of 2 strings"),
     ):
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=message), unchecked():  # [1, 2], 7: not the hint
             attribute(model, tokens, mask, sample_ids=bad)
 
 
@@ -122,5 +123,5 @@ def test_top_edges_needs_a_whole_number(models64):
     scores = attribute(model, tokens, mask)
     assert len(scores.top_edges(np.int64(3))) == 3
     for k in (2.5, -1, "3", True, None):
-        with pytest.raises(ValueError, match="k must be a whole number >= 0"):
+        with pytest.raises(ValueError, match="k must be a whole number >= 0"), unchecked():
             scores.top_edges(k)

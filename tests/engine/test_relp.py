@@ -15,10 +15,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rl_circuits.engine import attribution, counterfactual, efficient, heads, methods, tl_compat
+from rl_circuits.engine import (
+    attribution,
+    counterfactual,
+    efficient,
+    heads,
+    methods,
+    tl_compat,
+)
 from rl_circuits.engine.attribution import attribute, masked_nll
 from rl_circuits.engine.graph import build_graph, parse_node
 from rl_circuits.engine.methods import RELP_RULES
+from rl_circuits.engine.passes import frozen
 from rl_circuits.engine.relp import relp_rules, unscored
 from rl_circuits.models.tiny import ARCHITECTURES
 
@@ -39,7 +47,7 @@ def _raw(model, tokens, mask, graph, rules=(), metric=masked_nll, fwd_hooks=(), 
     g = build_graph(graph, model.cfg.n_layers, model.cfg.n_heads)
     passes, zero = [methods.Pass(rules=tuple(rules))], counterfactual.Counterfactual("zero")
     attention = efficient.efficient_attention(model) if fused else nullcontext()
-    with attribution._frozen(model), torch.enable_grad(), attention:
+    with frozen(model), torch.enable_grad(), attention:
         with model.hooks(fwd_hooks=list(fwd_hooks)):
             if graph == "heads":
                 with tl_compat.ungrouped_kv(model):
