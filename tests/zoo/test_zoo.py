@@ -310,7 +310,7 @@ def test_grpo_and_dpo_build_their_trl_arguments_in_one_place(tmp_path):
             self.state = SimpleNamespace(global_step=3, log_history=[])
 
         def remove_callback(self, kind):
-            pass
+            self.callbacks = [c for c in self.callbacks if not isinstance(c, kind)]
 
         def add_callback(self, callback):
             self.callbacks.append(callback)
