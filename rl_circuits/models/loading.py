@@ -275,8 +275,8 @@ def load_model(
     """Load a checkpoint as a HookedTransformer with raw (unprocessed) weights.
 
     `dtype` is a torch dtype or its name as configs write it (`as_dtype`). `max_seq_len` sets
-    n_ctx (default 2048, capped by the checkpoint's limit): TransformerLens
-    allocates an n_ctx x n_ctx mask per layer. `fold_ln` and `center_unembed` reparametrise the
+    n_ctx (default 2048, capped by the checkpoint's limit): TransformerLens allocates an
+    n_ctx x n_ctx mask per layer. `fold_ln` and `center_unembed` reparametrise the
     model without changing its function, the residual stream or any edge score (the value
     bias b_V stays with its head, as the heads graph needs); other processing (centring
     writing weights) would change scores and is not offered.
