@@ -12,6 +12,8 @@ from checker import unchecked
 
 from rl_circuits.analysis.metrics import activation_intensity
 from rl_circuits.engine.attribution import masked_nll
+from rl_circuits.models.weight_diff import effective_rank
+from rl_circuits.pipeline.common import in_shard
 
 
 def _mismatched() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -37,3 +39,18 @@ def test_a_wrong_dtype_in_the_analysis_is_refused_by_the_checker():
         activation_intensity(counts)
     with unchecked():
         assert activation_intensity(counts) == 1.0
+
+
+def test_a_wrong_shape_in_the_models_is_refused_by_the_checker():
+    matrix = np.eye(3)  # the hint asks for singular values, one axis
+    with pytest.raises(jaxtyping.TypeCheckError, match="effective_rank"):
+        effective_rank(matrix)
+    with unchecked():  # a rank of the flattened matrix's entries
+        assert effective_rank(matrix) == pytest.approx(3.0)
+
+
+def test_a_wrong_type_in_the_pipeline_is_refused_by_the_checker():
+    with pytest.raises(jaxtyping.TypeCheckError, match="in_shard"):
+        in_shard(3.0, (1, 2))
+    with unchecked():
+        assert in_shard(3.0, (1, 2))

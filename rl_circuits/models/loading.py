@@ -264,7 +264,7 @@ def load_model(
     path_or_hub_id: str | Path,
     *,
     revision: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device | None = None,
     n_devices: int = 1,
     max_seq_len: int | None = None,
@@ -274,8 +274,9 @@ def load_model(
 ) -> HookedTransformer:
     """Load a checkpoint as a HookedTransformer with raw (unprocessed) weights.
 
-    `max_seq_len` sets n_ctx (default 2048, capped by the checkpoint's limit): TransformerLens
-    allocates an n_ctx x n_ctx mask per layer. `fold_ln` and `center_unembed` reparametrise the
+    `dtype` is a torch dtype or its name as configs write it (`as_dtype`). `max_seq_len` sets
+    n_ctx (default 2048, capped by the checkpoint's limit): TransformerLens allocates an
+    n_ctx x n_ctx mask per layer. `fold_ln` and `center_unembed` reparametrise the
     model without changing its function, the residual stream or any edge score (the value
     bias b_V stays with its head, as the heads graph needs); other processing (centring
     writing weights) would change scores and is not offered.

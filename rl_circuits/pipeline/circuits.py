@@ -131,7 +131,8 @@ def _tokens(items, group: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _cell_losses(model, scores, items, cfg: RunConfig, desc: str, progress: bool):
-    """{ids, ks, losses [k][n], none [n], clean [n]} of one cell; clean is the all-edge circuit."""
+    """{ids, ks, losses [k][batch], none [batch], clean [batch]} of one cell; clean is the
+    all-edge circuit."""
     circuits_cfg, attribute_cfg = cfg.circuits, cfg.attribute
     mask = scores.edge_mask.numpy()
     values = scores.values.double().numpy()

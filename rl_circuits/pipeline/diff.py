@@ -209,7 +209,7 @@ def _curve(cfg: RunConfig, store: RunStore, cell, model, source, items, desc, pr
                     store.write_json(where(qid), record)
             bar.update(len(batch))
     per_question = [store.read_json(where(qid)) for qid, _, _ in items]
-    losses = np.array([q["losses"] for q in per_question]).T  # [k, n]
+    losses = np.array([q["losses"] for q in per_question]).T  # [k, batch]
     store.write_json(
         RunLayout.diff_curve(*cell),
         {

@@ -33,7 +33,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from rl_circuits.errors import ConfigError, LockedError, RLCircuitsError, StoreError
 from rl_circuits.pipeline.registry import Stage, get_stage
@@ -200,7 +200,16 @@ class _Worker:
         return lines[-1] if lines else "(no output)"
 
 
-def _pump(stream, prefix: str, sink: TextIO, tail: deque[str]) -> None:
+@runtime_checkable
+class TextSink(Protocol):
+    """Where workers' output goes: what `_pump` calls, so any text stream (a file, sys.stderr,
+    io.StringIO, a captured stream without a name, which `typing.TextIO` refuses)."""
+
+    def write(self, text: str, /) -> int: ...
+    def flush(self) -> None: ...
+
+
+def _pump(stream, prefix: str, sink: TextSink, tail: deque[str]) -> None:
     """Copy a worker's output to `sink` line by line (progress bars' carriage returns end a
     line too), each line prefixed with the worker's name; keep the last lines for errors."""
     pending = b""
@@ -250,7 +259,7 @@ def run_stage_workers(
     n_workers: int | None = None,
     *,
     force: bool = False,
-    log: TextIO | None = None,
+    log: TextSink | None = None,
 ) -> int:
     """Run a sharded `stage` (`SHARDED_STAGES`) in N worker processes, then merge.
 

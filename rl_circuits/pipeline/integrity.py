@@ -111,7 +111,7 @@ def _cells(names: list[str]) -> str:
     return f"{len(names)} cell{'s' if len(names) != 1 else ''} ({shown})"
 
 
-def compare_plans(old: dict[str, StagePlan], new: dict[str, StagePlan], store) -> Changes:
+def compare_plans(old: dict[str, StagePlan], new: dict[str, StagePlan], store: RunStore) -> Changes:
     """Stale and new cells of each stage, and the stages whose markers no longer hold."""
     changes = Changes()
     for stage in STAGES:

@@ -5,7 +5,7 @@ the merged file must have the same bytes whoever wrote it and however the work w
 safetensors library orders metadata keys randomly per process, so the header is written here
 (sorted keys, padded to 8 bytes) and the tensors streamed after it.
 
-Format ``rl-circuits-scores/1``: tensors ``values`` (F32 [n, n_up, n_down]) and ``edge_mask``
+Format ``rl-circuits-scores/1``: tensors ``values`` (F32 [batch, n_up, n_down]) and ``edge_mask``
 (BOOL [n_up, n_down]); string metadata ``format``, ``ids``, ``upstream``, ``downstream`` and
 ``meta``, each compact sorted JSON. ``meta`` holds the scores' `meta` plus their ``graph``,
 ``method`` and ``loss`` ({id: clean loss}); files written before these were fields may hold a
@@ -174,8 +174,8 @@ def _header(
     label: str,
 ) -> bytes:
     """safetensors header (8-byte length + JSON padded to 8 bytes) with sorted, fixed keys."""
-    n, n_up, n_down = (len(ids), len(upstream), len(downstream))
-    values_size = 4 * n * n_up * n_down
+    batch, n_up, n_down = (len(ids), len(upstream), len(downstream))
+    values_size = 4 * batch * n_up * n_down
     try:
         info = {
             "__metadata__": {
@@ -187,7 +187,7 @@ def _header(
             },
             "values": {
                 "dtype": "F32",
-                "shape": [n, n_up, n_down],
+                "shape": [batch, n_up, n_down],
                 "data_offsets": [0, values_size],
             },
             "edge_mask": {

@@ -26,6 +26,16 @@ def test_logits_match_hugging_face(tiny_checkpoint, dtype, tol):
     assert diff <= tol
 
 
+@pytest.mark.parametrize(
+    "name,dtype", [("float64", torch.float64), ("torch.float32", torch.float32)]
+)
+def test_dtype_by_name_as_configs_write_it(tiny_checkpoints, name, dtype):
+    model = load_model(
+        tiny_checkpoints["LlamaForCausalLM"], dtype=name, device="cpu", max_seq_len=64
+    )
+    assert model.cfg.dtype == dtype and model.W_U.dtype == dtype
+
+
 def test_config_follows_checkpoint(tiny_checkpoints):
     qwen = load_model(tiny_checkpoints["Qwen2ForCausalLM"], device="cpu", max_seq_len=64)
     assert qwen.cfg.n_key_value_heads == 2 and qwen.cfg.n_heads == 4

@@ -6,6 +6,7 @@ the launcher and Ray start real worker processes. The Ray tests come last in thi
 the forks (forking a process that runs Ray's threads is unsafe).
 """
 
+import io
 import json
 import multiprocessing
 import os
@@ -14,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from fault_support import intercept_writes, score_temp
 
 from rl_circuits.cli.main import main
 from rl_circuits.errors import ConfigError, LockedError, StoreError
+from rl_circuits.pipeline.distributed import _pump
 from rl_circuits.store.run import RunStore
 
 torch.set_num_threads(1)
@@ -275,6 +278,21 @@ def test_shard_workers_share_the_lock_and_exclude_exclusive_stages(tmp_path):
 
 
 # --------------------------------------------------------------------------- the launcher
+
+
+def test_worker_output_reaches_any_text_stream(tmp_path, capsys):
+    """A stream in memory, a file or stderr (captured here: no name, which `typing.TextIO`
+    asks for): each gets every line prefixed, a progress bar's carriage return ending a line."""
+    expected = "[worker 0/2] one\n[worker 0/2] two\n[worker 0/2] three\n"
+    with (tmp_path / "log.txt").open("w") as file:
+        for sink in (io.StringIO(), file, sys.stderr):
+            tail = deque(maxlen=2)
+            _pump(io.BufferedReader(io.BytesIO(b"one\rtwo\n\nthree")), "[worker 0/2] ", sink, tail)
+            assert list(tail) == ["two", "three"]
+            if isinstance(sink, io.StringIO):
+                assert sink.getvalue() == expected
+    assert (tmp_path / "log.txt").read_text() == expected
+    assert capsys.readouterr().err == expected
 
 
 def test_launcher_runs_two_workers_then_merges(world, tmp_path, capsys):

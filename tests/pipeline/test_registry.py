@@ -2,6 +2,7 @@
 stages refuse what they cannot do, and a shard is validated in one place."""
 
 import re
+from pathlib import Path
 
 import pytest
 from config_support import TINY
@@ -106,8 +107,12 @@ def test_each_stage_names_its_code_and_what_a_shard_needs():
     assert upstream_of("report") == tuple(s for s in STAGE_NAMES if s != "report")
 
 
-class _Finished:
-    """A run store in which every output exists and every stage is done."""
+class _Finished(RunStore):
+    """A run store (read-only, no directory) in which every output exists and every stage is
+    done."""
+
+    def __init__(self) -> None:
+        super().__init__(Path("unused"), lock_fd=None, config_bytes=None)
 
     def exists(self, rel: str) -> bool:
         return True
