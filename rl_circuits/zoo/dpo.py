@@ -41,7 +41,7 @@ class DPOSettings:
     """Knobs of the DPO recipe."""
 
     seed: int = 3
-    pair_prompts: int = 1000
+    pair_prompts: int = 1500
     samples_per_prompt: int = 4
     sample_temperature: float = 0.7
     epochs: int = 2
