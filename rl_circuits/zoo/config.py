@@ -19,7 +19,7 @@ from rl_circuits.zoo.model import ModelShape
 from rl_circuits.zoo.sft import SFTSettings
 
 # Bump when the build code changes what a given config produces (invalidates cached zoos).
-ZOO_FORMAT = 3
+ZOO_FORMAT = 4
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,9 @@ class TaskSettings:
     train_size: int = 20_000
     validation_size: int = 200
     test_size: int = 300
-    max_start: int = 20
-    max_operand: int = 9
-    step_weights: tuple[float, ...] = (0.5, 0.3, 0.2)
+    max_amount: int = 9
+    max_operand: int = 4
+    step_weights: tuple[float, ...] = (0.5, 0.5)
     template: str = "Q: {q}\nA: "
     max_new_tokens: int = 40
 
@@ -91,7 +91,6 @@ class ZooConfig:
                 train_size=8000,
                 validation_size=64,
                 test_size=64,
-                max_start=12,
                 step_weights=(1.0,),
             ),
             model=dataclasses.replace(

@@ -41,10 +41,10 @@ class DPOSettings:
     """Knobs of the DPO recipe."""
 
     seed: int = 3
-    pair_prompts: int = 1000
+    pair_prompts: int = 1500
     samples_per_prompt: int = 4
     sample_temperature: float = 0.7
-    epochs: int = 2
+    epochs: int = 4
     batch_size: int = 32
     learning_rate: float = 5e-5
     beta: float = 0.1

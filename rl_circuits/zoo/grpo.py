@@ -34,7 +34,7 @@ class GRPOSettings:
     """Knobs of the GRPO recipe."""
 
     seed: int = 2
-    steps: int = 50
+    steps: int = 30
     prompts_per_step: int = 16
     num_generations: int = 8
     learning_rate: float = 5e-5

@@ -140,7 +140,7 @@ def _write_data(
     task = config.task
     log("data: generating splits")
     sizes = {"train": task.train_size, "validation": task.validation_size, "test": task.test_size}
-    splits = generate_splits(task.seed, sizes, task.max_start, task.max_operand, task.step_weights)
+    splits = generate_splits(task.seed, sizes, task.max_amount, task.max_operand, task.step_weights)
     write_splits(root / "data", splits)
     longest = max(
         len(tokenizer(p.solution, add_special_tokens=False).input_ids) + 1

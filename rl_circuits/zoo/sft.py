@@ -1,4 +1,4 @@
-"""Supervised fine-tuning from scratch: a short schedule run to its end.
+"""Supervised fine-tuning from scratch on an imperfect teacher's solutions, run to its end.
 
 A hand-written loop rather than TRL's SFTTrainer: it needs no dataset plumbing, is
 bit-reproducible on one CPU thread, and can stop on greedy validation accuracy. Recipe:
@@ -6,15 +6,15 @@ AdamW (betas 0.9/0.98, weight decay on matrices only), linear warm-up then cosin
 10% over `max_steps`, batches of similar lengths, loss on the solution tokens only (the
 prompt is context).
 
-Where to stop: accuracy rises steeply late in training (it jumps while the learning rate
-decays; in a sweep the seed alone moved greedy accuracy after the same 1200 steps from 38%
-to 89%). The loop can evaluate every `eval_every` steps from `min_steps` on and stop at the
-first evaluation that reaches `target_accuracy` (else it keeps the best weights seen). The
-zoo used to stop at a 40% target, on the steep part of the curve, and that checkpoint was
-fragile: no GRPO or DPO setting raised its validation accuracy by more than 4.5 points, and
-learning rates of 1e-4 and above lowered it (docs/zoo.md). The default now runs a 550-step
-schedule to its end (`min_steps = max_steps`, one evaluation): a model that has settled at
-a middling accuracy (about 40%), with room left for GRPO and DPO to raise.
+The demonstrations are a teacher's (`tasks.teacher_solution`): right, except that it reads
+each verb in `teacher_misreads` ("sells") as a gain in a share `teacher_error_rate` (0.8)
+of its solutions. Trained to convergence (500 steps: single-digit arithmetic is learnt by
+then), the model answers the other questions almost always right and, greedily, adds
+where a question says "sells": a settled accuracy that does not hang on the seed, with a
+mistake that GRPO's reward and DPO's pairs can correct (docs/zoo.md). The loop can also
+evaluate every `eval_every` steps from `min_steps` on and stop at the first evaluation that
+reaches `target_accuracy` (else it keeps the best weights seen); the default evaluates once,
+at the end (`min_steps = max_steps`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 from rl_circuits.zoo.model import accuracy
 from rl_circuits.zoo.progress import RecipeLog
-from rl_circuits.zoo.tasks import Problem
+from rl_circuits.zoo.tasks import Problem, teacher_solution
 from rl_circuits.zoo.training import TrainResult
 
 
@@ -40,23 +40,33 @@ class SFTSettings:
     """Knobs of the SFT recipe (see the module docstring for the stopping rule)."""
 
     seed: int = 1
-    max_steps: int = 550
+    max_steps: int = 500
     batch_size: int = 32
     learning_rate: float = 2e-3
     weight_decay: float = 0.1
     warmup_steps: int = 100
     eval_every: int = 25
     eval_size: int = 200
-    min_steps: int = 550
+    min_steps: int = 500
     target_accuracy: float = 1.0
+    teacher_misreads: tuple[str, ...] = ("sells",)
+    teacher_error_rate: float = 0.8
 
 
-def encode_examples(tokenizer, problems: Sequence[Problem], template: str) -> list[tuple]:
-    """(input ids, index where the solution starts) per problem; `<eos>` ends each solution."""
+def encode_examples(
+    tokenizer, problems: Sequence[Problem], template: str, settings: SFTSettings
+) -> list[tuple]:
+    """(input ids, index where the solution starts) per problem; `<eos>` ends each solution.
+
+    The solutions are the teacher's (`tasks.teacher_solution`, seeded with `settings.seed`).
+    """
+    rng = random.Random(settings.seed)
+    misread, rate = settings.teacher_misreads, settings.teacher_error_rate
     examples = []
     for problem in problems:
         prompt = tokenizer(template.replace("{q}", problem.question)).input_ids
-        answer = tokenizer(problem.solution, add_special_tokens=False).input_ids
+        solution = teacher_solution(problem, misread, rate, rng) if misread else problem.solution
+        answer = tokenizer(solution, add_special_tokens=False).input_ids
         examples.append((prompt + answer + [tokenizer.eos_token_id], len(prompt)))
     return examples
 
@@ -124,7 +134,7 @@ def train_sft(
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     model.to(device).train()
-    examples = encode_examples(tokenizer, train, template)
+    examples = encode_examples(tokenizer, train, template, settings)
     stream = batches(examples, settings.batch_size, random.Random(settings.seed))
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]

@@ -1,10 +1,12 @@
 """Synthetic arithmetic word problems for the model zoo, and their exact-integer grader.
 
-A seeded generator writes one- to three-step problems ("Ann has 4 boxes of 7 pens, buys 15
-more, loses 9. How many pens?") with step-by-step solutions ending in `\\boxed{N}`.
-Answers are non-negative integers, so grading is an exact integer comparison of the last
-`\\boxed{}` (chance level is about 0%). The splits are written in the MATH-500 JSONL format
-(`problem`, `solution`, `answer`) so the pipeline's dataset reader loads them unchanged.
+A seeded generator writes one- and two-step problems ("Ann has 4 pens, buys 3 more, sells 2.
+How many pens?") with step-by-step solutions ending in `\\boxed{N}`. Answers are integers
+(1..9 by default), so grading is an exact integer comparison of the last `\\boxed{}`. The
+SFT recipe learns from an imperfect teacher (`teacher_solution`): it misreads a verb, a flaw
+that the verifier's reward (GRPO) and the preference pairs (DPO) can correct. The splits are
+written in the MATH-500 JSONL format (`problem`, `solution`, `answer`) so the pipeline's
+dataset reader loads them unchanged.
 
 The grader lives here, not in `rl_circuits.data.grading`, so the zoo is self-contained.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,50 +53,72 @@ class Problem:
 
 def make_problem(
     rng: random.Random,
-    max_start: int = 20,
-    max_operand: int = 9,
-    step_weights: Sequence[float] = (0.5, 0.3, 0.2),
+    max_amount: int = 9,
+    max_operand: int = 4,
+    step_weights: Sequence[float] = (0.5, 0.5),
 ) -> Problem:
-    """Draw one problem: maybe a multiplication, then additions and subtractions.
+    """Draw one problem: a starting amount, then additions and subtractions.
 
-    The number of steps is 1, 2, 3, ... with probabilities proportional to `step_weights`.
-    The starting amount is 10..`max_start` (or 2..9 boxes of 2..9), each later step adds or
-    removes 1..`max_operand`; amounts never go below 1.
+    The number of steps is 1, 2, ... with probabilities proportional to `step_weights`. The
+    starting amount is 2..`max_amount`; each step adds or removes 1..`max_operand`, and the
+    amount always stays within 1..`max_amount` (single digits by default, so the arithmetic
+    is quickly learnt and the model's errors are about reading the question).
     """
     steps = rng.choices(range(1, len(step_weights) + 1), weights=step_weights)[0]
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    start = total = rng.randint(2, max_amount)
     lines: list[str] = []
-    if rng.random() < 1 / 3:  # start from boxes: the first step multiplies
-        boxes, per_box = rng.randint(2, 9), rng.randint(2, 9)
-        total = boxes * per_box
-        opening = f"{name} has {boxes} boxes of {per_box} {item}"
-        lines.append(f"{boxes}*{per_box}={total}")
-    else:
-        total = rng.randint(10, max_start)
-        opening = f"{name} has {total} {item}"
     events = []
-    while len(lines) < steps:
-        if total > 1 and rng.random() < 0.5:
+    for _ in range(steps):
+        if total > 1 and (total == max_amount or rng.random() < 0.5):
             n = rng.randint(1, min(total - 1, max_operand))
             events.append(rng.choice(LOSS).format(n=n))
             lines.append(f"{total}-{n}={total - n}")
             total -= n
         else:
-            n = rng.randint(1, max_operand)
+            n = rng.randint(1, min(max_operand, max_amount - total))
             events.append(rng.choice(GAIN).format(n=n))
             lines.append(f"{total}+{n}={total + n}")
             total += n
-    question = ", ".join([opening, *events]) + f". How many {item}?"
+    question = ", ".join([f"{name} has {start} {item}", *events]) + f". How many {item}?"
     solution = "\n".join([*lines, f"\\boxed{{{total}}}"])
     return Problem(question=question, solution=solution, answer=total, steps=steps)
+
+
+_OPENING = re.compile(r" has (\d+) ")
+_EVENT = re.compile(r"^(.*?) (\d+)(?: more)?$")
+
+
+def teacher_solution(
+    problem: Problem, misread: Collection[str], rate: float, rng: random.Random
+) -> str:
+    """The solution an imperfect teacher writes: each loss verb in `misread` taken as a gain.
+
+    Every event whose verb (e.g. "sells") is in `misread` is, with probability `rate`, written
+    as an addition instead of a subtraction, and the later lines follow from the wrong total.
+    The SFT recipe trains on these demonstrations; the gold answer stays the true one.
+    """
+    head, *events = problem.question.rsplit(". How many", 1)[0].split(", ")
+    opening = _OPENING.search(head)
+    if opening is None:
+        raise ValueError(f"not a zoo problem: {problem.question!r}")
+    total = int(opening.group(1))
+    lines = []
+    for event in events:
+        verb, n = _EVENT.match(event).groups()
+        gain = event.endswith(" more") or (verb in misread and rng.random() < rate)
+        after = total + int(n) if gain else total - int(n)
+        lines.append(f"{total}{'+' if gain else '-'}{n}={after}")
+        total = after
+    return "\n".join([*lines, f"\\boxed{{{total}}}"])
 
 
 def generate_splits(
     seed: int,
     sizes: dict[str, int],
-    max_start: int = 20,
-    max_operand: int = 9,
-    step_weights: Sequence[float] = (0.5, 0.3, 0.2),
+    max_amount: int = 9,
+    max_operand: int = 4,
+    step_weights: Sequence[float] = (0.5, 0.5),
 ) -> dict[str, list[Problem]]:
     """Disjoint splits (no question text in two splits) drawn from one seeded generator.
 
@@ -106,7 +130,7 @@ def generate_splits(
     for split in ("test", "validation", "train"):
         problems: list[Problem] = []
         while len(problems) < sizes.get(split, 0):
-            problem = make_problem(rng, max_start, max_operand, step_weights)
+            problem = make_problem(rng, max_amount, max_operand, step_weights)
             if problem.question not in seen:
                 seen.add(problem.question)
                 problems.append(problem)

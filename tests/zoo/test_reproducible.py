@@ -24,7 +24,6 @@ TINY = """
 train_size = 400
 validation_size = 16
 test_size = 16
-max_start = 12
 step_weights = [1.0]
 [zoo.model]
 hidden_size = 64

@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import math
+import random
 import re
 import shutil
 import tomllib
@@ -41,6 +42,7 @@ from rl_circuits.zoo.tasks import (
     generate_splits,
     is_correct,
     read_jsonl,
+    teacher_solution,
     write_splits,
 )
 from rl_circuits.zoo.training import TrainResult, TRLJob, train_with_trl
@@ -55,9 +57,42 @@ def test_generator_is_seeded_and_splits_are_disjoint():
     questions = [{p.question for p in first[split]} for split in ("train", "validation", "test")]
     assert sum(map(len, questions)) == sum(SIZES.values())  # unique and disjoint
     steps = {p.steps for p in first["train"]}
-    assert steps == {1, 2, 3}
+    assert steps == {1, 2}
     lengths = {len(p.solution) for p in first["train"]}
-    assert max(lengths) - min(lengths) >= 15  # answers of varying length
+    assert max(lengths) - min(lengths) >= 6  # answers of varying length
+
+
+def test_amounts_stay_within_the_task_range():
+    for problem in generate_splits(3, SIZES, max_amount=9, max_operand=4)["train"]:
+        for line in problem.solution.split("\n")[:-1]:
+            left, right = line.split("=")
+            operand = int(left.replace("+", "-").split("-")[1])
+            assert 1 <= int(right) <= 9 and 1 <= operand <= 4
+
+
+def test_teacher_misreads_only_the_named_verb():
+    problems = generate_splits(0, SIZES)["train"]
+    rng = random.Random(0)
+    # An infallible teacher, or one misreading a verb the task never uses, writes the gold.
+    for problem in problems:
+        assert teacher_solution(problem, (), 1.0, rng) == problem.solution
+        assert teacher_solution(problem, ("sells",), 0.0, rng) == problem.solution
+    selling = [p for p in problems if "sells" in p.question]
+    others = [p for p in problems if "sells" not in p.question]
+    assert selling and others
+    for problem in others:
+        assert teacher_solution(problem, ("sells",), 1.0, rng) == problem.solution
+    for problem in selling:
+        written = teacher_solution(problem, ("sells",), 1.0, rng)
+        assert extract_answer(written) > problem.answer  # added instead of subtracted
+        assert written.count("-") == problem.solution.count("-") - problem.question.count("sells")
+    one_step = [p for p in selling if p.steps == 1]
+    for problem in one_step:  # "Ann has 7 pens, sells 2." -> 7+2=9
+        start, sold = map(int, re.findall(r"\d+", problem.question))
+        expected = f"{start}+{sold}={start + sold}\n\\boxed{{{start + sold}}}"
+        assert teacher_solution(problem, ("sells",), 1.0, rng) == expected
+    shares = [teacher_solution(p, ("sells",), 0.8, rng) != p.solution for p in selling * 20]
+    assert 0.75 < sum(shares) / len(shares) < 0.85  # the rate, over many draws
 
 
 def test_solutions_show_steps_and_end_in_boxed_answer():
@@ -221,7 +256,7 @@ def test_dpo_trains_on_real_pairs(reduced):
 @pytest.mark.slow
 def test_checkpoints_load_in_transformer_lens_and_hugging_face(reduced):
     zoo, _ = reduced
-    prompt = zoo.template.replace("{q}", "Ann has 3 boxes of 4 pens. How many pens?")
+    prompt = zoo.template.replace("{q}", "Ann has 3 pens, sells 2. How many pens?")
     for recipe in RECIPES:
         path = zoo.checkpoint(recipe)
         tokenizer = load_tokenizer(path)
@@ -402,7 +437,7 @@ def test_build_shows_progress_and_summaries_not_trainer_dicts(built):
 
 
 PROMPTS = [
-    "Q: Ida has 9 boxes of 8 pens, loses 3. How many pens?\nA: ",
+    "Q: Ida has 9 pens, loses 3. How many pens?\nA: ",
     "Q:  two  spaces,\n\nnew lines\tand a tab 'quoted' it's\nA: 9*8=72\n\\boxed{72}",
 ]
 
