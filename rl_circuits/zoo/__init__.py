@@ -1,8 +1,9 @@
 """A small SFT / GRPO / DPO model zoo trained offline on CPU: the paper's question in miniature.
 
 `build_zoo()` generates a synthetic arithmetic word-problem task, trains a 0.8M-parameter
-Qwen2 from scratch by SFT (a short schedule that settles near 40%), then post-trains two
-children from that SFT checkpoint: GRPO with a correctness reward (online, TRL
+Qwen2 from scratch by SFT on an imperfect teacher's solutions (it converges near 81%: right
+except where the teacher misreads "sells"), then post-trains two children from that SFT
+checkpoint: GRPO with a correctness reward (online, TRL
 `GRPOTrainer`) and DPO on preference pairs sampled once from the SFT model (offline, TRL
 `DPOTrainer`, with an NLL term on the chosen answers). It registers the pairs `toy-grpo` and
 `toy-dpo` for the pipeline. See `build.py` for the cache layout, `recipes.py` for the build's

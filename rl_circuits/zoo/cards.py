@@ -35,8 +35,9 @@ def write_card(path: Path, recipe: str, manifest: dict) -> None:
         f"# toy-{recipe}: {card['algorithm']} checkpoint of the rl-circuits demo zoo",
         "",
         f"A {manifest['parameters']:,}-parameter `Qwen2ForCausalLM` (character tokenizer), "
-        f"trained on CPU from the {parent} on `{DATASET_NAME}`, synthetic one- to three-step "
-        "arithmetic word problems whose solutions end in `\\boxed{N}`.",
+        f"trained on CPU from the {parent} on `{DATASET_NAME}`, synthetic arithmetic word "
+        f"problems (up to {len(config['task']['step_weights'])} steps, amounts up to "
+        f"{config['task']['max_amount']}) whose solutions end in `\\boxed{{N}}`.",
         "",
         f"- algorithm: {card['algorithm']}"
         + (

@@ -9,9 +9,9 @@ unlike GRPO, which samples from the current policy at every step).
 Recipe: TRL's `DPOTrainer` with the sigmoid DPO loss (beta 0.1) plus a negative
 log-likelihood term on the chosen completion, `loss_type=["sigmoid", "sft"]` with
 `loss_weights=[1, rpo_alpha]` (the RPO recipe; TRL 1.x's replacement for the old
-`rpo_alpha` argument), learning rate 5e-5, two epochs, on pairs from 1000 questions sampled
-at temperature 0.7 (docs/zoo.md: more pairs whose chosen answers are closer to greedy
-decoding's; 2e-4 lowered accuracy). Plain DPO on a few hundred pairs
+`rpo_alpha` argument), learning rate 5e-5, four epochs, on pairs from 1500 questions sampled
+at temperature 0.7 (docs/zoo.md: accuracy levels off after 4 epochs; on the earlier task,
+temperature 1 gave worse pairs and 2e-4 lowered accuracy). Plain DPO on a few hundred pairs
 lowers greedy accuracy on this task (41% -> 32% with 300 pairs; 54% -> 37% in an earlier
 feasibility run): the loss is satisfied by pushing the rejected likelihood down, which also
 drains probability from the correct answers (likelihood displacement). The NLL term keeps
