@@ -104,9 +104,16 @@ def _padded(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, mask
 
 
-def _todo(store: RunStore, batches: list[list], where) -> list[list]:
-    """The batches with a question whose file `where(qid)` is missing (computed whole)."""
-    return [b for b in batches if not all(store.exists(where(qid)) for qid, _, _ in b)]
+def _pending(store: RunStore, items: list, size: int, where, desc: str, progress: bool):
+    """The batches (of `size`) with a question whose file `where(qid)` is missing, computed
+    whole, under one progress bar that starts at the questions already done (resume)."""
+    batches = _batches(items, size)
+    todo = [b for b in batches if not all(store.exists(where(qid)) for qid, _, _ in b)]
+    left = sum(map(len, todo))
+    with tqdm(total=len(items), initial=len(items) - left, desc=desc, disable=not progress) as bar:
+        for batch in todo:
+            yield batch
+            bar.update(len(batch))
 
 
 def _score(cfg: RunConfig, store: RunStore, cell, model, source, items, desc, progress) -> None:
@@ -120,40 +127,34 @@ def _score(cfg: RunConfig, store: RunStore, cell, model, source, items, desc, pr
     def where(qid: str) -> str:
         return RunLayout.diff_question_scores(*cell, qid)
 
-    todo = _todo(store, _batches(items, d.batch_size), where)
-    left = sum(map(len, todo))
-    with tqdm(
-        total=len(items), initial=len(items) - left, desc=f"{desc} scores", disable=not progress
-    ) as bar:
-        for batch in todo:
-            tokens, mask = _padded(batch)
-            try:
-                scores = attribute(
-                    model,
-                    tokens,
-                    mask,
-                    graph=d.graph,
-                    method=d.method,
-                    ablation="patch",
-                    corrupted_model=source,
-                    ig_steps=cfg.attribute.ig_steps,
-                    sample_ids=[f"question {qid} of {dataset}" for qid, _, _ in batch],
-                    efficient_attention=cfg.attribute.efficient_attention,
+    for batch in _pending(store, items, d.batch_size, where, f"{desc} scores", progress):
+        tokens, mask = _padded(batch)
+        try:
+            scores = attribute(
+                model,
+                tokens,
+                mask,
+                graph=d.graph,
+                method=d.method,
+                ablation="patch",
+                corrupted_model=source,
+                ig_steps=cfg.attribute.ig_steps,
+                sample_ids=[f"question {qid} of {dataset}" for qid, _, _ in batch],
+                efficient_attention=cfg.attribute.efficient_attention,
+            )
+        except NumericalError as exc:
+            raise NumericalError(f"diff stage ({direction}): {exc}") from exc
+        for row, (qid, _, n_loss) in enumerate(batch):
+            if not store.exists(where(qid)):  # same batch as before: the same bytes
+                one = slice(row, row + 1)
+                question_scores = replace(
+                    scores,
+                    values=scores.values[one],
+                    loss=scores.loss[one],
+                    ids=[qid],
+                    meta={"t_cut": n_loss},
                 )
-            except NumericalError as exc:
-                raise NumericalError(f"diff stage ({direction}): {exc}") from exc
-            for row, (qid, _, n_loss) in enumerate(batch):
-                if not store.exists(where(qid)):  # same batch as before: the same bytes
-                    one = slice(row, row + 1)
-                    question_scores = replace(
-                        scores,
-                        values=scores.values[one],
-                        loss=scores.loss[one],
-                        ids=[qid],
-                        meta={"t_cut": n_loss},
-                    )
-                    store.write_scores(where(qid), question_scores)
-            bar.update(len(batch))
+                store.write_scores(where(qid), question_scores)
     cut = Selection.from_dict(store.read_json(RunLayout.selection(pair, dataset))).t_cut[alpha]
     order = [qid for qid, _, _ in items]
     files = [where(qid) for qid in order]
@@ -177,37 +178,31 @@ def _curve(cfg: RunConfig, store: RunStore, cell, model, source, items, desc, pr
     def where(qid: str) -> str:
         return RunLayout.diff_question_losses(*cell, qid)
 
-    todo = _todo(store, _batches(items, d.batch_size), where)
-    left = sum(map(len, todo))
-    with tqdm(
-        total=len(items), initial=len(items) - left, desc=f"{desc} curve", disable=not progress
-    ) as bar:
-        for batch in todo:
-            tokens, loss_mask = _padded(batch)
-            out = evaluate_circuit(
-                model,
-                tokens,
-                loss_mask,
-                circuits,
-                graph=d.graph,
-                ablation="patch",
-                corrupted_model=source,
-                efficient_attention=cfg.attribute.efficient_attention,
-            ).double()  # [k + 1, batch]
-            own = evaluate_circuit(
-                source,
-                tokens,
-                loss_mask,
-                every[0],
-                graph=d.graph,
-                efficient_attention=cfg.attribute.efficient_attention,
-            ).double()  # [batch]
-            for row, (qid, _, _) in enumerate(batch):
-                if not store.exists(where(qid)):
-                    losses = out[:, row].tolist()
-                    record = {"clean": losses[0], "losses": losses[1:], "source": own[row].item()}
-                    store.write_json(where(qid), record)
-            bar.update(len(batch))
+    for batch in _pending(store, items, d.batch_size, where, f"{desc} curve", progress):
+        tokens, loss_mask = _padded(batch)
+        out = evaluate_circuit(
+            model,
+            tokens,
+            loss_mask,
+            circuits,
+            graph=d.graph,
+            ablation="patch",
+            corrupted_model=source,
+            efficient_attention=cfg.attribute.efficient_attention,
+        ).double()  # [k + 1, batch]
+        own = evaluate_circuit(
+            source,
+            tokens,
+            loss_mask,
+            every[0],
+            graph=d.graph,
+            efficient_attention=cfg.attribute.efficient_attention,
+        ).double()  # [batch]
+        for row, (qid, _, _) in enumerate(batch):
+            if not store.exists(where(qid)):
+                losses = out[:, row].tolist()
+                record = {"clean": losses[0], "losses": losses[1:], "source": own[row].item()}
+                store.write_json(where(qid), record)
     per_question = [store.read_json(where(qid)) for qid, _, _ in items]
     losses = np.array([q["losses"] for q in per_question]).T  # [k, batch]
     store.write_json(
