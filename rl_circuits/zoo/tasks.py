@@ -26,6 +26,7 @@ NAMES = ("Ann", "Bob", "Cal", "Dee", "Eva", "Gus", "Ida", "Jon", "Kim", "Lea", "
 ITEMS = ("pens", "cards", "coins", "eggs", "books", "apples", "shells", "stamps", "beads")
 GAIN = ("buys {n} more", "finds {n} more", "gets {n} more", "wins {n} more")
 LOSS = ("gives away {n}", "loses {n}", "sells {n}", "uses {n}")
+MAX_REPEATS = 10_000  # draws without a new question before the task counts as exhausted
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
 
@@ -129,11 +130,19 @@ def generate_splits(
     splits: dict[str, list[Problem]] = {}
     for split in ("test", "validation", "train"):
         problems: list[Problem] = []
+        repeats = 0  # draws in a row that gave no new question
         while len(problems) < sizes.get(split, 0):
             problem = make_problem(rng, max_amount, max_operand, step_weights)
             if problem.question not in seen:
                 seen.add(problem.question)
                 problems.append(problem)
+                repeats = 0
+            elif (repeats := repeats + 1) > MAX_REPEATS:
+                raise ValueError(
+                    f"the task has too few distinct questions for splits of {sizes}: "
+                    f"{len(seen)} drawn, then {MAX_REPEATS} repeats in a row; lower the "
+                    "split sizes or widen max_amount, max_operand or step_weights"
+                )
         splits[split] = problems
     return {split: splits[split] for split in SPLITS}
 

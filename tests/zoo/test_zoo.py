@@ -70,6 +70,11 @@ def test_amounts_stay_within_the_task_range():
             assert 1 <= int(right) <= 9 and 1 <= operand <= 4
 
 
+def test_a_task_too_small_for_its_splits_is_refused():
+    with pytest.raises(ValueError, match="too few distinct questions"):
+        generate_splits(0, {"train": 5000}, max_amount=2, max_operand=1, step_weights=(1.0,))
+
+
 def test_teacher_misreads_only_the_named_verb():
     problems = generate_splits(0, SIZES)["train"]
     rng = random.Random(0)
