@@ -11,8 +11,9 @@ many seed sets give GRPO / DPO at least +5 points.
 
     .venv/bin/python bench/zoo_seeds.py [--seeds 5] [--kernels] [--config TOML] [--out DIR]
 
-A full-recipe run is 4-8 minutes a zoo on one thread (15 with the `default` kernels). Zoos go to `--out` (default
-`<home>/zoo-seeds/`; finished ones are reused); the report to `bench/results/zoo_seeds.json`.
+A full-recipe run is 4-8 minutes a zoo on one thread (15 with the `default` kernels).
+Zoos go to `--out` (default `<home>/zoo-seeds/`; finished ones are reused); the report to
+`bench/results/zoo_seeds.json`.
 """
 
 from __future__ import annotations

@@ -61,13 +61,16 @@ def run(config: ZooConfig, seed_set: int, every: int) -> dict:
     model.load_state_dict(result.model.state_dict())
     hits = correct(model, tokenizer, splits["test"], task.template, task.max_new_tokens)
     misread = [any(v in p.question for v in sft.teacher_misreads) for p in splits["test"]]
+    right = {
+        flag: sum(h for h, m in zip(hits, misread, strict=True) if m == flag) for flag in (0, 1)
+    }
     return {
         "seed_set": seed_set,
         "curve": [(h["step"], h["val_accuracy"]) for h in result.history],
         "kept_step": result.best_step,
         "test": sum(hits) / len(hits),
-        "test_misread": f"{sum(h for h, m in zip(hits, misread) if m)}/{sum(misread)}",
-        "test_other": f"{sum(h for h, m in zip(hits, misread) if not m)}/{len(hits) - sum(misread)}",
+        "test_misread": f"{right[1]}/{sum(misread)}",
+        "test_other": f"{right[0]}/{len(hits) - sum(misread)}",
         "wall_s": round(wall, 1),
     }
 
