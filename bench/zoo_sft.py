@@ -11,7 +11,7 @@ print(pinned_environment())"`).
 
     .venv/bin/python bench/zoo_sft.py [--seeds 0 1] [--every 100] [--sft '{"max_steps": 800}']
 
-Appends one JSON line per run to `bench/results/zoo_sft.jsonl`.
+Appends each run to the list in `bench/results/zoo_sft.json`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from rl_circuits.zoo.sft import train_sft
 from rl_circuits.zoo.tasks import generate_splits
 
 RESULTS = Path(
-    os.environ.get("ZOO_SFT_RESULTS", Path(__file__).parent / "results" / "zoo_sft.jsonl")
+    os.environ.get("ZOO_SFT_RESULTS", Path(__file__).parent / "results" / "zoo_sft.json")
 )
 
 
@@ -96,8 +96,8 @@ def main() -> None:
         row = {"task": args.task, "sft": args.sft, "model": args.model}
         row.update(run(config, seed_set, args.every))
         print(json.dumps(row), flush=True)
-        with RESULTS.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        runs = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+        RESULTS.write_text(json.dumps([*runs, row], indent=1) + "\n")
 
 
 if __name__ == "__main__":
