@@ -7,8 +7,8 @@ AdamW (betas 0.9/0.98, weight decay on matrices only), linear warm-up then cosin
 prompt is context).
 
 The demonstrations are a teacher's (`tasks.teacher_solution`): right, except that it reads
-each verb in `teacher_misreads` ("sells") as a gain in a share `teacher_error_rate` (0.8)
-of its solutions. Trained to convergence (500 steps: single-digit arithmetic is learnt by
+each verb in `teacher_misreads` ("sells") as a gain in a share `teacher_error_rate` (0.85)
+of its solutions. Trained to convergence (600 steps: single-digit arithmetic is learnt by
 then), the model answers the other questions almost always right and, greedily, adds
 where a question says "sells": a settled accuracy that does not hang on the seed, with a
 mistake that GRPO's reward and DPO's pairs can correct (docs/zoo.md). The loop can also
@@ -40,17 +40,17 @@ class SFTSettings:
     """Knobs of the SFT recipe (see the module docstring for the stopping rule)."""
 
     seed: int = 1
-    max_steps: int = 500
+    max_steps: int = 600
     batch_size: int = 32
     learning_rate: float = 2e-3
     weight_decay: float = 0.1
     warmup_steps: int = 100
     eval_every: int = 25
     eval_size: int = 200
-    min_steps: int = 500
+    min_steps: int = 600
     target_accuracy: float = 1.0
     teacher_misreads: tuple[str, ...] = ("sells",)
-    teacher_error_rate: float = 0.8
+    teacher_error_rate: float = 0.85
 
 
 def encode_examples(
