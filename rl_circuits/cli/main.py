@@ -314,7 +314,7 @@ def _zoo_main(argv: list[str]) -> int:
     return zoo_main(argv)
 
 
-def _demo(run_dir: str) -> int:
+def _demo(run_dir: str | None, subset: str) -> int:
     from rl_circuits.cli.demo import run_demo
     from rl_circuits.errors import ConfigError
     from rl_circuits.zoo import ZooConfig, default_root, load_zoo
@@ -326,7 +326,7 @@ def _demo(run_dir: str) -> int:
             f"{'are' if len(missing) > 1 else 'is'} not installed: run "
             "`pip install 'rl-circuits[zoo]'` (the zoo extra), or `make demo`"
         )
-    return run_demo(run_dir)
+    return run_demo(run_dir, subset=subset)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -384,8 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, help="options of `zoo build`")
     p.set_defaults(func=_zoo)
     p = command("demo", "build the model zoo if absent and run the whole study on it")
-    p.add_argument("--run-dir", default="runs/demo", help="run directory (default runs/demo)")
-    p.set_defaults(func=lambda args: _demo(args.run_dir))
+    p.add_argument("--run-dir", help="run directory (default runs/demo, runs/demo-SUBSET)")
+    p.add_argument(
+        "--subset",
+        default="both_correct",
+        help="the questions to study: both_correct (default, the paper's), only_after (those "
+        "post-training fixed), only_before or both_wrong",
+    )
+    p.set_defaults(func=lambda args: _demo(args.run_dir, args.subset))
     p = command(
         "export-graph",
         "write one cell's top-K edges as attribution-graph JSON (circuit-tracer, Neuronpedia) "

@@ -6,16 +6,21 @@ from rl_circuits.config import load_config
 from rl_circuits.resources import resource_dir
 
 
-def test_demo_config_validates(tmp_path, monkeypatch):
-    monkeypatch.setenv("RL_CIRCUITS_HOME", str(tmp_path))
-    (tmp_path / "pairs").mkdir()
-    (tmp_path / "pairs" / "toy.toml").write_text(
+def _register_toy_pairs(home):
+    """The zoo's two pairs in a registry under `home` (RL_CIRCUITS_HOME)."""
+    (home / "pairs").mkdir()
+    (home / "pairs" / "toy.toml").write_text(
         "".join(
-            f'[pairs.{name}]\nbefore = "{tmp_path}/sft"\nafter = "{tmp_path}/{algo.lower()}"\n'
+            f'[pairs.{name}]\nbefore = "{home}/sft"\nafter = "{home}/{algo.lower()}"\n'
             f'algorithm = "{algo}"\ntemplate = "{{q}}\\n"\nmax_new_tokens = 96\n\n'
             for name, algo in (("toy-grpo", "GRPO"), ("toy-dpo", "DPO"))
         )
     )
+
+
+def test_demo_config_validates(tmp_path, monkeypatch):
+    monkeypatch.setenv("RL_CIRCUITS_HOME", str(tmp_path))
+    _register_toy_pairs(tmp_path)
     cfg = load_config(resource_dir("configs") / "demo.toml")
     assert list(cfg.pairs) == ["toy-grpo", "toy-dpo"]
     assert cfg.alphas == [0.1, 0.3, 0.5, 1.0]
@@ -64,3 +69,54 @@ def test_demo_prints_the_accuracies_and_paired_tests(tmp_path, monkeypatch, caps
     )
     assert "DPO vs SFT: +8.3 points (40.0% -> 48.3%; 30 gained, 5 lost, McNemar exact p = " in out
     assert "README check: this run DIFFERS from the README's numbers (SFT 40.0% vs " in out
+
+
+def test_demo_on_another_subset_writes_its_own_config_and_run(tmp_path, monkeypatch):
+    """`demo --subset only_after` runs the same study on the questions post-training fixed,
+    in a config and run directory of its own; an unknown subset is refused before the zoo."""
+    import rl_circuits.pipeline.run
+    import rl_circuits.zoo
+    from rl_circuits.cli.demo import run_demo
+    from rl_circuits.errors import ConfigError
+    from rl_circuits.zoo import Zoo, ZooConfig
+    from rl_circuits.zoo.paired import mcnemar_exact
+
+    monkeypatch.setenv("RL_CIRCUITS_HOME", str(tmp_path))
+    _register_toy_pairs(tmp_path)
+    paired = mcnemar_exact([True, False], [True, False])
+    zoo = Zoo(
+        root=tmp_path,
+        config=ZooConfig(),
+        data_dir=tmp_path / "data",
+        sft=tmp_path / "sft",
+        grpo=tmp_path / "grpo",
+        dpo=tmp_path / "dpo",
+        accuracy={"sft": 0.5, "grpo": 0.5, "dpo": 0.5},
+        paired={"grpo": paired, "dpo": paired},
+    )
+    built = []
+    monkeypatch.setattr(rl_circuits.zoo, "build_zoo", lambda progress=True: built.append(1) or zoo)
+    runs = []
+
+    class Stop(Exception):
+        """Raised where the study would start."""
+
+    def stop(config, **kwargs):
+        runs.append((config, kwargs["run_dir"]))
+        raise Stop
+
+    monkeypatch.setattr(rl_circuits.pipeline.run, "run_pipeline", stop)
+    for subset in ("both_correct", "only_after"):
+        with pytest.raises(Stop):
+            run_demo(subset=subset)
+    assert runs == [
+        (tmp_path / "demo.toml", "runs/demo"),
+        (tmp_path / "demo-only_after.toml", "runs/demo-only_after"),
+    ]
+    paper, fixed = (load_config(config) for config, _ in runs)
+    assert paper.select.subset == "both_correct" and fixed.select.subset == "only_after"
+    assert fixed.run.data_dir == str(tmp_path / "data")
+    assert fixed.select.n == paper.select.n and fixed.diff.enabled
+    with pytest.raises(ConfigError, match="demo --subset must be one of both_correct, "):
+        run_demo(subset="fixed")
+    assert len(built) == 2  # refused before the zoo is built

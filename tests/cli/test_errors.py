@@ -290,7 +290,7 @@ def test_demo_without_trl_fails_before_training_unless_the_zoo_is_built(
     monkeypatch.setitem(sys.modules, "trl", None)
     started = []
     monkeypatch.setattr(
-        rl_circuits.cli.demo, "run_demo", lambda run_dir: started.append(run_dir) or 0
+        rl_circuits.cli.demo, "run_demo", lambda run_dir, subset: started.append(run_dir) or 0
     )
     assert main(["demo", "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
