@@ -28,12 +28,11 @@ def run_demo(
     models right, as the paper; `only_after`: those post-training fixed); a second run reuses
     everything."""
     from rl_circuits.analysis.reader import load_run
+    from rl_circuits.data.selection import SUBSETS
     from rl_circuits.pipeline.run import run_pipeline
     from rl_circuits.zoo import build_zoo, summary_lines
     from rl_circuits.zoo.claims import compare_with_readme, load_claims
     from rl_circuits.zoo.numerics import bitwise_note
-
-    from rl_circuits.data.selection import SUBSETS
 
     if subset not in SUBSETS:
         raise ConfigError(f"demo --subset must be one of {', '.join(SUBSETS)}, got {subset!r}")
