@@ -18,6 +18,24 @@ def _register_toy_pairs(home):
     )
 
 
+def _zoo(root, correct):
+    """A built zoo's handle under `root` whose models answer the questions as `correct` says
+    (recipe -> per-question correctness); no checkpoints behind it."""
+    from rl_circuits.zoo import Zoo, ZooConfig
+    from rl_circuits.zoo.paired import mcnemar_exact
+
+    return Zoo(
+        root=root,
+        config=ZooConfig(),
+        data_dir=root / "data",
+        sft=root / "sft",
+        grpo=root / "grpo",
+        dpo=root / "dpo",
+        accuracy={recipe: sum(c) / len(c) for recipe, c in correct.items()},
+        paired={r: mcnemar_exact(correct["sft"], correct[r]) for r in ("grpo", "dpo")},
+    )
+
+
 def test_demo_config_validates(tmp_path, monkeypatch):
     monkeypatch.setenv("RL_CIRCUITS_HOME", str(tmp_path))
     _register_toy_pairs(tmp_path)
@@ -34,22 +52,11 @@ def test_demo_prints_the_accuracies_and_paired_tests(tmp_path, monkeypatch, caps
     import rl_circuits.pipeline.run
     import rl_circuits.zoo
     from rl_circuits.cli.demo import run_demo
-    from rl_circuits.zoo import Zoo, ZooConfig
-    from rl_circuits.zoo.paired import mcnemar_exact
 
     sft = [True] * 120 + [False] * 180
     grpo = [True] * 110 + [False] * 10 + [True] * 40 + [False] * 140
     dpo = [True] * 115 + [False] * 5 + [True] * 30 + [False] * 150
-    zoo = Zoo(
-        root=tmp_path,
-        config=ZooConfig(),
-        data_dir=tmp_path / "data",
-        sft=tmp_path / "sft",
-        grpo=tmp_path / "grpo",
-        dpo=tmp_path / "dpo",
-        accuracy={"sft": 120 / 300, "grpo": 150 / 300, "dpo": 145 / 300},
-        paired={"grpo": mcnemar_exact(sft, grpo), "dpo": mcnemar_exact(sft, dpo)},
-    )
+    zoo = _zoo(tmp_path, {"sft": sft, "grpo": grpo, "dpo": dpo})
     monkeypatch.setattr(rl_circuits.zoo, "build_zoo", lambda progress=True: zoo)
 
     class Stop(Exception):
@@ -78,22 +85,10 @@ def test_demo_on_another_subset_writes_its_own_config_and_run(tmp_path, monkeypa
     import rl_circuits.zoo
     from rl_circuits.cli.demo import run_demo
     from rl_circuits.errors import ConfigError
-    from rl_circuits.zoo import Zoo, ZooConfig
-    from rl_circuits.zoo.paired import mcnemar_exact
 
     monkeypatch.setenv("RL_CIRCUITS_HOME", str(tmp_path))
     _register_toy_pairs(tmp_path)
-    paired = mcnemar_exact([True, False], [True, False])
-    zoo = Zoo(
-        root=tmp_path,
-        config=ZooConfig(),
-        data_dir=tmp_path / "data",
-        sft=tmp_path / "sft",
-        grpo=tmp_path / "grpo",
-        dpo=tmp_path / "dpo",
-        accuracy={"sft": 0.5, "grpo": 0.5, "dpo": 0.5},
-        paired={"grpo": paired, "dpo": paired},
-    )
+    zoo = _zoo(tmp_path, dict.fromkeys(("sft", "grpo", "dpo"), [True, False]))
     built = []
     monkeypatch.setattr(rl_circuits.zoo, "build_zoo", lambda progress=True: built.append(1) or zoo)
     runs = []
