@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from rl_circuits.data.selection import SUBSETS
 from rl_circuits.pipeline.registry import SHARDED_STAGES, STAGE_NAMES, STAGES
 
 RESUME_NOTE = " Finished work is kept: a stopped command resumes where it stopped."
@@ -388,8 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--subset",
         default="both_correct",
-        help="the questions to study: both_correct (default, the paper's), only_after (those "
-        "post-training fixed), only_before or both_wrong",
+        choices=SUBSETS,
+        help="the questions to study (`select.subset`): both_correct (default, the paper's) or "
+        "only_after (those post-training fixed), ...",
     )
     p.set_defaults(func=lambda args: _demo(args.run_dir, args.subset))
     p = command(

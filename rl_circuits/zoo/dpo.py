@@ -8,14 +8,14 @@ unlike GRPO, which samples from the current policy at every step).
 
 Recipe: TRL's `DPOTrainer` with the sigmoid DPO loss (beta 0.1) plus a negative
 log-likelihood term on the chosen completion, `loss_type=["sigmoid", "sft"]` with
-`loss_weights=[1, rpo_alpha]` (the RPO recipe; TRL 1.x's replacement for the old
-`rpo_alpha` argument), learning rate 5e-5, four epochs, on pairs from 3000 questions sampled
-at temperature 1.0 (docs/zoo.md: the SFT model rarely samples the right answer where it
-errs, and at temperature 0.7 seed set 0 got only 33 pairs from 1500 questions; accuracy
-levels off after 4 epochs; 2e-4 lowered accuracy on the earlier task). Plain DPO on a few
-hundred pairs lowered greedy accuracy on the earlier task (41% -> 32% with 300 pairs; 54% ->
-37% in a feasibility run): the loss is satisfied by pushing the rejected likelihood down,
-which also drains probability from the correct answers (likelihood displacement). The NLL term keeps
+`loss_weights=[1, rpo_alpha]` (the RPO recipe; TRL 1.x's replacement for the old `rpo_alpha`
+argument), learning rate 5e-5, four epochs, on pairs from 3000 questions sampled at
+temperature 1.0 (docs/zoo.md: the SFT model rarely samples the right answer where it errs,
+and at temperature 0.7 seed set 0 got only 33 pairs from 1500 questions; accuracy levels off
+after 4 epochs; 2e-4 lowered accuracy on the earlier task). Plain DPO on a few hundred pairs
+lowered greedy accuracy on the earlier task (41% -> 32% with 300 pairs; 54% -> 37% in a
+feasibility run): the loss is satisfied by pushing the rejected likelihood down, which also
+drains probability from the correct answers (likelihood displacement). The NLL term keeps
 the chosen answers likely. Its weight matters because it is a per-token mean while the DPO
 term sums log-ratios over the whole answer: with `rpo_alpha=1` accuracy still fell on one
 SFT model (48% -> 40%) though not on another (41% -> 42%); `rpo_alpha=5` kept it (48% ->
