@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rl_circuits.config import SelectSection
 from rl_circuits.errors import ConfigError
 from rl_circuits.resources import resource_dir
 from rl_circuits.store.atomic import write_atomic
 from rl_circuits.store.layout import RunLayout
 
-DEFAULT_SUBSET = "both_correct"  # the paper's: questions both models answer right
+DEFAULT_SUBSET = SelectSection().subset  # the paper's: questions both models answer right
 
 
 def demo_config_text(data_dir: Path, subset: str = DEFAULT_SUBSET) -> str:

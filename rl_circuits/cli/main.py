@@ -9,6 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from rl_circuits.cli.demo import DEFAULT_SUBSET
 from rl_circuits.data.selection import SUBSETS
 from rl_circuits.pipeline.registry import SHARDED_STAGES, STAGE_NAMES, STAGES
 
@@ -388,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run directory (default runs/demo, runs/demo-SUBSET)")
     p.add_argument(
         "--subset",
-        default="both_correct",
+        default=DEFAULT_SUBSET,
         choices=SUBSETS,
         help="the questions to study (`select.subset`): both_correct (default, the paper's) or "
         "only_after (those post-training fixed), ...",
